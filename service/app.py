@@ -1,0 +1,74 @@
+"""The FastAPI application: routers of each domain and the one handler that renders errors."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.core.db import session_factory
+from service.core.errors import ApiError, InvalidRequest
+from service.core.settings import Settings, get_settings
+from service.core.storage import Storage
+from service.files.endpoints import router as files_router
+from service.jobs.endpoints import router as jobs_router
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(title="rft", version="0.1.0", summary="Self-hosted reinforcement fine-tuning, OpenAI-compatible")
+    app.state.settings = settings
+    app.state.storage = Storage(settings.storage_dir)
+    app.state.sessionmaker = session_factory(settings)
+    app.include_router(files_router)
+    app.include_router(jobs_router)
+    app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unexpected_error)
+
+    @app.get("/health", include_in_schema=False)
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status_code)
+
+
+def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """Pydantic errors become one 400 naming the first bad field, as OpenAI answers."""
+    first: dict[str, Any] = exc.errors()[0]
+    loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "header", "path")]
+    # Union members ("auto" | int) add their type name to the location: drop those.
+    loc = [p for p in loc if not p.startswith(("literal[", "int", "float", "str", "constrained"))]
+    param = ".".join(loc) or None
+    if first.get("type") == "extra_forbidden":
+        message = f"Unrecognized request argument supplied: {param}"
+    elif first.get("type") == "json_invalid":
+        message = "The request body is not valid JSON."
+    else:
+        detail = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+        message = f"Invalid value for '{param}': {detail}" if param else detail
+    return _api_error(_, InvalidRequest(message, param=param))
+
+
+def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    error = ApiError(str(exc.detail))
+    error.status_code, error.code = exc.status_code, "not_found" if exc.status_code == 404 else None
+    return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    body = {"error": {"message": "The server had an error while processing your request.", "type": "server_error",
+                      "param": None, "code": "internal_error"}}
+    return JSONResponse(body, status_code=500)

@@ -1,0 +1,71 @@
+"""API keys and tenancy. Keys are shown once and stored only as HMAC-SHA256(secret, key).
+
+`readable()` is the one place every tenant-owned query is scoped to the caller's project.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sqlalchemy import Select, select
+from sqlalchemy.orm import Session
+
+from service.auth import repository
+from service.core.errors import InvalidRequest, Unauthorized
+from service.core.ids import new_id
+from service.core.settings import Settings
+from service.core.tables import ApiKey, Project
+
+KEY_PREFIX = "rft-"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class AuthSubject:
+    project_id: str
+    key_id: str
+
+
+def hash_key(key: str, secret: str) -> str:
+    return hmac.new(secret.encode(), key.encode(), hashlib.sha256).hexdigest()
+
+
+def create_api_key(session: Session, settings: Settings, project_name: str) -> tuple[Project, str]:
+    """Create (or reuse) the project named `project_name` and a new key for it; return the key."""
+    if not project_name or len(project_name) > 128:
+        raise InvalidRequest("project name must be 1-128 characters", param="project")
+    project = repository.project_by_name(session, project_name)
+    if project is None:
+        project = Project(id=new_id("proj_"), name=project_name)
+        session.add(project)
+        session.flush()
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    session.add(
+        ApiKey(id=new_id("key_"), project_id=project.id, key_hash=hash_key(key, settings.secret_key), hint=key[:8])
+    )
+    session.flush()
+    return project, key
+
+
+def authenticate(session: Session, settings: Settings, authorization: str | None) -> AuthSubject:
+    if not authorization:
+        raise Unauthorized(
+            "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' "
+            "(create one with `rft keys create --project NAME`)."
+        )
+    scheme, _, key = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Unauthorized("Malformed Authorization header: expected 'Bearer <key>'.")
+    api_key = repository.active_key_by_hash(session, hash_key(key.strip(), settings.secret_key))
+    if api_key is None:
+        raise Unauthorized("Incorrect API key provided.")
+    return AuthSubject(project_id=api_key.project_id, key_id=api_key.id)
+
+
+def readable(model: type[Any], subject: AuthSubject) -> Select[Any]:
+    """`SELECT model` limited to rows of the caller's project: other projects' rows do not exist."""
+    return select(model).where(model.project_id == subject.project_id)

@@ -1,0 +1,149 @@
+"""`rft`: serve the API (with embedded workers by default), run workers, migrate, manage keys."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+
+from service.core.settings import Settings, get_settings
+
+DEFAULT_PROJECT = "default"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rft", description="Self-hosted reinforcement fine-tuning service.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run migrations, the API and (unless --no-workers) the workers")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--no-workers", action="store_true", help="serve the API only (workers run elsewhere)")
+    worker = sub.add_parser("worker", help="run a Celery worker")
+    worker.add_argument("--queues", default="training", help="training, light, or training,light")
+    worker.add_argument("--beat", action="store_true", help="also run the periodic lease reaper")
+    sub.add_parser("migrate", help="apply database migrations (alembic upgrade head)")
+    keys = sub.add_parser("keys", help="API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create an API key for a project (created if new)")
+    create.add_argument("--project", required=True)
+    args = parser.parse_args(argv)
+
+    settings = get_settings()
+    if args.command == "migrate":
+        _migrate(settings)
+    elif args.command == "keys":
+        _migrate(settings)
+        print(_create_key(settings, args.project))
+    elif args.command == "worker":
+        return _run_worker(settings, args.queues, args.beat)
+    elif args.command == "serve":
+        return _serve(settings, args.host or settings.host, args.port or settings.port, not args.no_workers)
+    return 0
+
+
+def _migrate(settings: Settings) -> None:
+    from service.core.migrate import upgrade
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.sqlalchemy_url)
+
+
+def _create_key(settings: Settings, project: str) -> str:
+    from service.auth.service import create_api_key
+    from service.core.db import unit_of_work
+
+    with unit_of_work(settings) as session:
+        _, key = create_api_key(session, settings, project)
+    return key
+
+
+def _dev_key(settings: Settings) -> str:
+    """The embedded server's key: kept (0600) in the data dir so restarts print the same one."""
+    from service.auth.repository import active_key_by_hash
+    from service.auth.service import hash_key
+    from service.core.db import unit_of_work
+
+    path = settings.data_dir / "api_key"
+    if path.exists():
+        key = path.read_text().strip()
+        with unit_of_work(settings) as session:
+            if active_key_by_hash(session, hash_key(key, settings.secret_key)) is not None:
+                return key
+    key = _create_key(settings, DEFAULT_PROJECT)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
+def worker_argv(settings: Settings, queues: str, beat: bool) -> list[str]:
+    name = queues.replace(",", "-")
+    argv = ["worker", "-Q", queues, "-n", f"{name}@%h", "-l", "INFO", "--without-gossip", "--without-mingle"]
+    if "training" in queues.split(","):
+        # One job per process, and a fresh process per job: memory (and CUDA state) never leaks across jobs.
+        argv += ["--concurrency", "1", "--max-tasks-per-child", "1"]
+    else:
+        argv += ["--concurrency", "2"]
+    if beat:
+        argv += ["--beat", "--schedule", str(settings.data_dir / "celerybeat-schedule")]
+    return argv
+
+
+def _run_worker(settings: Settings, queues: str, beat: bool) -> int:
+    from workers.celery_app import app
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app.worker_main(worker_argv(settings, queues, beat))
+    return 0
+
+
+def _die_with_parent() -> None:
+    # Linux: the embedded workers get SIGTERM if `rft serve` dies, even by SIGKILL.
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _spawn_workers(settings: Settings) -> list[subprocess.Popen[bytes]]:
+    env = {**os.environ, "RFT_DATA_DIR": str(settings.data_dir)}
+    specs = [("training", False), ("light", True)]
+    return [
+        subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--queues", q] + (["--beat"] if b else []),
+                         env=env, preexec_fn=_die_with_parent)
+        for q, b in specs
+    ]
+
+
+def _serve(settings: Settings, host: str, port: int, with_workers: bool) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    _migrate(settings)
+    key = _dev_key(settings)
+    workers = _spawn_workers(settings) if with_workers else []
+    base = f"http://{host}:{port}/v1"
+    print(f"rft is serving at {base}\n"
+          f"  data dir: {settings.data_dir}\n  database: {settings.sqlalchemy_url}\n"
+          f"  broker:   {settings.celery_broker_url}\n  API key:  {key}\n"
+          f"Use it with the openai SDK:\n  export OPENAI_BASE_URL={base} OPENAI_API_KEY={key}", flush=True)
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    finally:
+        for proc in workers:
+            proc.terminate()
+        for proc in workers:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,111 @@
+"""Engine, sessions, and the unit of work that owns the transaction.
+
+Services only `flush()`; `unit_of_work()` (used by the HTTP dependency, the CLI and the Celery
+tasks) commits or rolls back. Tasks queued with `enqueue_after_commit` are sent to the broker only
+after the commit that wrote their rows succeeds, and dropped on rollback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from functools import lru_cache
+import logging
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.core.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+AFTER_COMMIT = "rft_after_commit"
+TaskSender = Callable[[str, list[Any], str], None]
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets the API read while a worker writes; busy_timeout waits out the writer lock.
+    dbapi_connection.isolation_level = None  # we emit BEGIN ourselves (savepoints need it)
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _sqlite_begin(connection: Any) -> None:
+    # IMMEDIATE takes the write lock up front: a read-then-write transaction never fails halfway
+    # on a snapshot another process changed; others wait out busy_timeout instead.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+@lru_cache
+def _session_factory(url: str) -> sessionmaker[Session]:
+    return sessionmaker(bind=make_engine(url), expire_on_commit=False)
+
+
+def session_factory(settings: Settings | None = None) -> sessionmaker[Session]:
+    return _session_factory((settings or get_settings()).sqlalchemy_url)
+
+
+@contextmanager
+def transaction(factory: Callable[[], Session]) -> Iterator[Session]:
+    """A session whose transaction commits on success and rolls back on any exception."""
+    with factory() as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+def unit_of_work(settings: Settings | None = None) -> AbstractContextManager[Session]:
+    return transaction(session_factory(settings))
+
+
+def on_commit(session: Session, callback: Callable[[], None]) -> None:
+    """Run `callback` once the session's transaction commits; drop it on rollback."""
+    session.info.setdefault(AFTER_COMMIT, []).append(callback)
+
+
+def enqueue_after_commit(session: Session, task_name: str, args: list[Any], queue: str) -> None:
+    on_commit(session, lambda: (_sender or _default_sender)(task_name, args, queue))
+
+
+_sender: TaskSender | None = None
+
+
+def set_task_sender(sender: TaskSender | None) -> None:
+    global _sender
+    _sender = sender
+
+
+def _default_sender(task_name: str, args: list[Any], queue: str) -> None:
+    from service.core.queue import send_task
+
+    send_task(task_name, args, queue)
+
+
+@event.listens_for(Session, "after_commit")
+def _run_after_commit(session: Session) -> None:
+    for callback in session.info.pop(AFTER_COMMIT, []):
+        try:
+            callback()
+        except Exception:
+            # The committed row is the truth: the reaper re-sends wake-ups for stale jobs.
+            log.exception("after-commit callback failed; the reaper will retry wake-ups")
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_after_commit(session: Session) -> None:
+    session.info.pop(AFTER_COMMIT, None)

@@ -1,0 +1,83 @@
+"""One `Settings` for the API, the workers and the CLI (env prefix `RFT_`).
+
+The defaults describe the embedded single-machine mode: SQLite, local storage and a filesystem
+broker under `data_dir`. Outside `env=dev` the defaults that are unsafe for a shared server are
+refused at start-up rather than silently used.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_SECRET = "rft-dev-secret-do-not-use-in-production"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RFT_", extra="ignore")
+
+    env: Literal["dev", "prod"] = "dev"
+    data_dir: Path = Field(default_factory=lambda: Path.home() / ".rft")
+    database_url: str = ""  # empty: SQLite under data_dir
+    broker_url: str = ""  # empty: kombu's filesystem transport under data_dir
+    storage_root: Path | None = None  # None: data_dir / "storage"
+    secret_key: str = DEV_SECRET  # HMAC key for API-key hashes
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    max_upload_bytes: int = 512 * 1024 * 1024
+    max_line_bytes: int = 8 * 1024 * 1024
+    max_training_lines: int = 50_000
+    max_validation_lines: int = 1_000
+
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 10.0
+    max_attempts: int = 3
+    reaper_interval_seconds: float = 15.0
+    stale_queued_seconds: float = 300.0
+    # Import path of the training entry point; the workers call it with a JobContext.
+    trainer: str = "workers.training:run_training"
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_defaults(self) -> Settings:
+        if self.env == "dev":
+            return self
+        problems = []
+        if self.secret_key == DEV_SECRET or len(self.secret_key) < 32:
+            problems.append("RFT_SECRET_KEY must be set to a random string of at least 32 characters")
+        if not self.database_url:
+            problems.append("RFT_DATABASE_URL must name the production database")
+        if not self.broker_url:
+            problems.append("RFT_BROKER_URL must name the production broker (redis://...)")
+        if problems:
+            raise ValueError("unsafe settings for RFT_ENV=prod: " + "; ".join(problems))
+        return self
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'rft.db'}"
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def uses_filesystem_broker(self) -> bool:
+        return self.celery_broker_url.startswith("filesystem://")
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.storage_root or self.data_dir / "storage"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,94 @@
+"""Local object storage under one root. Keys are built from our own ids, never from user input.
+
+Writes go to a temporary name in the same folder, are fsynced and renamed, so a crash leaves either
+the old object or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from service.core.errors import PayloadTooLarge
+
+_KEY = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_.\-]+)*$")
+CHUNK = 1024 * 1024
+
+
+class Storage:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        if not _KEY.match(key) or ".." in key.split("/"):
+            raise ValueError(f"invalid storage key {key!r}")
+        return self.root / key
+
+    async def save_stream(self, key: str, chunks: AsyncIterator[bytes], limit: int) -> tuple[int, str]:
+        """Stream `chunks` into `key`; return (bytes, sha256). Over `limit` bytes: 413, nothing kept."""
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.partial")
+        digest, size = hashlib.sha256(), 0
+        try:
+            with open(tmp, "wb") as out:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > limit:
+                        raise PayloadTooLarge(
+                            f"File is larger than this server's upload limit of {limit} bytes "
+                            "(RFT_MAX_UPLOAD_BYTES).",
+                            param="file",
+                        )
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return size, digest.hexdigest()
+
+    def open(self, key: str) -> BinaryIO:
+        return open(self.path(key), "rb")
+
+    def iter_bytes(self, key: str) -> Iterator[bytes]:
+        with self.open(key) as f:
+            while chunk := f.read(CHUNK):
+                yield chunk
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    def delete(self, key: str) -> None:
+        path = self.path(key)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+    def commit_dir(self, staging: Path, key: str) -> Path:
+        """Move a fully written, fsynced staging folder to `key` atomically (a checkpoint, say)."""
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for file in staging.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+        return target
+
+    def staging_dir(self, key: str) -> Path:
+        target = self.path(key)
+        staging = target.with_name(f".{target.name}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        return staging

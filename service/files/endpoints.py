@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from service.core.http import SessionDep, request_transaction, SettingsDep, StorageDep, SubjectDep
+from service.core.pagination import list_body
+from service.files import repository, service
+from service.files.schemas import FileDeleted, FileList, FileObject
+from service.files.upload import receive_upload
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+
+@router.post("", response_model=FileObject)
+async def upload_file(request: Request, subject: SubjectDep, settings: SettingsDep, storage: StorageDep) -> FileObject:
+    """Upload a JSONL file (multipart fields `file` and `purpose=fine-tune`)."""
+    file_id, key = service.new_file_key(subject)
+    target = storage.path(key)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = target.with_name(f".{target.name}.partial")
+    upload = await receive_upload(request, staged, settings.max_upload_bytes)
+
+    def record() -> FileObject:
+        with request_transaction(request) as session:
+            return FileObject.of(service.record_upload(session, storage, subject, file_id, key, staged, upload))
+
+    return await run_in_threadpool(record)
+
+
+@router.get("", response_model=FileList)
+def list_files(
+    session: SessionDep,
+    subject: SubjectDep,
+    purpose: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+    order: Literal["asc", "desc"] = "desc",
+    after: str | None = None,
+) -> dict[str, object]:
+    """List the project's files, newest first by default."""
+    rows, has_more = repository.page(session, subject, purpose=purpose, after=after, limit=limit, order=order)
+    return list_body([FileObject.of(r).model_dump() for r in rows], has_more)
+
+
+@router.get("/{file_id}", response_model=FileObject)
+def retrieve_file(file_id: str, session: SessionDep, subject: SubjectDep) -> FileObject:
+    """Retrieve a file's metadata."""
+    return FileObject.of(service.get_file(session, subject, file_id))
+
+
+@router.delete("/{file_id}", response_model=FileDeleted)
+def delete_file(file_id: str, session: SessionDep, subject: SubjectDep, storage: StorageDep) -> FileDeleted:
+    """Delete a file and its bytes."""
+    service.delete_file(session, storage, subject, file_id)
+    return FileDeleted(id=file_id)
+
+
+@router.get("/{file_id}/content")
+def file_content(file_id: str, session: SessionDep, subject: SubjectDep, storage: StorageDep) -> StreamingResponse:
+    """Download a file's raw bytes."""
+    row = service.get_file(session, subject, file_id)
+    headers = {
+        "Content-Length": str(row.bytes),
+        "Content-Disposition": f'attachment; filename="{row.id}.jsonl"',
+        "X-Content-SHA256": row.sha256,
+    }
+    return StreamingResponse(storage.iter_bytes(row.storage_key), media_type="application/octet-stream", headers=headers)

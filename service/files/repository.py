@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from sqlalchemy.orm import Session
+
+from service.auth.service import AuthSubject, readable
+from service.core.pagination import paginate
+from service.core.tables import File
+
+
+def get(session: Session, subject: AuthSubject, file_id: str) -> File | None:
+    return session.scalars(readable(File, subject).where(File.id == file_id)).one_or_none()
+
+
+def page(
+    session: Session,
+    subject: AuthSubject,
+    *,
+    purpose: str | None,
+    after: str | None,
+    limit: int,
+    order: Literal["asc", "desc"],
+) -> tuple[Sequence[File], bool]:
+    stmt = readable(File, subject)
+    if purpose:
+        stmt = stmt.where(File.purpose == purpose)
+    return paginate(session, stmt, File, after=after, limit=limit, order=order)

@@ -1,0 +1,86 @@
+"""Files: store uploads, list, read and delete them. RFT content rules run when a job starts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from service.auth.service import AuthSubject
+from service.core.db import on_commit
+from service.core.errors import InvalidRequest, NotFound
+from service.core.ids import new_id
+from service.core.storage import Storage
+from service.core.tables import File
+from service.files import repository
+from service.files.upload import Upload
+
+PURPOSES = ("fine-tune",)
+FORM_FIELDS = {"purpose", "expires_after[anchor]", "expires_after[seconds]"}
+
+
+def new_file_key(subject: AuthSubject) -> tuple[str, str]:
+    file_id = new_id("file-")
+    return file_id, f"files/{subject.project_id}/{file_id}"
+
+
+def check_upload(upload: Upload) -> None:
+    unknown = sorted(set(upload.fields) - FORM_FIELDS)
+    if unknown:
+        raise InvalidRequest(f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0])
+    purpose = upload.fields.get("purpose")
+    if not purpose:
+        raise InvalidRequest("Missing required parameter: 'purpose' (use 'fine-tune').", param="purpose")
+    if purpose not in PURPOSES:
+        raise InvalidRequest(
+            f"Invalid purpose {purpose!r}: this server accepts {', '.join(PURPOSES)}.", param="purpose"
+        )
+    filename = upload.filename or ""
+    if not filename.lower().endswith(".jsonl"):
+        raise InvalidRequest(
+            f"Invalid file {filename!r}: fine-tuning files must be JSONL with a .jsonl extension.", param="file"
+        )
+    if upload.bytes == 0:
+        raise InvalidRequest(f"File {filename!r} is empty: it needs at least one JSONL example.", param="file")
+
+
+def record_upload(
+    session: Session, storage: Storage, subject: AuthSubject, file_id: str, key: str, staged: Path, upload: Upload
+) -> File:
+    """Validate the form, move the staged bytes into place and add the row (removed again on error)."""
+    try:
+        check_upload(upload)
+        os.replace(staged, storage.path(key))
+        row = File(
+            id=file_id,
+            project_id=subject.project_id,
+            filename=upload.filename or "",
+            purpose=upload.fields["purpose"],
+            bytes=upload.bytes,
+            sha256=upload.sha256,
+            status="processed",
+            storage_key=key,
+        )
+        session.add(row)
+        session.flush()
+        return row
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        storage.delete(key)
+        raise
+
+
+def get_file(session: Session, subject: AuthSubject, file_id: str) -> File:
+    row = repository.get(session, subject, file_id)
+    if row is None:
+        raise NotFound(f"No such File object: {file_id}", param="id")
+    return row
+
+
+def delete_file(session: Session, storage: Storage, subject: AuthSubject, file_id: str) -> None:
+    row = get_file(session, subject, file_id)
+    session.delete(row)
+    session.flush()
+    # The bytes go only once the row is gone for good; a failed commit keeps both.
+    on_commit(session, lambda: storage.delete(row.storage_key))

@@ -1,0 +1,151 @@
+"""Request and response shapes of `/v1/fine_tuning/jobs`, as OpenAI's SDK sends and reads them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+GRADER_TYPES = ("string_check", "text_similarity", "python", "score_model", "label_model", "multi")
+Auto = Literal["auto"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RftHyperparameters(Strict):
+    n_epochs: Auto | Annotated[int, Field(ge=1, le=50)] = "auto"
+    batch_size: Auto | Annotated[int, Field(ge=1, le=256)] = "auto"
+    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0)] = "auto"
+    eval_interval: Auto | Annotated[int, Field(ge=1)] = "auto"
+    eval_samples: Auto | Annotated[int, Field(ge=1)] = "auto"
+    compute_multiplier: Auto | Annotated[float, Field(gt=0, le=10)] = "auto"
+    reasoning_effort: Literal["default", "low", "medium", "high"] = "default"
+
+
+class Reinforcement(Strict):
+    grader: dict[str, Any]
+    hyperparameters: RftHyperparameters = Field(default_factory=RftHyperparameters)
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("grader")
+    @classmethod
+    def _grader_has_known_type(cls, grader: dict[str, Any]) -> dict[str, Any]:
+        kind = grader.get("type")
+        if kind not in GRADER_TYPES:
+            raise ValueError(f"grader.type is {kind!r}; expected one of {', '.join(GRADER_TYPES)}")
+        return grader
+
+
+class Method(Strict):
+    type: Literal["reinforcement", "supervised", "dpo"]
+    reinforcement: Reinforcement | None = None
+    supervised: dict[str, Any] | None = None
+    dpo: dict[str, Any] | None = None
+
+
+class WandbIntegration(Strict):
+    project: str
+    name: str | None = None
+    entity: str | None = None
+    tags: list[str] | None = None
+
+
+class Integration(Strict):
+    type: Literal["wandb"]
+    wandb: WandbIntegration
+
+
+class JobCreate(Strict):
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    training_file: Annotated[str, Field(min_length=1, max_length=64)]
+    validation_file: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    suffix: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-.]+$")] | None = None
+    seed: Annotated[int, Field(ge=0, le=2147483647)] | None = None
+    metadata: dict[str, str] | None = None
+    integrations: list[Integration] | None = None
+    method: Method | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_limits(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
+        if metadata is None:
+            return None
+        if len(metadata) > 16:
+            raise ValueError(f"metadata holds {len(metadata)} pairs; at most 16 are allowed")
+        for key, value in metadata.items():
+            if len(key) > 64:
+                raise ValueError(f"metadata key {key[:20]!r}... is longer than 64 characters")
+            if len(value) > 512:
+                raise ValueError(f"metadata[{key!r}] is longer than 512 characters")
+        return metadata
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    finished_at: int | None
+    estimated_finish: int | None
+    error: JobError | None
+    fine_tuned_model: str | None
+    model: str
+    organization_id: str
+    result_files: list[str]
+    status: str
+    trained_tokens: int | None
+    training_file: str
+    validation_file: str | None
+    seed: int
+    method: dict[str, Any]
+    metadata: dict[str, str] | None
+    integrations: list[dict[str, Any]] | None
+    hyperparameters: dict[str, Any]
+    user_provided_suffix: str | None
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobObject]
+    has_more: bool
+
+
+class EventObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    type: Literal["message", "metrics"]
+    data: dict[str, Any] | None
+
+
+class EventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EventObject]
+    has_more: bool
+
+
+class CheckpointObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    step_number: int
+    metrics: dict[str, Any]
+    fine_tuning_job_id: str
+
+
+class CheckpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[CheckpointObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool

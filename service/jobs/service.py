@@ -1,0 +1,196 @@
+"""Fine-tuning jobs: creation, the status machine seen from the API, and the job object.
+
+Statuses: validating_files -> queued -> running -> succeeded | failed | cancelled, and
+running -> paused -> queued on resume. Cancel and pause of a running job are flags the worker
+checks between training steps; everywhere else they apply at once through a conditional UPDATE.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.auth.service import AuthSubject
+from service.core.errors import Conflict, InvalidRequest, InvalidTransition, NotFound
+from service.core.ids import new_id
+from service.core.queue import wake_training, wake_validation
+from service.core.tables import Job, now
+from service.files import repository as files
+from service.jobs import repository
+from service.jobs.schemas import JobCreate, JobObject
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+CANCELLABLE_AT_ONCE = ("validating_files", "queued", "paused")
+RELEASE = {"worker_id": None, "lease_expires_at": None}
+
+
+def get_job(session: Session, subject: AuthSubject, job_id: str) -> Job:
+    job = repository.get(session, subject, job_id)
+    if job is None:
+        raise NotFound(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
+    return job
+
+
+def _request_hash(body: JobCreate) -> str:
+    canonical = json.dumps(body.model_dump(mode="json", exclude_unset=True), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _check_method(body: JobCreate) -> None:
+    if body.method is None:
+        raise InvalidRequest(
+            "Missing 'method': this server runs reinforcement fine-tuning; send "
+            "method={'type': 'reinforcement', 'reinforcement': {'grader': {...}}}.",
+            param="method",
+        )
+    if body.method.type != "reinforcement":
+        raise InvalidRequest(
+            f"method.type {body.method.type!r} is not supported by this server yet; use 'reinforcement'.",
+            param="method.type",
+        )
+    if body.method.reinforcement is None:
+        raise InvalidRequest(
+            "method.reinforcement is required when method.type is 'reinforcement' (it holds the grader).",
+            param="method.reinforcement",
+        )
+
+
+def _check_file(session: Session, subject: AuthSubject, file_id: str, param: str) -> None:
+    row = files.get(session, subject, file_id)
+    if row is None:
+        raise InvalidRequest(f"{param} {file_id!r} does not exist in this project.", param=param)
+    if row.purpose != "fine-tune":
+        raise InvalidRequest(f"{param} {file_id!r} has purpose {row.purpose!r}; expected 'fine-tune'.", param=param)
+
+
+def create_job(session: Session, subject: AuthSubject, body: JobCreate, idempotency_key: str | None) -> Job:
+    request_hash = _request_hash(body)
+    if idempotency_key:
+        existing = repository.by_idempotency_key(session, subject, idempotency_key)
+        if existing is not None:
+            return _replay(existing, request_hash, idempotency_key)
+    _check_method(body)
+    _check_file(session, subject, body.training_file, "training_file")
+    if body.validation_file:
+        _check_file(session, subject, body.validation_file, "validation_file")
+    assert body.method is not None and body.method.reinforcement is not None
+    job = Job(
+        id=new_id("ftjob-"),
+        project_id=subject.project_id,
+        model=body.model,
+        training_file=body.training_file,
+        validation_file=body.validation_file,
+        suffix=body.suffix,
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+        metadata_=body.metadata,
+        integrations=[i.model_dump() for i in body.integrations] if body.integrations else None,
+        method={"type": "reinforcement", "reinforcement": body.method.reinforcement.model_dump(mode="json")},
+        status="validating_files",
+        result_files=[],
+        enqueued_at=time.time(),
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+    )
+    try:
+        with session.begin_nested():
+            session.add(job)
+    except IntegrityError:
+        # A concurrent retry with the same Idempotency-Key won the insert: answer with its job.
+        winner = repository.by_idempotency_key(session, subject, idempotency_key or "")
+        if winner is None:
+            raise
+        return _replay(winner, request_hash, idempotency_key or "")
+    repository.add_event(session, job, f"Created fine-tuning job: {job.id}")
+    repository.add_event(session, job, f"Validating training file: {job.training_file}")
+    if job.integrations:
+        repository.add_event(
+            session, job, "Integrations are stored but not run by this server (no outbound network).", level="warn"
+        )
+    wake_validation(session, job.id)
+    return job
+
+
+def _replay(job: Job, request_hash: str, key: str) -> Job:
+    if job.request_hash != request_hash:
+        raise Conflict(
+            f"Idempotency-Key {key!r} was already used for job {job.id} with a different request body; "
+            "use a new key for a new job.",
+            param="Idempotency-Key",
+        )
+    return job
+
+
+def cancel_job(session: Session, subject: AuthSubject, job_id: str) -> Job:
+    job = get_job(session, subject, job_id)
+    if job.status in TERMINAL:
+        raise InvalidTransition(
+            f"Job {job_id} is already {job.status}; only validating_files, queued, running or paused jobs "
+            "can be cancelled.",
+            param="fine_tuning_job_id",
+        )
+    if repository.transition(session, job_id, CANCELLABLE_AT_ONCE, status="cancelled", finished_at=now(), **RELEASE):
+        repository.add_event(session, job, "Fine-tuning job cancelled.")
+    elif repository.transition(session, job_id, ["running"], cancel_requested=True):
+        repository.add_event(session, job, "Cancellation requested; the job stops after the current training step.")
+    return get_job(session, subject, job_id)
+
+
+def pause_job(session: Session, subject: AuthSubject, job_id: str) -> Job:
+    job = get_job(session, subject, job_id)
+    if repository.transition(session, job_id, ["queued"], status="paused", **RELEASE):
+        repository.add_event(session, job, "Fine-tuning job paused before it started training.")
+    elif repository.transition(session, job_id, ["running"], pause_requested=True):
+        repository.add_event(session, job, "Pause requested; a checkpoint is written after the current step.")
+    else:
+        raise InvalidTransition(
+            f"Job {job_id} is {job.status}; only queued or running jobs can be paused.", param="fine_tuning_job_id"
+        )
+    return get_job(session, subject, job_id)
+
+
+def resume_job(session: Session, subject: AuthSubject, job_id: str) -> Job:
+    job = get_job(session, subject, job_id)
+    values = {"status": "queued", "pause_requested": False, "enqueued_at": time.time()}
+    if not repository.transition(session, job_id, ["paused"], **values):
+        raise InvalidTransition(
+            f"Job {job_id} is {job.status}; only paused jobs can be resumed.", param="fine_tuning_job_id"
+        )
+    repository.add_event(session, job, "Fine-tuning job resumed; it continues from its last checkpoint.")
+    wake_training(session, job_id)
+    return get_job(session, subject, job_id)
+
+
+def fine_tuned_model_name(job: Job) -> str:
+    """OpenAI's shape: `ft:<base>:<org>:<suffix>:<job short id>` (the suffix may be empty)."""
+    return f"ft:{job.model}:{job.project_id}:{job.suffix or ''}:{job.id.removeprefix('ftjob-')[:8]}"
+
+
+def job_object(job: Job) -> JobObject:
+    hyperparameters: dict[str, Any] = job.method.get("reinforcement", {}).get("hyperparameters", {})
+    return JobObject(
+        id=job.id,
+        created_at=job.created_at,
+        finished_at=job.finished_at,
+        estimated_finish=job.estimated_finish,
+        error=job.error or None,  # null, never OpenAI's `{}`
+        fine_tuned_model=job.fine_tuned_model,
+        model=job.model,
+        organization_id=job.project_id,
+        result_files=job.result_files or [],
+        status=job.status,
+        trained_tokens=job.trained_tokens,
+        training_file=job.training_file,
+        validation_file=job.validation_file,
+        seed=job.seed,
+        method=job.method,
+        metadata=job.metadata_,
+        integrations=job.integrations,
+        hyperparameters=hyperparameters,
+        user_provided_suffix=job.suffix,
+    )

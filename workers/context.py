@@ -1,0 +1,122 @@
+"""What a trainer gets from the job runner: its config, and the only ways it writes job state.
+
+Every write is its own short transaction keyed so that a step replayed after a resume cannot be
+recorded twice (events by `dedupe_key`, metrics by step, checkpoints by step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy import select
+
+from service.core.db import unit_of_work
+from service.core.ids import new_id
+from service.core.settings import Settings
+from service.core.storage import Storage
+from service.core.tables import Checkpoint, File, Job
+from service.jobs import repository
+from service.jobs.service import fine_tuned_model_name
+from workers.lease import Heartbeat
+
+
+class LeaseLost(Exception):
+    """Another worker owns this job now (our heartbeat lapsed); stop without writing more."""
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    status: Literal["succeeded", "paused", "cancelled"]
+    fine_tuned_model: str | None = None
+    trained_tokens: int | None = None
+    message: str = ""
+
+
+@dataclass
+class JobContext:
+    job_id: str
+    settings: Settings
+    storage: Storage
+    heartbeat: Heartbeat
+    job: dict[str, Any] = field(default_factory=dict)  # the job row's columns, read at start
+
+    @classmethod
+    def load(cls, job_id: str, settings: Settings, storage: Storage, heartbeat: Heartbeat) -> JobContext:
+        with unit_of_work(settings) as session:
+            row = repository.get_unscoped(session, job_id)
+            assert row is not None
+            snapshot = {c.key: getattr(row, c.key) for c in Job.__mapper__.column_attrs}
+            keys = dict(session.execute(select(File.id, File.storage_key).where(File.project_id == row.project_id)).all())
+        snapshot["training_path"] = storage.path(keys[row.training_file])
+        if row.validation_file:
+            snapshot["validation_path"] = storage.path(keys[row.validation_file])
+        return cls(job_id, settings, storage, heartbeat, snapshot)
+
+    def _write(self, fn: Callable[[Any, Job], Any]) -> Any:
+        if self.heartbeat.lost.is_set():
+            raise LeaseLost(self.job_id)
+        with unit_of_work(self.settings) as session:
+            job = repository.get_unscoped(session, self.job_id)
+            if job is None or job.worker_id != self.heartbeat.worker_id:
+                raise LeaseLost(self.job_id)
+            return fn(session, job)
+
+    def event(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None,
+              dedupe_key: str | None = None) -> None:
+        self._write(lambda s, job: repository.add_event(s, job, message, level=level, data=data, dedupe_key=dedupe_key))
+
+    def metrics(self, step: int, data: dict[str, Any]) -> None:
+        """Record one step's metrics and its `metrics` event, once per step."""
+        def write(session: Any, job: Job) -> None:
+            if repository.record_metrics(session, job, step, data):
+                repository.add_event(session, job, f"Step {step}/{data.get('total_steps', '?')}",
+                                     type="metrics", data={"step": step, **data}, dedupe_key=f"metrics:{step}")
+        self._write(write)
+
+    def control(self) -> Literal["cancel", "pause"] | None:
+        """The pending request a trainer must honour after its current step, if any."""
+        def read(_: Any, job: Job) -> Literal["cancel", "pause"] | None:
+            return "cancel" if job.cancel_requested else "pause" if job.pause_requested else None
+        result: Literal["cancel", "pause"] | None = self._write(read)
+        return result
+
+    def update_job(self, **values: Any) -> None:
+        """Progress fields such as `estimated_finish` or `trained_tokens`."""
+        self._write(lambda _, job: [setattr(job, k, v) for k, v in values.items()])
+
+    def save_checkpoint(self, step: int, write: Callable[[Path], None], metrics: dict[str, Any]) -> str:
+        """Write a checkpoint folder via `write(staging_dir)`, fsync and rename it, then record it.
+
+        The database row is the commit point: a crash before it leaves an unreferenced folder that
+        the next save of the same step replaces.
+        """
+        key = f"checkpoints/{self.job['project_id']}/{self.job_id}/step-{step:06d}"
+        staging = self.storage.staging_dir(key)
+        write(staging)
+        self.storage.commit_dir(staging, key)
+
+        def record(session: Any, job: Job) -> str:
+            existing = session.scalars(
+                select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step_number == step)
+            ).one_or_none()
+            if existing is not None:
+                existing.metrics = metrics
+                return str(existing.id)
+            ckpt = Checkpoint(id=new_id("ftckpt-"), project_id=job.project_id, job_id=job.id, step_number=step,
+                              fine_tuned_model_checkpoint=f"{fine_tuned_model_name(job)}:ckpt-step-{step}",
+                              metrics=metrics, storage_key=key)
+            session.add(ckpt)
+            session.flush()
+            return ckpt.id
+        checkpoint_id: str = self._write(record)
+        return checkpoint_id
+
+    def latest_checkpoint(self) -> tuple[int, Path] | None:
+        with unit_of_work(self.settings) as session:
+            rows = repository.checkpoints_of(session, self.job_id)
+        if not rows:
+            return None
+        return rows[-1].step_number, self.storage.path(rows[-1].storage_key)

@@ -1,0 +1,134 @@
+"""Who runs a job is decided by the job row, never by the broker.
+
+A worker claims a queued job with one conditional UPDATE that also sets its lease; a heartbeat
+thread renews the lease while the job runs. A second delivery of the same message finds the job no
+longer `queued` and does nothing. The reaper puts jobs whose lease lapsed (a killed worker) back in
+the queue, up to `max_attempts`, and re-sends wake-ups for jobs a lost message left waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from service.core.queue import wake_training, wake_validation
+from service.core.settings import Settings
+from service.core.tables import Job, now
+from service.jobs import repository
+
+log = logging.getLogger(__name__)
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+
+def claim(session: Session, job_id: str, worker_id: str, settings: Settings, from_status: str, to_status: str) -> bool:
+    """Move the job from `from_status` to `to_status` under our lease, if nobody holds a live one."""
+    t = time.time()
+    stmt = (
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.status == from_status,
+            (Job.lease_expires_at.is_(None)) | (Job.lease_expires_at < t),
+        )
+        .values(
+            status=to_status,
+            worker_id=worker_id,
+            lease_expires_at=t + settings.lease_seconds,
+            heartbeat_at=t,
+            attempts=Job.attempts + (1 if from_status == "queued" else 0),
+        )
+    )
+    return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+
+
+def renew(session: Session, job_id: str, worker_id: str, settings: Settings) -> bool:
+    """Extend our lease; False means we lost it (the reaper gave the job to someone else)."""
+    t = time.time()
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.worker_id == worker_id)
+        .values(heartbeat_at=t, lease_expires_at=t + settings.lease_seconds)
+    )
+    return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+
+
+class Heartbeat:
+    """Renews the lease from a thread until stopped; `lost` is set if the lease was taken away."""
+
+    def __init__(self, job_id: str, worker_id: str, settings: Settings) -> None:
+        from service.core.db import unit_of_work
+
+        self._unit_of_work = unit_of_work
+        self.job_id, self.worker_id, self.settings = job_id, worker_id, settings
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.settings.heartbeat_seconds + 5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_seconds):
+            try:
+                with self._unit_of_work(self.settings) as session:
+                    if not renew(session, self.job_id, self.worker_id, self.settings):
+                        self.lost.set()
+                        return
+            except Exception:
+                log.exception("heartbeat for %s failed; retrying", self.job_id)
+
+
+def reap(session: Session, settings: Settings) -> dict[str, int]:
+    """Requeue running jobs whose lease lapsed; fail those out of attempts; re-wake stale ones."""
+    t = time.time()
+    counts = {"requeued": 0, "failed": 0, "rewoken": 0}
+    lapsed = session.scalars(select(Job).where(Job.status == "running", Job.lease_expires_at < t)).all()
+    for job in lapsed:
+        if job.attempts >= settings.max_attempts:
+            error = {
+                "code": "worker_lost",
+                "message": f"The worker running this job stopped responding {job.attempts} times "
+                f"(no heartbeat for {settings.lease_seconds:.0f}s); giving up after {settings.max_attempts} attempts.",
+                "param": None,
+            }
+            if _lapsed_transition(session, job, t, status="failed", error=error, finished_at=now()):
+                repository.add_event(session, job, error["message"], level="error")
+                counts["failed"] += 1
+        elif _lapsed_transition(session, job, t, status="queued", enqueued_at=t):
+            repository.add_event(
+                session, job, f"Worker stopped responding; job requeued (attempt {job.attempts + 1} of "
+                f"{settings.max_attempts}) and resumes from its last checkpoint.", level="warn",
+            )
+            wake_training(session, job.id)
+            counts["requeued"] += 1
+    stale = t - settings.stale_queued_seconds
+    waiting = select(Job).where(Job.status.in_(["validating_files", "queued"]), Job.enqueued_at < stale)
+    for job in session.scalars(waiting).all():
+        (wake_validation if job.status == "validating_files" else wake_training)(session, job.id)
+        job.enqueued_at = t
+        counts["rewoken"] += 1
+    session.flush()
+    return counts
+
+
+def _lapsed_transition(session: Session, job: Job, t: float, **values: object) -> bool:
+    stmt = (
+        update(Job)
+        .where(Job.id == job.id, Job.status == "running", Job.lease_expires_at < t)
+        .values(worker_id=None, lease_expires_at=None, **values)
+    )
+    return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]

@@ -1,0 +1,25 @@
+"""Celery tasks: thin wrappers that take ids, re-read state and are safe to deliver twice."""
+
+from __future__ import annotations
+
+from service.core.db import unit_of_work
+from service.core.settings import get_settings
+from workers import lease, runner, validate
+from workers.celery_app import app
+
+
+@app.task(name="workers.tasks.validate_job")
+def validate_job(job_id: str) -> None:
+    validate.validate_job(job_id, get_settings())
+
+
+@app.task(name="workers.tasks.run_job")
+def run_job(job_id: str) -> None:
+    runner.run_job(job_id, get_settings())
+
+
+@app.task(name="workers.tasks.reap_jobs")
+def reap_jobs() -> dict[str, int]:
+    settings = get_settings()
+    with unit_of_work(settings) as session:
+        return lease.reap(session, settings)
