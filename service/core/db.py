@@ -75,6 +75,7 @@ def unit_of_work(settings: Settings | None = None) -> AbstractContextManager[Ses
 
 def on_commit(session: Session, callback: Callable[[], None]) -> None:
     """Run `callback` once the session's transaction commits; drop it on rollback."""
+    session.connection()  # begin the transaction now, so a rollback before any SQL still drops it
     session.info.setdefault(AFTER_COMMIT, []).append(callback)
 
 
@@ -106,6 +107,9 @@ def _run_after_commit(session: Session) -> None:
             log.exception("after-commit callback failed; the reaper will retry wake-ups")
 
 
-@event.listens_for(Session, "after_rollback")
-def _drop_after_commit(session: Session) -> None:
-    session.info.pop(AFTER_COMMIT, None)
+@event.listens_for(Session, "after_soft_rollback")
+def _drop_after_commit(session: Session, previous_transaction: Any) -> None:
+    # Any rollback of the outermost transaction (even one that never reached the database)
+    # drops the callbacks; a rolled-back savepoint inside it does not.
+    if previous_transaction.parent is None:
+        session.info.pop(AFTER_COMMIT, None)

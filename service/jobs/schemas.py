@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_validator
 
 GRADER_TYPES = ("string_check", "text_similarity", "python", "score_model", "label_model", "multi")
 Auto = Literal["auto"]
@@ -14,13 +15,33 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def auto_or(kind: type[int] | type[float], *, low: float, high: float = math.inf, low_open: bool = False) -> Any:
+    """`"auto"` or a number in range, with one error message that says both (not a union dump)."""
+    what = "an integer" if kind is int else "a number"
+    bounds = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high != math.inf else "")
+
+    def check(value: Any) -> Any:
+        if value == "auto":
+            return value
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and kind is int:
+            ok = float(value).is_integer()
+        if ok:
+            ok = (value > low if low_open else value >= low) and value <= high
+        if not ok:
+            raise ValueError(f"must be 'auto' or {what} {bounds}, got {value!r}")
+        return kind(value)
+
+    return Annotated[Auto | kind, PlainValidator(check, json_schema_input_type=Auto | kind)]
+
+
 class RftHyperparameters(Strict):
-    n_epochs: Auto | Annotated[int, Field(ge=1, le=50)] = "auto"
-    batch_size: Auto | Annotated[int, Field(ge=1, le=256)] = "auto"
-    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0)] = "auto"
-    eval_interval: Auto | Annotated[int, Field(ge=1)] = "auto"
-    eval_samples: Auto | Annotated[int, Field(ge=1)] = "auto"
-    compute_multiplier: Auto | Annotated[float, Field(gt=0, le=10)] = "auto"
+    n_epochs: auto_or(int, low=1, high=50) = "auto"  # type: ignore[valid-type]
+    batch_size: auto_or(int, low=1, high=256) = "auto"  # type: ignore[valid-type]
+    learning_rate_multiplier: auto_or(float, low=0, low_open=True) = "auto"  # type: ignore[valid-type]
+    eval_interval: auto_or(int, low=1) = "auto"  # type: ignore[valid-type]
+    eval_samples: auto_or(int, low=1) = "auto"  # type: ignore[valid-type]
+    compute_multiplier: auto_or(float, low=0, high=10, low_open=True) = "auto"  # type: ignore[valid-type]
     reasoning_effort: Literal["default", "low", "medium", "high"] = "default"
 
 

@@ -1,0 +1,183 @@
+"""Fixtures: a real PostgreSQL database migrated by Alembic once per session, a rolled-back
+transaction per test (Polar's pattern), real Redis, and an API client bound to that transaction."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from service.app import create_app
+from service.auth.service import create_api_key
+from service.core import db
+from service.core.migrate import upgrade
+from service.core.settings import Settings
+from service.core.tables import Base
+from tests.support import services
+
+# Code that reads the global settings (the Celery app at import) must not touch ~/.rft.
+os.environ.setdefault("RFT_DATA_DIR", tempfile.mkdtemp(prefix="rft-test-"))
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> str:
+    try:
+        return services.postgres_url()
+    except (RuntimeError, KeyError, OSError) as exc:
+        pytest.skip(f"PostgreSQL unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> str:
+    try:
+        return services.redis_url()
+    except (RuntimeError, OSError) as exc:
+        pytest.skip(f"Redis unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def pg_database(pg_server: str) -> Iterator[str]:
+    """A fresh database with `alembic upgrade head` applied, dropped at the end."""
+    url = services.create_database(pg_server, "rft_test")
+    upgrade(url)
+    yield url
+    services.drop_database(pg_server, url)
+
+
+@pytest.fixture(scope="session")
+def pg_engine(pg_database: str) -> Iterator[Engine]:
+    engine = db.make_engine(pg_database)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def db_session(pg_engine: Engine) -> Iterator[Session]:
+    """A session inside a transaction that is rolled back after the test: nothing persists."""
+    connection = pg_engine.connect()
+    outer = connection.begin()
+    session = Session(bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
+    yield session
+    session.close()
+    outer.rollback()
+    connection.close()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, pg_database: str) -> Settings:
+    return Settings(env="dev", data_dir=tmp_path / "data", database_url=pg_database, broker_url="memory://")
+
+
+@pytest.fixture
+def sent_tasks() -> Iterator[list[tuple[str, list[Any], str]]]:
+    """Wake-up messages the code under test sent (after its commits), instead of a broker."""
+    sent: list[tuple[str, list[Any], str]] = []
+    db.set_task_sender(lambda name, args, queue: sent.append((name, args, queue)))
+    yield sent
+    db.set_task_sender(None)
+
+
+@pytest.fixture
+def client(settings: Settings, db_session: Session, sent_tasks: list[Any]) -> Iterator[TestClient]:
+    app = create_app(settings)
+    app.state.sessionmaker = lambda: db_session
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+def make_key(db_session: Session, settings: Settings, project: str) -> dict[str, str]:
+    _, key = create_api_key(db_session, settings, project)
+    db_session.commit()
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def auth(db_session: Session, settings: Settings) -> dict[str, str]:
+    return make_key(db_session, settings, "acme")
+
+
+@pytest.fixture
+def other_auth(db_session: Session, settings: Settings) -> dict[str, str]:
+    return make_key(db_session, settings, "globex")
+
+
+GOOD_LINES = [
+    {"messages": [{"role": "user", "content": f"What is {i} + {i}?"}], "answer": str(2 * i)} for i in range(1, 6)
+]
+GRADER = {
+    "type": "string_check",
+    "name": "exact",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.answer}}",
+    "operation": "eq",
+}
+
+
+def jsonl(lines: list[Any]) -> bytes:
+    return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+
+
+def upload(client: TestClient, auth: dict[str, str], content: bytes, filename: str = "train.jsonl") -> Any:
+    response = client.post("/v1/files", headers=auth, files={"file": (filename, content)},
+                           data={"purpose": "fine-tune"})
+    return response
+
+
+def job_body(training_file: str, validation_file: str | None = None, **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": "smollm2-135m-instruct",
+        "training_file": training_file,
+        "method": {"type": "reinforcement", "reinforcement": {"grader": GRADER}},
+        **extra,
+    }
+    if validation_file:
+        body["validation_file"] = validation_file
+    return body
+
+
+@pytest.fixture
+def files(client: TestClient, auth: dict[str, str]) -> tuple[str, str]:
+    train = upload(client, auth, jsonl(GOOD_LINES[:4])).json()["id"]
+    valid = upload(client, auth, jsonl(GOOD_LINES[4:]), "valid.jsonl").json()["id"]
+    return train, valid
+
+
+
+@pytest.fixture(scope="session")
+def committed_database(pg_server: str) -> Iterator[str]:
+    """A database whose writes really commit: for workers, which run their own transactions."""
+    url = services.create_database(pg_server, "rft_it")
+    upgrade(url)
+    yield url
+    services.drop_database(pg_server, url)
+
+
+@pytest.fixture
+def live_settings(tmp_path: Path, committed_database: str) -> Iterator[Settings]:
+    yield Settings(env="dev", data_dir=tmp_path / "data", database_url=committed_database, broker_url="memory://",
+                   lease_seconds=3, heartbeat_seconds=0.5)
+    engine = db.session_factory(Settings(database_url=committed_database)).kw["bind"]
+    with engine.begin() as conn:
+        for table in reversed(Base.metadata.sorted_tables):
+            conn.execute(table.delete())
+
+
+@pytest.fixture
+def live_client(live_settings: Settings, sent_tasks: list[Any]) -> Iterator[TestClient]:
+    with TestClient(create_app(live_settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def live_auth(live_settings: Settings) -> dict[str, str]:
+    with db.unit_of_work(live_settings) as session:
+        _, key = create_api_key(session, live_settings, "live")
+    return {"Authorization": f"Bearer {key}"}
