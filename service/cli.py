@@ -86,7 +86,8 @@ def worker_argv(settings: Settings, queues: str, beat: bool) -> list[str]:
         # One job per process, and a fresh process per job: memory (and CUDA state) never leaks across jobs.
         argv += ["--concurrency", "1", "--max-tasks-per-child", "1"]
     else:
-        argv += ["--concurrency", "2"]
+        # Light tasks wait on I/O; threads have no pool children to orphan or deadlock at shutdown.
+        argv += ["--pool", "threads", "--concurrency", "2"]
     if beat:
         argv += ["--beat", "--schedule", str(settings.data_dir / "celerybeat-schedule")]
     return argv
@@ -113,7 +114,7 @@ def _spawn_workers(settings: Settings) -> list[subprocess.Popen[bytes]]:
     specs = [("training", False), ("light", True)]
     return [
         subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--queues", q] + (["--beat"] if b else []),
-                         env=env, preexec_fn=_die_with_parent)
+                         env=env, preexec_fn=_die_with_parent, start_new_session=True)
         for q, b in specs
     ]
 
@@ -134,14 +135,21 @@ def _serve(settings: Settings, host: str, port: int, with_workers: bool) -> int:
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     finally:
-        for proc in workers:
-            proc.terminate()
-        for proc in workers:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        _stop_workers(workers)
     return 0
+
+
+def _stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
+    """Warm shutdown first; a worker still busy after that is killed with its pool. A job it was
+    running keeps its row: the lease lapses and the reaper requeues it from its last checkpoint."""
+    for proc in workers:
+        proc.terminate()
+    for proc in workers:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 if __name__ == "__main__":

@@ -90,6 +90,13 @@ def validate_jsonl(chunks: Iterable[bytes], *, max_line_bytes: int, max_lines: i
     skipping = False  # inside a line already reported as too long
     number = 0
 
+    def within_limit(line: int) -> bool:
+        """Count a non-blank line; report the limit once, on the first line past it."""
+        report.lines += 1
+        if report.lines == max_lines + 1:
+            report.add_error(line, f"the file has more than {max_lines} examples, the limit for this file")
+        return report.lines <= max_lines
+
     def finish(raw: bytes) -> None:
         nonlocal number
         number += 1
@@ -98,12 +105,8 @@ def validate_jsonl(chunks: Iterable[bytes], *, max_line_bytes: int, max_lines: i
         raw = raw.rstrip(b"\r")
         if not raw.strip():
             return  # blank lines are allowed and skipped, but keep their numbers
-        report.lines += 1
-        if report.lines > max_lines:
-            if report.lines == max_lines + 1:
-                report.add_error(number, f"the file has more than {max_lines} examples, the limit for this file")
-            return
-        _check_line(raw, number, report)
+        if within_limit(number):
+            _check_line(raw, number, report)
 
     for chunk in chunks:
         start = 0
@@ -112,9 +115,9 @@ def validate_jsonl(chunks: Iterable[bytes], *, max_line_bytes: int, max_lines: i
             piece = chunk[start:] if newline < 0 else chunk[start:newline]
             if not skipping:
                 buffer += piece
-                if len(buffer) > max_line_bytes:
-                    report.lines += 1
-                    report.add_error(number + 1, f"is longer than {max_line_bytes} bytes")
+                if len(buffer) - buffer.endswith(b"\r") > max_line_bytes:  # a CRLF's \r is not part of the line
+                    if within_limit(number + 1):
+                        report.add_error(number + 1, f"is longer than {max_line_bytes} bytes")
                     buffer.clear()
                     skipping = True
             if newline < 0:
