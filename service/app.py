@@ -69,6 +69,12 @@ def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
-    body = {"error": {"message": "The server had an error while processing your request.", "type": "server_error",
-                      "param": None, "code": "internal_error"}}
+    body = {
+        "error": {
+            "message": "The server had an error while processing your request.",
+            "type": "server_error",
+            "param": None,
+            "code": "internal_error",
+        }
+    }
     return JSONResponse(body, status_code=500)

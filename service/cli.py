@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import signal
@@ -103,35 +104,43 @@ def _run_worker(settings: Settings, queues: str, beat: bool) -> int:
 
 def _die_with_parent() -> None:
     # Linux: the embedded workers get SIGTERM if `rft serve` dies, even by SIGKILL.
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def _spawn_workers(settings: Settings) -> list[subprocess.Popen[bytes]]:
     env = {**os.environ, "RFT_DATA_DIR": str(settings.data_dir)}
     specs = [("training", False), ("light", True)]
     return [
-        subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--queues", q] + (["--beat"] if b else []),
-                         env=env, preexec_fn=_die_with_parent, start_new_session=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "worker", "--queues", q] + (["--beat"] if b else []),
+            env=env,
+            preexec_fn=_die_with_parent,
+            start_new_session=True,
+        )
         for q, b in specs
     ]
 
 
 def _serve(settings: Settings, host: str, port: int, with_workers: bool) -> int:
     import uvicorn
+    from sqlalchemy import make_url
 
     from service.app import create_app
 
     _migrate(settings)
-    key = _dev_key(settings)
+    # A ready key is a dev convenience; a production server's keys come from `rft keys create`.
+    key = _dev_key(settings) if settings.env == "dev" else "(create one with `rft keys create --project NAME`)"
     workers = _spawn_workers(settings) if with_workers else []
     base = f"http://{host}:{port}/v1"
-    print(f"rft is serving at {base}\n"
-          f"  data dir: {settings.data_dir}\n  database: {settings.sqlalchemy_url}\n"
-          f"  broker:   {settings.celery_broker_url}\n  API key:  {key}\n"
-          f"Use it with the openai SDK:\n  export OPENAI_BASE_URL={base} OPENAI_API_KEY={key}", flush=True)
+    database = make_url(settings.sqlalchemy_url).render_as_string(hide_password=True)
+    print(
+        f"rft is serving at {base}\n"
+        f"  data dir: {settings.data_dir}\n  database: {database}\n"
+        f"  broker:   {settings.celery_broker_url}\n  API key:  {key}\n"
+        f"Use it with the openai SDK:\n  export OPENAI_BASE_URL={base} OPENAI_API_KEY={key}",
+        flush=True,
+    )
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     finally:
@@ -154,4 +163,3 @@ def _stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -126,8 +126,9 @@ def jsonl(lines: list[Any]) -> bytes:
 
 
 def upload(client: TestClient, auth: dict[str, str], content: bytes, filename: str = "train.jsonl") -> Any:
-    response = client.post("/v1/files", headers=auth, files={"file": (filename, content)},
-                           data={"purpose": "fine-tune"})
+    response = client.post(
+        "/v1/files", headers=auth, files={"file": (filename, content)}, data={"purpose": "fine-tune"}
+    )
     return response
 
 
@@ -150,7 +151,6 @@ def files(client: TestClient, auth: dict[str, str]) -> tuple[str, str]:
     return train, valid
 
 
-
 @pytest.fixture(scope="session")
 def committed_database(pg_server: str) -> Iterator[str]:
     """A database whose writes really commit: for workers, which run their own transactions."""
@@ -162,8 +162,14 @@ def committed_database(pg_server: str) -> Iterator[str]:
 
 @pytest.fixture
 def live_settings(tmp_path: Path, committed_database: str) -> Iterator[Settings]:
-    yield Settings(env="dev", data_dir=tmp_path / "data", database_url=committed_database, broker_url="memory://",
-                   lease_seconds=3, heartbeat_seconds=0.5)
+    yield Settings(
+        env="dev",
+        data_dir=tmp_path / "data",
+        database_url=committed_database,
+        broker_url="memory://",
+        lease_seconds=3,
+        heartbeat_seconds=0.5,
+    )
     engine = db.session_factory(Settings(database_url=committed_database)).kw["bind"]
     with engine.begin() as conn:
         for table in reversed(Base.metadata.sorted_tables):

@@ -45,12 +45,25 @@ def test_revoked_key_is_401(client: TestClient, db_session: Session, auth: dict[
 
 
 def _another_projects_job(client: TestClient, auth: dict[str, str], db_session: Session) -> tuple[str, str]:
-    file_id = client.post("/v1/files", headers=auth, files={"file": ("t.jsonl", b'{"messages":[{"role":"user","content":"x"}]}\n')},
-                          data={"purpose": "fine-tune"}).json()["id"]
+    file_id = client.post(
+        "/v1/files",
+        headers=auth,
+        files={"file": ("t.jsonl", b'{"messages":[{"role":"user","content":"x"}]}\n')},
+        data={"purpose": "fine-tune"},
+    ).json()["id"]
     job_id = client.post("/v1/fine_tuning/jobs", headers=auth, json=job_body(file_id)).json()["id"]
     job = db_session.scalars(select(Job).where(Job.id == job_id)).one()
-    db_session.add(Checkpoint(id=new_id("ftckpt-"), project_id=job.project_id, job_id=job_id, step_number=1,
-                              fine_tuned_model_checkpoint="ft:x", metrics={}, storage_key="checkpoints/x"))
+    db_session.add(
+        Checkpoint(
+            id=new_id("ftckpt-"),
+            project_id=job.project_id,
+            job_id=job_id,
+            step_number=1,
+            fine_tuned_model_checkpoint="ft:x",
+            metrics={},
+            storage_key="checkpoints/x",
+        )
+    )
     db_session.commit()
     return file_id, job_id
 
@@ -94,8 +107,13 @@ def test_lists_show_only_the_callers_project(
 
 def test_cli_keys_create_prints_a_working_key(tmp_path: Any) -> None:
     env = {**os.environ, "RFT_DATA_DIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "service.cli", "keys", "create", "--project", "team-a"], env=env,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "keys", "create", "--project", "team-a"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     key = out.stdout.strip().splitlines()[-1]
     assert key.startswith("rft-")
     from service.app import create_app

@@ -23,7 +23,7 @@ from tests.support import services
 from tests.support.procs import Proc, free_port, pids_with_env, wait_healthy
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
-METHOD = {"type": "reinforcement", "reinforcement": {"grader": GRADER}}
+METHOD: Any = {"type": "reinforcement", "reinforcement": {"grader": GRADER}}
 
 
 def poll(client: openai.OpenAI, job_id: str, until: set[str], timeout: float = 90) -> Any:
@@ -52,9 +52,15 @@ def production_stack(tmp_path: Path, pg_server: str, redis_server: str) -> Itera
     redis.Redis.from_url(broker).flushdb()
     port = free_port()
     env = {
-        "RFT_DATA_DIR": str(tmp_path / "data"), "RFT_DATABASE_URL": database, "RFT_BROKER_URL": broker,
-        "RFT_TRAINER": "tests.support.trainers:ticking", "RFT_TEST_STEPS": "8", "RFT_TEST_STEP_SECONDS": "0.4",
-        "RFT_LEASE_SECONDS": "3", "RFT_HEARTBEAT_SECONDS": "0.5", "RFT_REAPER_INTERVAL_SECONDS": "1",
+        "RFT_DATA_DIR": str(tmp_path / "data"),
+        "RFT_DATABASE_URL": database,
+        "RFT_BROKER_URL": broker,
+        "RFT_TRAINER": "tests.support.trainers:ticking",
+        "RFT_TEST_STEPS": "8",
+        "RFT_TEST_STEP_SECONDS": "0.4",
+        "RFT_LEASE_SECONDS": "3",
+        "RFT_HEARTBEAT_SECONDS": "0.5",
+        "RFT_REAPER_INTERVAL_SECONDS": "1",
     }
     procs: list[Proc] = []
 
@@ -65,11 +71,19 @@ def production_stack(tmp_path: Path, pg_server: str, redis_server: str) -> Itera
 
     api = start("api", "serve", "--no-workers", "--port", str(port))
     wait_healthy(f"http://127.0.0.1:{port}", api)
-    key = subprocess.run([sys.executable, "-m", "service.cli", "keys", "create", "--project", "e2e"],
-                         env={**os.environ, **env}, capture_output=True, text=True, check=True).stdout.split()[-1]
+    key = subprocess.run(
+        [sys.executable, "-m", "service.cli", "keys", "create", "--project", "e2e"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()[-1]
     start("light", "worker", "--queues", "light", "--beat")
-    stack = {"client": openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0),
-             "start": start, "training": start("training", "worker", "--queues", "training")}
+    stack = {
+        "client": openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0),
+        "start": start,
+        "training": start("training", "worker", "--queues", "training"),
+    }
     try:
         yield stack
     finally:
@@ -85,8 +99,9 @@ def test_sdk_drives_a_job_to_success_on_postgres_redis_and_celery(
     client: openai.OpenAI = production_stack["client"]
     train, valid = upload_pair(client, tmp_path)
     assert [f.id for f in client.files.list()] == [valid, train]
-    job = client.fine_tuning.jobs.create(model="smollm2-135m-instruct", training_file=train, validation_file=valid,
-                                         method=METHOD, seed=3, suffix="e2e")  # type: ignore[arg-type]
+    job = client.fine_tuning.jobs.create(
+        model="smollm2-135m-instruct", training_file=train, validation_file=valid, method=METHOD, seed=3, suffix="e2e"
+    )
     assert job.status == "validating_files"
     done = poll(client, job.id, TERMINAL)
     assert done.status == "succeeded", done.error
@@ -99,12 +114,10 @@ def test_sdk_drives_a_job_to_success_on_postgres_redis_and_celery(
     assert checkpoints[0].fine_tuned_model_checkpoint == f"{done.fine_tuned_model}:ckpt-step-8"
 
 
-def test_sdk_cancel_pause_and_resume_on_the_production_stack(
-    production_stack: dict[str, Any], tmp_path: Path
-) -> None:
+def test_sdk_cancel_pause_and_resume_on_the_production_stack(production_stack: dict[str, Any], tmp_path: Path) -> None:
     client: openai.OpenAI = production_stack["client"]
     train, valid = upload_pair(client, tmp_path)
-    job = client.fine_tuning.jobs.create(model="m", training_file=train, validation_file=valid, method=METHOD)  # type: ignore[arg-type]
+    job = client.fine_tuning.jobs.create(model="m", training_file=train, validation_file=valid, method=METHOD)
     poll(client, job.id, {"running"})
     client.fine_tuning.jobs.pause(job.id)
     paused = poll(client, job.id, {"paused"} | TERMINAL)
@@ -115,7 +128,7 @@ def test_sdk_cancel_pause_and_resume_on_the_production_stack(
     steps = [e.data["step"] for e in client.fine_tuning.jobs.list_events(job.id, limit=100) if e.type == "metrics"]  # type: ignore[index]
     assert sorted(steps) == list(range(1, 9)) and paused_at >= 1
 
-    other = client.fine_tuning.jobs.create(model="m", training_file=train, validation_file=valid, method=METHOD)  # type: ignore[arg-type]
+    other = client.fine_tuning.jobs.create(model="m", training_file=train, validation_file=valid, method=METHOD)
     poll(client, other.id, {"running"})
     client.fine_tuning.jobs.cancel(other.id)
     cancelled = poll(client, other.id, TERMINAL)
@@ -129,7 +142,7 @@ def test_job_survives_sigkill_of_its_worker_and_resumes_from_checkpoint(
 ) -> None:
     client: openai.OpenAI = production_stack["client"]
     train, valid = upload_pair(client, tmp_path)
-    job = client.fine_tuning.jobs.create(model="m", training_file=train, validation_file=valid, method=METHOD)  # type: ignore[arg-type]
+    job = client.fine_tuning.jobs.create(model="m", training_file=train, validation_file=valid, method=METHOD)
     deadline = time.time() + 60
     while not list(client.fine_tuning.jobs.checkpoints.list(job.id)) and time.time() < deadline:
         time.sleep(0.1)
@@ -154,8 +167,9 @@ def test_embedded_rft_serve_runs_the_flow_with_no_external_service(tmp_path: Pat
         assert key, serve.output()
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key.group(1), max_retries=0)
         train, valid = upload_pair(client, tmp_path)
-        job = client.fine_tuning.jobs.create(model="smollm2-135m-instruct", training_file=train,
-                                             validation_file=valid, method=METHOD)  # type: ignore[arg-type]
+        job = client.fine_tuning.jobs.create(
+            model="smollm2-135m-instruct", training_file=train, validation_file=valid, method=METHOD
+        )
         done = poll(client, job.id, TERMINAL)
         # Until the RL loop lands, a job that reaches training fails, honestly and with a reason.
         assert done.status == "failed"
@@ -167,11 +181,14 @@ def test_embedded_rft_serve_runs_the_flow_with_no_external_service(tmp_path: Pat
         bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n[1, 2]\n")
         with open(bad, "rb") as f:
             bad_id = client.files.create(file=f, purpose="fine-tune").id
-        failed = poll(client, client.fine_tuning.jobs.create(model="m", training_file=bad_id, method=METHOD).id,  # type: ignore[arg-type]
-                      TERMINAL)
+        failed = poll(
+            client,
+            client.fine_tuning.jobs.create(model="m", training_file=bad_id, method=METHOD).id,
+            TERMINAL,
+        )
         assert failed.error is not None and failed.error.param == "training_file"
         assert "line 2: must be a JSON object" in failed.error.message
-        queued = client.fine_tuning.jobs.create(model="m", training_file=train, method=METHOD)  # type: ignore[arg-type]
+        queued = client.fine_tuning.jobs.create(model="m", training_file=train, method=METHOD)
         assert client.fine_tuning.jobs.cancel(queued.id).status == "cancelled"
         assert (tmp_path / "data" / "rft.db").exists()
         assert len(pids_with_env("RFT_DATA_DIR", env["RFT_DATA_DIR"])) >= 3  # the API and its two workers

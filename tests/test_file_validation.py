@@ -31,10 +31,11 @@ def example(text: str) -> bytes:
     return line({"messages": [{"role": "user", "content": text}]})
 
 
-def validate(data: bytes, *, chunk_size: int | None = None, max_line_bytes: int = 1024,
-             max_lines: int = 100) -> FileReport:
+def validate(
+    data: bytes, *, chunk_size: int | None = None, max_line_bytes: int = 1024, max_lines: int = 100
+) -> FileReport:
     size = chunk_size or max(len(data), 1)
-    chunks = [data[i:i + size] for i in range(0, len(data), size)]
+    chunks = [data[i : i + size] for i in range(0, len(data), size)]
     return validate_jsonl(chunks, max_line_bytes=max_line_bytes, max_lines=max_lines)
 
 
@@ -152,12 +153,14 @@ def test_missing_messages_is_rejected() -> None:
 
 def test_empty_messages_is_rejected() -> None:
     assert rule_for_second_line({"messages": []}) == [
-        (2, "'messages' must be a non-empty list of {role, content} objects")]
+        (2, "'messages' must be a non-empty list of {role, content} objects")
+    ]
 
 
 def test_messages_that_is_not_a_list_is_rejected() -> None:
     assert rule_for_second_line({"messages": "2 + 2?"}) == [
-        (2, "'messages' must be a non-empty list of {role, content} objects")]
+        (2, "'messages' must be a non-empty list of {role, content} objects")
+    ]
 
 
 def test_message_that_is_not_an_object_is_rejected_with_its_index() -> None:
@@ -168,13 +171,15 @@ def test_message_that_is_not_an_object_is_rejected_with_its_index() -> None:
 def test_invalid_role_is_rejected_listing_the_accepted_roles() -> None:
     obj = {"messages": [{"role": "robot", "content": "hi"}]}
     assert rule_for_second_line(obj) == [
-        (2, "messages[0].role is 'robot'; expected one of system, developer, user, assistant, tool")]
+        (2, "messages[0].role is 'robot'; expected one of system, developer, user, assistant, tool")
+    ]
 
 
 def test_missing_role_is_rejected_listing_the_accepted_roles() -> None:
     obj = {"messages": [{"content": "hi"}]}
     assert rule_for_second_line(obj) == [
-        (2, "messages[0].role is None; expected one of system, developer, user, assistant, tool")]
+        (2, "messages[0].role is None; expected one of system, developer, user, assistant, tool")
+    ]
 
 
 @pytest.mark.parametrize("content", [42, True, {"text": "hi"}])
@@ -186,7 +191,8 @@ def test_content_of_wrong_type_is_rejected(content: Any) -> None:
 def test_last_message_not_from_user_is_rejected() -> None:
     obj = {"messages": [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}]}
     assert rule_for_second_line(obj) == [
-        (2, "the last message must have role 'user' (the model answers it), got 'assistant'")]
+        (2, "the last message must have role 'user' (the model answers it), got 'assistant'")
+    ]
 
 
 def test_tools_that_is_not_a_list_is_rejected() -> None:
@@ -258,15 +264,13 @@ def test_exactly_max_lines_examples_is_accepted() -> None:
 
 
 def test_lines_past_the_limit_are_not_checked() -> None:
-    report = validate(jsonl(example("1"), example("2"), b"[]", b"x" * 200, b"\x00"), max_lines=2,
-                      max_line_bytes=100)
+    report = validate(jsonl(example("1"), example("2"), b"[]", b"x" * 200, b"\x00"), max_lines=2, max_line_bytes=100)
     assert report.errors == [(3, "the file has more than 2 examples, the limit for this file")]
     assert report.error_count == 1
 
 
 def test_too_long_line_just_past_the_limit_still_reports_the_limit() -> None:
-    report = validate(jsonl(example("1"), example("2"), b"x" * 200, example("4")), max_lines=2,
-                      max_line_bytes=100)
+    report = validate(jsonl(example("1"), example("2"), b"x" * 200, example("4")), max_lines=2, max_line_bytes=100)
     assert report.errors == [(3, "the file has more than 2 examples, the limit for this file")]
     assert report.error_count == 1
 
@@ -296,7 +300,9 @@ def test_long_line_spanning_many_chunks_is_reported_once_and_numbering_continues
     for chunk_size in (7, 100, 1000):
         report = validate(data, chunk_size=chunk_size, max_line_bytes=100)
         assert report.errors == [
-            (2, "is longer than 100 bytes"), (3, "must be a JSON object, got list"), (4, "is longer than 100 bytes"),
+            (2, "is longer than 100 bytes"),
+            (3, "must be a JSON object, got list"),
+            (4, "is longer than 100 bytes"),
         ], chunk_size
         assert report.examples == 2
 
@@ -307,18 +313,23 @@ def test_too_long_last_line_without_newline_is_reported() -> None:
 
 
 MIXED = (
-    b"\xef\xbb\xbf" + example("BOM and CRLF") + b"\r\n"                      # 1
-    + b"\n"                                                                  # 2 blank
-    + b"  \t\r\n"                                                            # 3 blank
+    b"\xef\xbb\xbf"
+    + example("BOM and CRLF")
+    + b"\r\n"  # 1
+    + b"\n"  # 2 blank
+    + b"  \t\r\n"  # 3 blank
     + b'{"messages": [{"role": "user", "content": "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80"}]}\n'  # 4
-    + b"x" * 300 + b"\n"                                                     # 5 too long
-    + b'{"messages": [}\n'                                                   # 6 bad JSON
-    + b"\xff\xfe{}\n"                                                        # 7 not UTF-8
+    + b"x" * 300
+    + b"\n"  # 5 too long
+    + b'{"messages": [}\n'  # 6 bad JSON
+    + b"\xff\xfe{}\n"  # 7 not UTF-8
     + b'{ "messages" : [ { "content" : "BOM and CRLF", "role" : "user" } ] }\n'  # 8 duplicate of 1
-    + b"a\x00b\n"                                                            # 9 NUL
-    + b"y" * 121 + b"\r\n"                                                   # 10 too long by one byte
-    + b"y" * 120 + b"\r\n"                                                   # 11 fits, bad JSON
-    + example("no newline")                                                  # 12
+    + b"a\x00b\n"  # 9 NUL
+    + b"y" * 121
+    + b"\r\n"  # 10 too long by one byte
+    + b"y" * 120
+    + b"\r\n"  # 11 fits, bad JSON
+    + example("no newline")  # 12
 )
 
 
@@ -390,7 +401,8 @@ def test_summary_lists_each_error_with_its_line_and_no_tail_when_all_are_shown()
     report = validate(jsonl(b"[]", example("ok"), b'{"messages": []}'))
     assert report.summary() == (
         "line 1: must be a JSON object, got list; "
-        "line 3: 'messages' must be a non-empty list of {role, content} objects")
+        "line 3: 'messages' must be a non-empty list of {role, content} objects"
+    )
 
 
 # Line digests, used to find validation examples that also appear in training

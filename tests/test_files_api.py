@@ -81,8 +81,10 @@ def test_upload_over_size_cap_is_413_and_keeps_nothing(client: TestClient, auth:
 def test_streamed_upload_without_content_length_is_capped_too(client: TestClient, auth: dict[str, str]) -> None:
     client.app.state.settings.max_upload_bytes = 5000  # type: ignore[attr-defined]
     boundary = "xyzboundary"
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.jsonl\"\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n'
+    ).encode()
 
     def body():  # type: ignore[no-untyped-def]
         yield head
@@ -90,8 +92,9 @@ def test_streamed_upload_without_content_length_is_capped_too(client: TestClient
             yield b"x" * 1000
         yield f"\r\n--{boundary}--\r\n".encode()
 
-    response = client.post("/v1/files", headers={**auth, "Content-Type": f"multipart/form-data; boundary={boundary}"},
-                           content=body())
+    response = client.post(
+        "/v1/files", headers={**auth, "Content-Type": f"multipart/form-data; boundary={boundary}"}, content=body()
+    )
     assert response.status_code == 413
 
 
@@ -114,13 +117,13 @@ def test_empty_file_is_400(client: TestClient, auth: dict[str, str]) -> None:
 
 
 def test_unknown_form_field_is_400(client: TestClient, auth: dict[str, str]) -> None:
-    response = client.post("/v1/files", headers=auth, files={"file": ("a.jsonl", b"{}\n")},
-                           data={"purpose": "fine-tune", "colour": "blue"})
+    response = client.post(
+        "/v1/files", headers=auth, files={"file": ("a.jsonl", b"{}\n")}, data={"purpose": "fine-tune", "colour": "blue"}
+    )
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "colour"
 
 
 def test_missing_file_field_is_400(client: TestClient, auth: dict[str, str]) -> None:
-    response = client.post("/v1/files", headers=auth, data={"purpose": "fine-tune"},
-                           files={"other": ("a.txt", b"x")})
+    response = client.post("/v1/files", headers=auth, data={"purpose": "fine-tune"}, files={"other": ("a.txt", b"x")})
     assert response.status_code == 400

@@ -55,20 +55,42 @@ def test_seed_is_generated_when_absent(client: TestClient, auth: dict[str, str],
         ({"method": {"type": "supervised", "supervised": {}}}, "method.type", "not supported"),
         ({"method": None}, "method", "reinforcement"),
         ({"method": {"type": "reinforcement"}}, "method.reinforcement", "grader"),
-        ({"method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "vibes"}}}},
-         "method.reinforcement.grader", "string_check"),
-        ({"method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "multi"},
-                                                                 "hyperparameters": {"n_epochs": 0}}}},
-         "method.reinforcement.hyperparameters.n_epochs", "must be 'auto' or an integer >= 1 and <= 50, got 0"),
-        ({"method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "multi"},
-                                                                 "hyperparameters": {"warp": 9}}}},
-         "method.reinforcement.hyperparameters.warp", "Unrecognized"),
+        (
+            {"method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "vibes"}}}},
+            "method.reinforcement.grader",
+            "string_check",
+        ),
+        (
+            {
+                "method": {
+                    "type": "reinforcement",
+                    "reinforcement": {"grader": {"type": "multi"}, "hyperparameters": {"n_epochs": 0}},
+                }
+            },
+            "method.reinforcement.hyperparameters.n_epochs",
+            "must be 'auto' or an integer >= 1 and <= 50, got 0",
+        ),
+        (
+            {
+                "method": {
+                    "type": "reinforcement",
+                    "reinforcement": {"grader": {"type": "multi"}, "hyperparameters": {"warp": 9}},
+                }
+            },
+            "method.reinforcement.hyperparameters.warp",
+            "Unrecognized",
+        ),
         ({"training_file": "file-missing"}, "training_file", "does not exist"),
     ],
 )
 def test_bad_create_is_400_naming_the_field(
-    client: TestClient, auth: dict[str, str], files: tuple[str, str], sent_tasks: list[Any],
-    patch: dict[str, Any], param: str, words: str,
+    client: TestClient,
+    auth: dict[str, str],
+    files: tuple[str, str],
+    sent_tasks: list[Any],
+    patch: dict[str, Any],
+    param: str,
+    words: str,
 ) -> None:
     body = job_body(files[0])
     body.update(patch)
@@ -82,10 +104,16 @@ def test_bad_create_is_400_naming_the_field(
     assert sent_tasks == []
 
 
-def test_hyperparameters_accept_values_and_auto(client: TestClient, auth: dict[str, str], files: tuple[str, str]) -> None:
+def test_hyperparameters_accept_values_and_auto(
+    client: TestClient, auth: dict[str, str], files: tuple[str, str]
+) -> None:
     body = job_body(files[0])
-    body["method"]["reinforcement"]["hyperparameters"] = {"n_epochs": 3, "batch_size": "auto",
-                                                          "compute_multiplier": 2.5, "reasoning_effort": "low"}
+    body["method"]["reinforcement"]["hyperparameters"] = {
+        "n_epochs": 3,
+        "batch_size": "auto",
+        "compute_multiplier": 2.5,
+        "reasoning_effort": "low",
+    }
     job = create(client, auth, body).json()
     assert job["hyperparameters"]["n_epochs"] == 3
     assert job["hyperparameters"]["compute_multiplier"] == 2.5
@@ -106,7 +134,9 @@ def test_idempotency_key_returns_the_same_job(
     assert "different request body" in other.json()["error"]["message"]
 
 
-def test_list_paginates_and_filters_by_metadata(client: TestClient, auth: dict[str, str], files: tuple[str, str]) -> None:
+def test_list_paginates_and_filters_by_metadata(
+    client: TestClient, auth: dict[str, str], files: tuple[str, str]
+) -> None:
     ids = [create(client, auth, job_body(files[0], metadata={"run": str(i % 2)})).json()["id"] for i in range(5)]
     page = client.get("/v1/fine_tuning/jobs", headers=auth, params={"limit": 2}).json()
     assert [j["id"] for j in page["data"]] == ids[::-1][:2]
@@ -164,7 +194,9 @@ def test_resume_requeues_a_paused_job_and_wakes_training(
     assert sent_tasks[-1] == ("workers.tasks.run_job", [job_id], "training")
 
 
-def test_events_are_newest_first_and_paginated(client: TestClient, auth: dict[str, str], files: tuple[str, str]) -> None:
+def test_events_are_newest_first_and_paginated(
+    client: TestClient, auth: dict[str, str], files: tuple[str, str]
+) -> None:
     job_id = create(client, auth, job_body(files[0])).json()["id"]
     events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", headers=auth).json()
     assert events["object"] == "list"
@@ -173,8 +205,9 @@ def test_events_are_newest_first_and_paginated(client: TestClient, auth: dict[st
     assert all(e["object"] == "fine_tuning.job.event" and e["id"].startswith("ftevent-") for e in events["data"])
     page = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", headers=auth, params={"limit": 1}).json()
     assert page["has_more"] is True
-    after = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", headers=auth,
-                       params={"after": page["data"][0]["id"]}).json()
+    after = client.get(
+        f"/v1/fine_tuning/jobs/{job_id}/events", headers=auth, params={"after": page["data"][0]["id"]}
+    ).json()
     assert [e["id"] for e in page["data"] + after["data"]] == [e["id"] for e in events["data"]]
 
 
@@ -184,9 +217,17 @@ def test_checkpoints_are_listed_newest_first(
     job_id = create(client, auth, job_body(files[0])).json()["id"]
     job = db_session.query(Job).filter(Job.id == job_id).one()
     for step in (10, 20, 30):
-        db_session.add(Checkpoint(id=new_id("ftckpt-"), project_id=job.project_id, job_id=job_id, step_number=step,
-                                  fine_tuned_model_checkpoint=f"ft:x:y::z:ckpt-step-{step}", metrics={"step": step},
-                                  storage_key=f"checkpoints/{step}"))
+        db_session.add(
+            Checkpoint(
+                id=new_id("ftckpt-"),
+                project_id=job.project_id,
+                job_id=job_id,
+                step_number=step,
+                fine_tuned_model_checkpoint=f"ft:x:y::z:ckpt-step-{step}",
+                metrics={"step": step},
+                storage_key=f"checkpoints/{step}",
+            )
+        )
     db_session.commit()
     page = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", headers=auth, params={"limit": 2}).json()
     assert [c["step_number"] for c in page["data"]] == [30, 20]
@@ -194,8 +235,9 @@ def test_checkpoints_are_listed_newest_first(
     assert page["first_id"] == page["data"][0]["id"]
     assert page["data"][0]["object"] == "fine_tuning.job.checkpoint"
     assert page["data"][0]["fine_tuning_job_id"] == job_id
-    rest = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", headers=auth,
-                      params={"after": page["last_id"]}).json()
+    rest = client.get(
+        f"/v1/fine_tuning/jobs/{job_id}/checkpoints", headers=auth, params={"after": page["last_id"]}
+    ).json()
     assert [c["step_number"] for c in rest["data"]] == [10]
 
 

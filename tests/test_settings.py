@@ -20,8 +20,9 @@ def test_prod_mode_refuses_the_dev_secret_and_embedded_stack() -> None:
 
 
 def test_prod_mode_accepts_explicit_safe_settings() -> None:
-    settings = Settings(env="prod", secret_key="s" * 40, database_url="postgresql+psycopg://db/rft",
-                        broker_url="redis://redis:6379/0")
+    settings = Settings(
+        env="prod", secret_key="s" * 40, database_url="postgresql+psycopg://db/rft", broker_url="redis://redis:6379/0"
+    )
     assert settings.sqlalchemy_url == "postgresql+psycopg://db/rft"
 
 

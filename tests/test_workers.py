@@ -105,10 +105,14 @@ def test_validation_delivered_twice_runs_once(
 ) -> None:
     job_id = queued_job(live_client, live_auth, live_settings)
     validate.validate_job(job_id, live_settings)
-    assert [t for t in sent_tasks if t[0] == "workers.tasks.run_job"] == [("workers.tasks.run_job", [job_id], "training")]
+    assert [t for t in sent_tasks if t[0] == "workers.tasks.run_job"] == [
+        ("workers.tasks.run_job", [job_id], "training")
+    ]
 
 
-def test_only_one_of_two_claims_wins(live_client: TestClient, live_auth: dict[str, str], live_settings: Settings) -> None:
+def test_only_one_of_two_claims_wins(
+    live_client: TestClient, live_auth: dict[str, str], live_settings: Settings
+) -> None:
     job_id = queued_job(live_client, live_auth, live_settings)
     with unit_of_work(live_settings) as session:
         assert lease.claim(session, job_id, "a", live_settings, "queued", "running")
@@ -159,8 +163,9 @@ def test_runner_records_metrics_checkpoints_and_the_final_model(
     ckpts = live_client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", headers=live_auth).json()["data"]
     assert [c["step_number"] for c in ckpts] == [6, 4, 2]
     assert ckpts[0]["fine_tuned_model_checkpoint"] == f"{job['fine_tuned_model']}:ckpt-step-6"
-    events = live_client.get(f"/v1/fine_tuning/jobs/{job_id}/events", headers=live_auth,
-                             params={"limit": 100}).json()["data"]
+    events = live_client.get(f"/v1/fine_tuning/jobs/{job_id}/events", headers=live_auth, params={"limit": 100}).json()[
+        "data"
+    ]
     steps = [e["data"]["step"] for e in events if e["type"] == "metrics"]
     assert steps == [6, 5, 4, 3, 2, 1]
 
@@ -233,8 +238,8 @@ def test_reaper_requeues_a_job_whose_worker_died_then_fails_it_after_max_attempt
 def test_lost_lease_stops_the_old_worker_from_writing(
     live_client: TestClient, live_auth: dict[str, str], ticking: Settings
 ) -> None:
-    from workers.context import JobContext, LeaseLost
     from service.core.storage import Storage
+    from workers.context import JobContext, LeaseLost
 
     job_id = queued_job(live_client, live_auth, ticking)
     with unit_of_work(ticking) as session:

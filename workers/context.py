@@ -49,7 +49,9 @@ class JobContext:
             row = repository.get_unscoped(session, job_id)
             assert row is not None
             snapshot = {c.key: getattr(row, c.key) for c in Job.__mapper__.column_attrs}
-            keys = dict(session.execute(select(File.id, File.storage_key).where(File.project_id == row.project_id)).all())
+            keys = dict(
+                session.execute(select(File.id, File.storage_key).where(File.project_id == row.project_id)).all()
+            )
         snapshot["training_path"] = storage.path(keys[row.training_file])
         if row.validation_file:
             snapshot["validation_path"] = storage.path(keys[row.validation_file])
@@ -64,28 +66,44 @@ class JobContext:
                 raise LeaseLost(self.job_id)
             return fn(session, job)
 
-    def event(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None,
-              dedupe_key: str | None = None) -> None:
+    def event(
+        self, message: str, *, level: str = "info", data: dict[str, Any] | None = None, dedupe_key: str | None = None
+    ) -> None:
         self._write(lambda s, job: repository.add_event(s, job, message, level=level, data=data, dedupe_key=dedupe_key))
 
     def metrics(self, step: int, data: dict[str, Any]) -> None:
         """Record one step's metrics and its `metrics` event, once per step."""
+
         def write(session: Any, job: Job) -> None:
             if repository.record_metrics(session, job, step, data):
-                repository.add_event(session, job, f"Step {step}/{data.get('total_steps', '?')}",
-                                     type="metrics", data={"step": step, **data}, dedupe_key=f"metrics:{step}")
+                repository.add_event(
+                    session,
+                    job,
+                    f"Step {step}/{data.get('total_steps', '?')}",
+                    type="metrics",
+                    data={"step": step, **data},
+                    dedupe_key=f"metrics:{step}",
+                )
+
         self._write(write)
 
     def control(self) -> Literal["cancel", "pause"] | None:
         """The pending request a trainer must honour after its current step, if any."""
+
         def read(_: Any, job: Job) -> Literal["cancel", "pause"] | None:
             return "cancel" if job.cancel_requested else "pause" if job.pause_requested else None
+
         result: Literal["cancel", "pause"] | None = self._write(read)
         return result
 
     def update_job(self, **values: Any) -> None:
         """Progress fields such as `estimated_finish` or `trained_tokens`."""
-        self._write(lambda _, job: [setattr(job, k, v) for k, v in values.items()])
+
+        def write(_: Any, job: Job) -> None:
+            for name, value in values.items():
+                setattr(job, name, value)
+
+        self._write(write)
 
     def save_checkpoint(self, step: int, write: Callable[[Path], None], metrics: dict[str, Any]) -> str:
         """Write a checkpoint folder via `write(staging_dir)`, fsync and rename it, then record it.
@@ -105,12 +123,19 @@ class JobContext:
             if existing is not None:
                 existing.metrics = metrics
                 return str(existing.id)
-            ckpt = Checkpoint(id=new_id("ftckpt-"), project_id=job.project_id, job_id=job.id, step_number=step,
-                              fine_tuned_model_checkpoint=f"{fine_tuned_model_name(job)}:ckpt-step-{step}",
-                              metrics=metrics, storage_key=key)
+            ckpt = Checkpoint(
+                id=new_id("ftckpt-"),
+                project_id=job.project_id,
+                job_id=job.id,
+                step_number=step,
+                fine_tuned_model_checkpoint=f"{fine_tuned_model_name(job)}:ckpt-step-{step}",
+                metrics=metrics,
+                storage_key=key,
+            )
             session.add(ckpt)
             session.flush()
             return ckpt.id
+
         checkpoint_id: str = self._write(record)
         return checkpoint_id
 

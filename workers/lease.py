@@ -99,19 +99,22 @@ def reap(session: Session, settings: Settings) -> dict[str, int]:
     lapsed = session.scalars(select(Job).where(Job.status == "running", Job.lease_expires_at < t)).all()
     for job in lapsed:
         if job.attempts >= settings.max_attempts:
-            error = {
+            error: dict[str, str | None] = {
                 "code": "worker_lost",
                 "message": f"The worker running this job stopped responding {job.attempts} times "
                 f"(no heartbeat for {settings.lease_seconds:.0f}s); giving up after {settings.max_attempts} attempts.",
                 "param": None,
             }
             if _lapsed_transition(session, job, t, status="failed", error=error, finished_at=now()):
-                repository.add_event(session, job, error["message"], level="error")
+                repository.add_event(session, job, str(error["message"]), level="error")
                 counts["failed"] += 1
         elif _lapsed_transition(session, job, t, status="queued", enqueued_at=t):
             repository.add_event(
-                session, job, f"Worker stopped responding; job requeued (attempt {job.attempts + 1} of "
-                f"{settings.max_attempts}) and resumes from its last checkpoint.", level="warn",
+                session,
+                job,
+                f"Worker stopped responding; job requeued (attempt {job.attempts + 1} of "
+                f"{settings.max_attempts}) and resumes from its last checkpoint.",
+                level="warn",
             )
             wake_training(session, job.id)
             counts["requeued"] += 1

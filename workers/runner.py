@@ -45,15 +45,25 @@ def run_job(job_id: str, settings: Settings) -> None:
             return
         except Exception as exc:
             log.exception("job %s crashed", job_id)
-            error = {"code": "internal_error", "message": f"Training crashed: {type(exc).__name__}: {exc}",
-                     "param": None}
+            error = {
+                "code": "internal_error",
+                "message": f"Training crashed: {type(exc).__name__}: {exc}",
+                "param": None,
+            }
             _finish(job_id, worker_id, settings, "failed", error=error)
             return
     _finish(job_id, worker_id, settings, result.status, result=result)
 
 
-def _finish(job_id: str, worker_id: str, settings: Settings, status: str, *,
-            error: dict[str, Any] | None = None, result: TrainingResult | None = None) -> None:
+def _finish(
+    job_id: str,
+    worker_id: str,
+    settings: Settings,
+    status: str,
+    *,
+    error: dict[str, Any] | None = None,
+    result: TrainingResult | None = None,
+) -> None:
     with unit_of_work(settings) as session:
         job = repository.get_unscoped(session, job_id)
         if job is None or job.worker_id != worker_id or job.status != "running":
@@ -69,5 +79,7 @@ def _finish(job_id: str, worker_id: str, settings: Settings, status: str, *,
         if result and result.status == "succeeded":
             job.fine_tuned_model = result.fine_tuned_model or fine_tuned_model_name(job)
             job.trained_tokens = result.trained_tokens
-        message = error["message"] if error else (result.message if result and result.message else DONE_MESSAGES[status])
+        message = (
+            error["message"] if error else (result.message if result and result.message else DONE_MESSAGES[status])
+        )
         repository.add_event(session, job, message, level="error" if error else "info")

@@ -26,28 +26,33 @@ def validate_job(job_id: str, settings: Settings) -> None:
         job = repository.get_unscoped(session, job_id)
         assert job is not None
         ids = [job.training_file] + ([job.validation_file] if job.validation_file else [])
-        files = {f.id: (f.filename, f.sha256, f.storage_key) for f in session.scalars(
-            select(File).where(File.project_id == job.project_id, File.id.in_(ids)))}
+        files = {
+            f.id: (f.filename, f.sha256, f.storage_key)
+            for f in session.scalars(select(File).where(File.project_id == job.project_id, File.id.in_(ids)))
+        }
         training_file, validation_file = job.training_file, job.validation_file
     error, notes = check_files(settings, files, training_file, validation_file)
     with unit_of_work(settings) as session:
         job = repository.get_unscoped(session, job_id)
         assert job is not None
         if error:
-            if repository.transition(session, job_id, ["validating_files"], status="failed", error=error,
-                                     finished_at=now(), **RELEASE):
+            if repository.transition(
+                session, job_id, ["validating_files"], status="failed", error=error, finished_at=now(), **RELEASE
+            ):
                 repository.add_event(session, job, error["message"], level="error")
             return
-        if repository.transition(session, job_id, ["validating_files"], status="queued", enqueued_at=time.time(),
-                                 **RELEASE):
+        if repository.transition(
+            session, job_id, ["validating_files"], status="queued", enqueued_at=time.time(), **RELEASE
+        ):
             for level, message in notes:
                 repository.add_event(session, job, message, level=level)
             repository.add_event(session, job, "Files validated; the job is queued for training.")
             wake_training(session, job_id)
 
 
-def check_files(settings: Settings, files: dict[str, tuple[str, str, str]], training_file: str,
-                validation_file: str | None) -> tuple[dict[str, Any] | None, list[tuple[str, str]]]:
+def check_files(
+    settings: Settings, files: dict[str, tuple[str, str, str]], training_file: str, validation_file: str | None
+) -> tuple[dict[str, Any] | None, list[tuple[str, str]]]:
     """Validate the job's files; return (error for the job or None, events to add)."""
     storage = Storage(settings.storage_dir)
     notes: list[tuple[str, str]] = []
@@ -61,21 +66,32 @@ def check_files(settings: Settings, files: dict[str, tuple[str, str, str]], trai
         filename, _, key = files[file_id]
         report = validate_jsonl(storage.iter_bytes(key), max_line_bytes=settings.max_line_bytes, max_lines=max_lines)
         if report.error_count:
-            return _error(param, f"{param} {file_id} ({filename}) is not valid RFT JSONL: {report.error_count} "
-                                 f"invalid line(s) of {report.lines}. {report.summary()}."), notes
+            return _error(
+                param,
+                f"{param} {file_id} ({filename}) is not valid RFT JSONL: {report.error_count} "
+                f"invalid line(s) of {report.lines}. {report.summary()}.",
+            ), notes
         reports[param] = report
         notes.append(("info", f"{param} {file_id} ({filename}): {report.examples} examples."))
     if validation_file:
         if training_file == validation_file or files[training_file][1] == files[validation_file][1]:
-            return _error("validation_file", f"validation_file {validation_file} has exactly the same content as "
-                          f"training_file {training_file}; hold out different examples so validation reward "
-                          "measures generalisation, not memorisation."), notes
+            return _error(
+                "validation_file",
+                f"validation_file {validation_file} has exactly the same content as "
+                f"training_file {training_file}; hold out different examples so validation reward "
+                "measures generalisation, not memorisation.",
+            ), notes
         train, valid = reports["training_file"].line_hashes, reports["validation_file"].line_hashes
         shared = sorted(line for digest, line in valid.items() if digest in train)
         if shared:
-            notes.append(("warn", f"{len(shared)} of {len(valid)} validation examples also appear in the training "
-                          f"file (validation lines {', '.join(map(str, shared[:10]))}); validation reward will "
-                          "overstate generalisation."))
+            notes.append(
+                (
+                    "warn",
+                    f"{len(shared)} of {len(valid)} validation examples also appear in the training "
+                    f"file (validation lines {', '.join(map(str, shared[:10]))}); validation reward will "
+                    "overstate generalisation.",
+                )
+            )
     return None, notes
 
 

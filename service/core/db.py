@@ -7,10 +7,10 @@ after the commit that wrote their rows succeeds, and dropped on rollback.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from functools import lru_cache
-import logging
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event

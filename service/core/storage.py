@@ -42,8 +42,7 @@ class Storage:
                     size += len(chunk)
                     if size > limit:
                         raise PayloadTooLarge(
-                            f"File is larger than this server's upload limit of {limit} bytes "
-                            "(RFT_MAX_UPLOAD_BYTES).",
+                            f"File is larger than this server's upload limit of {limit} bytes (RFT_MAX_UPLOAD_BYTES).",
                             param="file",
                         )
                     digest.update(chunk)

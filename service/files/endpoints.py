@@ -6,7 +6,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from service.core.http import SessionDep, request_transaction, SettingsDep, StorageDep, SubjectDep
+from service.core.http import SessionDep, SettingsDep, StorageDep, SubjectDep, request_transaction
 from service.core.pagination import list_body
 from service.files import repository, service
 from service.files.schemas import FileDeleted, FileList, FileObject
@@ -67,4 +67,6 @@ def file_content(file_id: str, session: SessionDep, subject: SubjectDep, storage
         "Content-Disposition": f'attachment; filename="{row.id}.jsonl"',
         "X-Content-SHA256": row.sha256,
     }
-    return StreamingResponse(storage.iter_bytes(row.storage_key), media_type="application/octet-stream", headers=headers)
+    return StreamingResponse(
+        storage.iter_bytes(row.storage_key), media_type="application/octet-stream", headers=headers
+    )

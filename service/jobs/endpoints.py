@@ -69,12 +69,7 @@ def list_events(
     """List a job's events, newest first."""
     service.get_job(session, subject, job_id)
     rows, has_more = repository.page_events(session, subject, job_id, after=after, limit=limit)
-    data = [
-        EventObject(
-            id=e.id, created_at=e.created_at, level=e.level, message=e.message, type=e.type, data=e.data  # type: ignore[arg-type]
-        ).model_dump()
-        for e in rows
-    ]
+    data = [EventObject.model_validate(e, from_attributes=True).model_dump() for e in rows]
     return list_body(data, has_more, with_ids=False)
 
 

@@ -23,7 +23,7 @@ from service.core.queue import wake_training, wake_validation
 from service.core.tables import Job, now
 from service.files import repository as files
 from service.jobs import repository
-from service.jobs.schemas import JobCreate, JobObject
+from service.jobs.schemas import JobCreate, JobError, JobObject
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 CANCELLABLE_AT_ONCE = ("validating_files", "queued", "paused")
@@ -178,7 +178,7 @@ def job_object(job: Job) -> JobObject:
         created_at=job.created_at,
         finished_at=job.finished_at,
         estimated_finish=job.estimated_finish,
-        error=job.error or None,  # null, never OpenAI's `{}`
+        error=JobError(**job.error) if job.error else None,  # null, never OpenAI's `{}`
         fine_tuned_model=job.fine_tuned_model,
         model=job.model,
         organization_id=job.project_id,

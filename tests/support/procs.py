@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -23,24 +24,25 @@ class Proc:
     def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
         self.log = log
         self._out = open(log, "wb")
-        self.popen = subprocess.Popen([sys.executable, "-m", "service.cli", *argv], env={**os.environ, **env},
-                                      stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", *argv],
+            env={**os.environ, **env},
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, sig)
-        except ProcessLookupError:
-            pass
         self.popen.wait(timeout=30)
 
     def stop(self) -> None:
         """SIGTERM to the main process (as a service manager would), then SIGKILL to what is left."""
         if self.popen.poll() is None:
             self.popen.terminate()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
         self.kill()
         self._out.close()
 

@@ -55,10 +55,14 @@ def _start_postgres() -> str:
     subprocess.run(_as_postgres([initdb, "-D", data, "-A", "trust", "-U", "postgres"]), check=True, capture_output=True)
     pg_ctl = os.path.join(bindir, "pg_ctl")
     opts = f"-p {port} -k {data} -c listen_addresses=127.0.0.1"
-    subprocess.run(_as_postgres([pg_ctl, "-D", data, "-o", opts, "-w", "start", "-l", f"{data}/log"]), check=True,
-                   capture_output=True)
-    atexit.register(lambda: subprocess.run(_as_postgres([pg_ctl, "-D", data, "-m", "immediate", "stop"]),
-                                           capture_output=True))
+    subprocess.run(
+        _as_postgres([pg_ctl, "-D", data, "-o", opts, "-w", "start", "-l", f"{data}/log"]),
+        check=True,
+        capture_output=True,
+    )
+    atexit.register(
+        lambda: subprocess.run(_as_postgres([pg_ctl, "-D", data, "-m", "immediate", "stop"]), capture_output=True)
+    )
     url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     if not _pg_ok(url):
         raise RuntimeError(f"started PostgreSQL in {data} but cannot connect to it")
@@ -100,8 +104,10 @@ def redis_url() -> str:
     if server is None:
         raise RuntimeError("Redis is not running at RFT_TEST_REDIS_URL and no redis-server binary was found")
     port = _free_port()
-    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
     atexit.register(proc.terminate)
     url = f"redis://127.0.0.1:{port}"
     for _ in range(50):

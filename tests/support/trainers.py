@@ -18,6 +18,7 @@ from workers.context import JobContext, TrainingResult
 def _write_state(step: int) -> object:
     def write(folder: Path) -> None:
         (folder / "state.json").write_text(json.dumps({"step": step}))
+
     return write
 
 
