@@ -17,11 +17,13 @@ from typing import Any
 import openai
 import pytest
 import redis
+from celery import Celery
 
 from tests.conftest import GOOD_LINES, GRADER, jsonl
 from tests.support import services
 from tests.support.procs import Proc, free_port, pids_with_env, wait_healthy
 
+QUEUES = {"workers.tasks.run_job": "training", "workers.tasks.validate_job": "light"}
 TERMINAL = {"succeeded", "failed", "cancelled"}
 METHOD: Any = {"type": "reinforcement", "reinforcement": {"grader": GRADER}}
 
@@ -79,7 +81,11 @@ def production_stack(tmp_path: Path, pg_server: str, redis_server: str) -> Itera
         check=True,
     ).stdout.split()[-1]
     start("light", "worker", "--queues", "light", "--beat")
+    celery = Celery(broker=broker)
     stack = {
+        "send": lambda name, args: celery.send_task(
+            name, args=args, queue=name.endswith("run_job") and "training" or "light"
+        ),
         "client": openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0),
         "start": start,
         "training": start("training", "worker", "--queues", "training"),
@@ -112,6 +118,13 @@ def test_sdk_drives_a_job_to_success_on_postgres_redis_and_celery(
     checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
     assert [c.step_number for c in checkpoints] == [8, 6, 4, 2]
     assert checkpoints[0].fine_tuned_model_checkpoint == f"{done.fine_tuned_model}:ckpt-step-8"
+
+    # A duplicated broker message is harmless: the job row says it is done, so nobody runs it again.
+    production_stack["send"]("workers.tasks.run_job", [job.id])
+    production_stack["send"]("workers.tasks.validate_job", [job.id])
+    time.sleep(2)
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "succeeded"
+    assert len(list(client.fine_tuning.jobs.list_events(job.id, limit=100))) == len(events)
 
 
 def test_sdk_cancel_pause_and_resume_on_the_production_stack(production_stack: dict[str, Any], tmp_path: Path) -> None:
@@ -188,8 +201,13 @@ def test_embedded_rft_serve_runs_the_flow_with_no_external_service(tmp_path: Pat
         )
         assert failed.error is not None and failed.error.param == "training_file"
         assert "line 2: must be a JSON object" in failed.error.message
-        queued = client.fine_tuning.jobs.create(model="m", training_file=train, method=METHOD)
+        queued = client.fine_tuning.jobs.create(model="m", training_file=train, method=METHOD, metadata={"k": "v"})
         assert client.fine_tuning.jobs.cancel(queued.id).status == "cancelled"
+        assert [j.id for j in client.fine_tuning.jobs.list(metadata={"k": "v"})] == [queued.id]
+        assert len(list(client.fine_tuning.jobs.list(limit=1))) == 3  # auto-pagination follows `after`
+        assert client.files.content(train).read() == jsonl(GOOD_LINES[:4])
+        assert client.files.delete(valid).deleted
+        assert [f.id for f in client.files.list(purpose="fine-tune", limit=1)] == [bad_id, train]
         assert (tmp_path / "data" / "rft.db").exists()
         assert len(pids_with_env("RFT_DATA_DIR", env["RFT_DATA_DIR"])) >= 3  # the API and its two workers
     finally:
