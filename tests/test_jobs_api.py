@@ -57,7 +57,7 @@ def test_seed_is_generated_when_absent(client: TestClient, auth: dict[str, str],
         ({"method": {"type": "reinforcement"}}, "method.reinforcement", "grader"),
         (
             {"method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "vibes"}}}},
-            "method.reinforcement.grader",
+            "method.reinforcement.grader.type",
             "string_check",
         ),
         (

