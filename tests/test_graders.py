@@ -267,3 +267,29 @@ def test_job_with_invalid_nested_grader_is_400_naming_it(
     response = client.post("/v1/fine_tuning/jobs", headers=auth, json=body)
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "method.reinforcement.grader.graders.a.operation"
+
+
+def test_run_endpoint_reports_python_runtime_errors(client: TestClient, auth: dict[str, str]) -> None:
+    grader = {"type": "python", "name": "py", "source": "def grade(sample, item):\n    return 1 / 0\n"}
+    body = client.post(
+        "/v1/fine_tuning/alpha/graders/run", headers=auth, json={"grader": grader, "model_sample": "x", "item": {}}
+    ).json()
+    assert body["reward"] == 0.0
+    errors = body["metadata"]["errors"]
+    assert errors["python_grader_runtime_error"] is True
+    assert "ZeroDivisionError" in errors["python_grader_runtime_error_details"]
+
+
+def test_batch_grades_publish_per_grader_means_and_error_rates() -> None:
+    from service.graders.engine import BatchGrades
+
+    config = parse_grader(multi("exact + loose"))
+    outputs = ["42", "it is 42", "nope"]
+    items = [{"answer": "42"}, {"answer": "42"}, {}]
+    with compile_grader(config, Settings()) as compiled:
+        batch: BatchGrades = grade_batch(compiled, [Sample.from_text(o) for o in outputs], items)
+    assert batch.rewards == [2.0, 1.0, 0.0]
+    assert batch.grader_means() == {"exact": pytest.approx(1 / 3), "loose": pytest.approx(2 / 3)}
+    assert batch.error_rates()["invalid_variable_error_mean"] == pytest.approx(1 / 3)
+    assert batch.error_counts() == {"exact": {"invalid_variable_error": 1}, "loose": {"invalid_variable_error": 1}}
+    assert batch.grader_types == {"exact": "string_check", "loose": "string_check"}
