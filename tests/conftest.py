@@ -134,7 +134,7 @@ def upload(client: TestClient, auth: dict[str, str], content: bytes, filename: s
 
 def job_body(training_file: str, validation_file: str | None = None, **extra: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "model": "smollm2-135m-instruct",
+        "model": "tiny-random-llama",
         "training_file": training_file,
         "method": {"type": "reinforcement", "reinforcement": {"grader": GRADER}},
         **extra,

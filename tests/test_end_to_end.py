@@ -130,7 +130,9 @@ def test_sdk_drives_a_job_to_success_on_postgres_redis_and_celery(
 def test_sdk_cancel_pause_and_resume_on_the_production_stack(production_stack: dict[str, Any], tmp_path: Path) -> None:
     client: openai.OpenAI = production_stack["client"]
     train, valid = upload_pair(client, tmp_path)
-    job = client.fine_tuning.jobs.create(model="m", training_file=train, validation_file=valid, method=METHOD)
+    job = client.fine_tuning.jobs.create(
+        model="tiny-random-llama", training_file=train, validation_file=valid, method=METHOD
+    )
     poll(client, job.id, {"running"})
     client.fine_tuning.jobs.pause(job.id)
     paused = poll(client, job.id, {"paused"} | TERMINAL)
@@ -141,7 +143,9 @@ def test_sdk_cancel_pause_and_resume_on_the_production_stack(production_stack: d
     steps = [e.data["step"] for e in client.fine_tuning.jobs.list_events(job.id, limit=100) if e.type == "metrics"]  # type: ignore[index]
     assert sorted(steps) == list(range(1, 9)) and paused_at >= 1
 
-    other = client.fine_tuning.jobs.create(model="m", training_file=train, validation_file=valid, method=METHOD)
+    other = client.fine_tuning.jobs.create(
+        model="tiny-random-llama", training_file=train, validation_file=valid, method=METHOD
+    )
     poll(client, other.id, {"running"})
     client.fine_tuning.jobs.cancel(other.id)
     cancelled = poll(client, other.id, TERMINAL)
@@ -155,7 +159,9 @@ def test_job_survives_sigkill_of_its_worker_and_resumes_from_checkpoint(
 ) -> None:
     client: openai.OpenAI = production_stack["client"]
     train, valid = upload_pair(client, tmp_path)
-    job = client.fine_tuning.jobs.create(model="m", training_file=train, validation_file=valid, method=METHOD)
+    job = client.fine_tuning.jobs.create(
+        model="tiny-random-llama", training_file=train, validation_file=valid, method=METHOD
+    )
     deadline = time.time() + 60
     while not list(client.fine_tuning.jobs.checkpoints.list(job.id)) and time.time() < deadline:
         time.sleep(0.1)
@@ -181,27 +187,33 @@ def test_embedded_rft_serve_runs_the_flow_with_no_external_service(tmp_path: Pat
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key.group(1), max_retries=0)
         train, valid = upload_pair(client, tmp_path)
         job = client.fine_tuning.jobs.create(
-            model="smollm2-135m-instruct", training_file=train, validation_file=valid, method=METHOD
+            model="tiny-random-llama", training_file=train, validation_file=valid, method=METHOD, seed=5
         )
-        done = poll(client, job.id, TERMINAL)
-        # Until the RL loop lands, a job that reaches training fails, honestly and with a reason.
-        assert done.status == "failed"
-        assert done.error is not None and done.error.code == "training_unavailable"
-        messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=50)]
-        assert "Files validated; the job is queued for training." in messages
-        assert list(client.fine_tuning.jobs.checkpoints.list(job.id)) == []
+        done = poll(client, job.id, TERMINAL, timeout=240)
+        # The embedded worker runs the real RL loop: rollouts, grading, updates, evals, checkpoints.
+        assert done.status == "succeeded", done.error
+        assert done.fine_tuned_model and done.fine_tuned_model.startswith("ft:tiny-random-llama:")
+        assert done.hyperparameters.batch_size == 4  # "auto" resolved and echoed
+        events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+        assert any(e.message.startswith("Final model: the checkpoint at step") for e in events)
+        metrics: list[Any] = [e.data for e in events if e.type == "metrics"]
+        assert metrics and {"train_reward_mean", "kl", "loss", "timing"} <= set(metrics[0])
+        checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
+        assert checkpoints and done.fine_tuned_model in {c.fine_tuned_model_checkpoint for c in checkpoints}
         bad = tmp_path / "bad.jsonl"
         bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n[1, 2]\n")
         with open(bad, "rb") as f:
             bad_id = client.files.create(file=f, purpose="fine-tune").id
         failed = poll(
             client,
-            client.fine_tuning.jobs.create(model="m", training_file=bad_id, method=METHOD).id,
+            client.fine_tuning.jobs.create(model="tiny-random-llama", training_file=bad_id, method=METHOD).id,
             TERMINAL,
         )
         assert failed.error is not None and failed.error.param == "training_file"
         assert "line 2: must be a JSON object" in failed.error.message
-        queued = client.fine_tuning.jobs.create(model="m", training_file=train, method=METHOD, metadata={"k": "v"})
+        queued = client.fine_tuning.jobs.create(
+            model="tiny-random-llama", training_file=train, method=METHOD, metadata={"k": "v"}
+        )
         assert client.fine_tuning.jobs.cancel(queued.id).status == "cancelled"
         assert [j.id for j in client.fine_tuning.jobs.list(metadata={"k": "v"})] == [queued.id]
         assert len(list(client.fine_tuning.jobs.list(limit=1))) == 3  # auto-pagination follows `after`

@@ -27,7 +27,7 @@ with TestClient(create_app(settings)) as client:
     file_id = client.post("/v1/files", headers=auth, files={"file": ("t.jsonl", line)},
                           data={"purpose": "fine-tune"}).json()["id"]
     grader = {"type": "string_check", "name": "g", "input": "a", "reference": "a", "operation": "eq"}
-    body = {"model": "m", "training_file": file_id,
+    body = {"model": "tiny-random-llama", "training_file": file_id,
             "method": {"type": "reinforcement", "reinforcement": {"grader": grader}}}
     job = client.post("/v1/fine_tuning/jobs", headers=auth, json=body).json()
     assert client.get("/v1/fine_tuning/jobs/" + job["id"], headers=auth).status_code == 200

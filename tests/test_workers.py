@@ -122,15 +122,14 @@ def test_only_one_of_two_claims_wins(
     assert (job.status, job.worker_id, job.attempts) == ("running", "a", 1)
 
 
-def test_default_trainer_fails_the_job_honestly(
-    live_client: TestClient, live_auth: dict[str, str], live_settings: Settings
-) -> None:
-    job_id = queued_job(live_client, live_auth, live_settings)
-    runner.run_job(job_id, live_settings)
-    job = job_row(live_settings, job_id)
-    assert job.status == "failed"
-    assert job.error is not None and job.error["code"] == "training_unavailable"
-    assert job.finished_at is not None and job.worker_id is None
+def test_unknown_model_is_rejected_at_creation(live_client: TestClient, live_auth: dict[str, str]) -> None:
+    train_id = upload(live_client, live_auth, jsonl(GOOD_LINES)).json()["id"]
+    response = live_client.post(
+        "/v1/fine_tuning/jobs", headers=live_auth, json={**job_body(train_id), "model": "gpt-9"}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "model"
+    assert "tiny-random-llama" in response.json()["error"]["message"]
 
 
 def test_crashing_trainer_fails_the_job_with_the_exception(
@@ -158,7 +157,7 @@ def test_runner_records_metrics_checkpoints_and_the_final_model(
     runner.run_job(job_id, ticking)
     job = live_client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=live_auth).json()
     assert job["status"] == "succeeded"
-    assert job["fine_tuned_model"].startswith("ft:smollm2-135m-instruct:")
+    assert job["fine_tuned_model"].startswith("ft:tiny-random-llama:")
     assert job["trained_tokens"] == 600
     ckpts = live_client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", headers=live_auth).json()["data"]
     assert [c["step_number"] for c in ckpts] == [6, 4, 2]

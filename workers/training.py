@@ -1,8 +1,8 @@
 """The training entry point the job runner calls: `run_training(ctx) -> TrainingResult`.
 
-The RL loop (GRPO-family RLVR on transformers) is not part of this build yet. Until it lands, a
-job that gets here fails with an error that says so, after its files were validated and the job
-was claimed. `RFT_TRAINER` names another entry point (`module:function`) with the same signature.
+The default is the RL loop in `workers.rl.loop`, imported on first use so the Celery parent process
+never imports torch (or touches CUDA) before it forks the process that runs the job.
+`RFT_TRAINER` names another entry point (`module:function`) with the same signature.
 """
 
 from __future__ import annotations
@@ -10,18 +10,15 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
-from service.core.errors import TrainingUnavailable
 from workers.context import JobContext, TrainingResult
 
 Trainer = Callable[[JobContext], TrainingResult]
 
 
 def run_training(ctx: JobContext) -> TrainingResult:
-    raise TrainingUnavailable(
-        "This rft build has no RL training loop yet: the job's files were validated and the job was "
-        f"queued and claimed, but model {ctx.job['model']!r} cannot be trained. Upgrade rft to a release "
-        "with the training loop, or set RFT_TRAINER to a trainer entry point.",
-    )
+    from workers.rl.loop import run_training as rl_loop
+
+    return rl_loop(ctx)
 
 
 def load_trainer(path: str) -> Trainer:

@@ -42,6 +42,22 @@ class RftHyperparameters(Strict):
     eval_samples: auto_or(int, low=1) = "auto"  # type: ignore[valid-type]
     compute_multiplier: auto_or(float, low=0, high=10, low_open=True) = "auto"  # type: ignore[valid-type]
     reasoning_effort: Literal["default", "low", "medium", "high"] = "default"
+    # Our extras beyond OpenAI's fields (documented in README "Training hyperparameters").
+    beta: Annotated[float, Field(ge=0, le=10)] = 0.04
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    epsilon_low: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    epsilon_high: Annotated[float, Field(gt=0, lt=10)] = 0.28
+    loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
+    importance_sampling: Literal["token", "sequence"] = "token"
+    advantage_std: Literal["group", "batch", "none"] = "group"
+    max_completion_tokens: Annotated[int, Field(ge=1, le=4096)] = 64
+    temperature: Annotated[float, Field(gt=0, le=2)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    micro_batch_size: auto_or(int, low=1, high=1024) = "auto"  # type: ignore[valid-type]
+    kl_limit: Annotated[float, Field(gt=0)] = 0.5
+    mask_truncated_completions: bool = True
 
 
 class Reinforcement(Strict):

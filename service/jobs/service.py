@@ -25,6 +25,7 @@ from service.files import repository as files
 from service.graders.schemas import parse_grader
 from service.jobs import repository
 from service.jobs.schemas import JobCreate, JobError, JobObject
+from service.models.registry import resolve as resolve_model
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 CANCELLABLE_AT_ONCE = ("validating_files", "queued", "paused")
@@ -79,6 +80,7 @@ def create_job(session: Session, subject: AuthSubject, body: JobCreate, idempote
     _check_method(body)
     assert body.method is not None and body.method.reinforcement is not None
     parse_grader(body.method.reinforcement.grader, "method.reinforcement.grader")
+    resolve_model(body.model)
     _check_file(session, subject, body.training_file, "training_file")
     if body.validation_file:
         _check_file(session, subject, body.validation_file, "validation_file")

@@ -1,0 +1,172 @@
+"""The RL loop on a tiny random Llama: it learns a learnable task, every loss variant runs, and a
+paused-and-resumed run ends with exactly the weights and metrics of an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import load_file
+from sqlalchemy import select
+
+from service.core.db import unit_of_work
+from service.core.settings import Settings
+from service.core.tables import Checkpoint, Job, JobMetric
+from tests.conftest import upload
+from workers import runner, validate
+from workers.rl.data import batch_for_step
+from workers.rl.loss import advantages
+
+# Dense reward a random byte-level model can climb: the share of lowercase ASCII letters it writes.
+LOWERCASE = """
+def grade(sample, item):
+    text = sample["output_text"]
+    return sum(c.isascii() and c.islower() for c in text) / max(1, len(text))
+"""
+PROMPTS = b"".join(
+    json.dumps({"messages": [{"role": "user", "content": f"write {i}"}]}).encode() + b"\n" for i in range(4)
+)
+
+
+def run_job(client: TestClient, auth: dict[str, str], settings: Settings, **hyper: Any) -> str:
+    file_id = upload(client, auth, PROMPTS).json()["id"]
+    hp = {
+        "batch_size": 4,
+        "compute_multiplier": 2,
+        "max_completion_tokens": 8,
+        "eval_samples": 4,
+        "beta": 0.0,
+        "mask_truncated_completions": False,
+        "learning_rate_multiplier": 3000,
+        "n_epochs": 4,
+        **hyper,
+    }
+    body = {
+        "model": "tiny-random-llama",
+        "training_file": file_id,
+        "seed": 11,
+        "method": {
+            "type": "reinforcement",
+            "reinforcement": {
+                "grader": {"type": "python", "name": "lower", "source": LOWERCASE},
+                "hyperparameters": hp,
+            },
+        },
+    }
+    response = client.post("/v1/fine_tuning/jobs", headers=auth, json=body)
+    assert response.status_code == 200, response.text
+    job_id = str(response.json()["id"])
+    validate.validate_job(job_id, settings)
+    runner.run_job(job_id, settings)
+    return job_id
+
+
+def metrics(settings: Settings, job_id: str) -> list[dict[str, Any]]:
+    with unit_of_work(settings) as session:
+        rows = session.scalars(select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.step)).all()
+        return [r.data for r in rows]
+
+
+def final_weights(settings: Settings, job_id: str) -> dict[str, torch.Tensor]:
+    with unit_of_work(settings) as session:
+        key = session.scalars(
+            select(Checkpoint.storage_key).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step_number.desc())
+        ).first()
+    assert key is not None
+    return load_file(str(settings.storage_dir / key / "model.safetensors"))
+
+
+def job(settings: Settings, job_id: str) -> Job:
+    with unit_of_work(settings) as session:
+        return session.scalars(select(Job).where(Job.id == job_id)).one()
+
+
+def test_loop_learns_a_learnable_task_and_picks_the_best_checkpoint(
+    live_client: TestClient, live_auth: dict[str, str], live_settings: Settings
+) -> None:
+    job_id = run_job(live_client, live_auth, live_settings, n_epochs=8)
+    row = job(live_settings, job_id)
+    assert row.status == "succeeded", row.error
+    history = metrics(live_settings, job_id)
+    assert [m["step"] for m in history] == list(range(1, 9))
+    assert history[-1]["train_reward_mean"] > history[0]["train_reward_mean"] + 0.3
+    events = live_client.get(f"/v1/fine_tuning/jobs/{job_id}/events", headers=live_auth, params={"limit": 100}).json()[
+        "data"
+    ]
+    final = next(e for e in events if e["message"].startswith("Final model"))
+    assert final["data"]["beat_baseline"] is True
+    assert final["data"]["chosen"]["valid_reward_mean"] > final["data"]["baseline_valid_reward"]
+    assert row.fine_tuned_model is not None
+    assert row.fine_tuned_model.endswith(f"ckpt-step-{final['data']['chosen_step']}")
+    assert row.method["reinforcement"]["hyperparameters"]["n_epochs"] == 8
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"importance_sampling": "sequence"},
+        {"beta": 0.1, "kl_estimator": "k1"},
+        {"beta": 0.1, "kl_estimator": "k3"},
+        {"advantage_std": "batch"},
+        {"advantage_std": "none"},
+        {"loss_aggregation": "sequence_mean"},
+        {"mask_truncated_completions": True},
+        {"micro_batch_size": 3, "warmup_steps": 2},
+    ],
+)
+def test_every_loss_variant_trains(
+    live_client: TestClient, live_auth: dict[str, str], live_settings: Settings, variant: dict[str, Any]
+) -> None:
+    job_id = run_job(live_client, live_auth, live_settings, n_epochs=2, **variant)
+    assert job(live_settings, job_id).status == "succeeded", job(live_settings, job_id).error
+    history = metrics(live_settings, job_id)
+    assert len(history) == 2
+    if variant.get("beta"):
+        assert history[-1]["valid_kl"] is not None and history[-1]["valid_kl"] >= 0
+
+
+def test_paused_and_resumed_run_equals_the_uninterrupted_run(
+    live_client: TestClient, live_auth: dict[str, str], live_settings: Settings
+) -> None:
+    straight = run_job(live_client, live_auth, live_settings, beta=0.05)
+    file_id = upload(live_client, live_auth, PROMPTS, "again.jsonl").json()["id"]
+    body = job(live_settings, straight)
+    interrupted_body = {"model": body.model, "training_file": file_id, "seed": body.seed, "method": body.method}
+    interrupted = live_client.post("/v1/fine_tuning/jobs", headers=live_auth, json=interrupted_body).json()["id"]
+    validate.validate_job(interrupted, live_settings)
+    with unit_of_work(live_settings) as session:
+        session.scalars(select(Job).where(Job.id == interrupted)).one().pause_requested = True
+    runner.run_job(interrupted, live_settings)
+    assert job(live_settings, interrupted).status == "paused"
+    assert [m["step"] for m in metrics(live_settings, interrupted)] == [1]
+    live_client.post(f"/v1/fine_tuning/jobs/{interrupted}/resume", headers=live_auth)
+    runner.run_job(interrupted, live_settings)
+    assert job(live_settings, interrupted).status == "succeeded"
+    a, b = final_weights(live_settings, straight), final_weights(live_settings, interrupted)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    drop = {"timing", "tokens_per_second"}
+    clean = [
+        [{k: v for k, v in m.items() if k not in drop} for m in metrics(live_settings, j)]
+        for j in (straight, interrupted)
+    ]
+    assert clean[0] == clean[1]
+
+
+def test_group_relative_advantages_and_zero_variance_groups() -> None:
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.5, 0.5, 0.5, 0.5])
+    adv, zero = advantages(rewards, 4, "group")
+    assert zero.tolist() == [False, True]
+    assert torch.allclose(adv[4:], torch.zeros(4))
+    assert adv[0] > 0 > adv[1]
+    plain, _ = advantages(rewards, 4, "none")
+    assert torch.allclose(plain[:4], torch.tensor([0.5, -0.5, 0.5, -0.5]), atol=1e-3)
+
+
+def test_data_order_is_a_function_of_seed_and_step() -> None:
+    epoch = [batch_for_step(10, 4, step, seed=3) for step in range(3)]
+    assert sorted(i for batch in epoch for i in batch) == list(range(10))
+    assert batch_for_step(10, 4, 1, seed=3) == epoch[1]
+    assert batch_for_step(10, 4, 3, seed=3) != epoch[0] or batch_for_step(10, 4, 4, seed=3) != epoch[1]

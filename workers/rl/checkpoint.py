@@ -1,0 +1,69 @@
+"""Checkpoints: a Hugging Face folder (safetensors weights, config, tokenizer) plus
+`trainer_state.pt` with what an exact resume needs: optimizer, scheduler, RNG states, the step and
+the evaluation history. The data order needs no cursor: it is a function of (seed, step)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from workers.context import JobContext
+
+STATE_FILE = "trainer_state.pt"
+
+
+def fresh_state() -> dict[str, Any]:
+    return {"step": 0, "baseline": None, "evals": [], "resumed_at": None}
+
+
+def save(
+    ctx: JobContext,
+    step: int,
+    model: Any,
+    tokenizer: Any,
+    optimizer: Any,
+    scheduler: Any,
+    state: dict[str, Any],
+    metrics: dict[str, Any],
+) -> str:
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "state": copy.deepcopy(state),
+            },
+            folder / STATE_FILE,
+        )
+
+    return ctx.save_checkpoint(step, write, metrics)
+
+
+def restore(ctx: JobContext, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    """Load the latest checkpoint into the given objects; the trainer state to continue from."""
+    latest = ctx.latest_checkpoint()
+    if latest is None:
+        return fresh_state()
+    step, folder = latest
+    weights = load_file(str(folder / "model.safetensors"), device=str(model.device))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or any("lm_head" not in name for name in missing):
+        raise RuntimeError(f"checkpoint at step {step} does not match the model: {missing[:3]} {unexpected[:3]}")
+    saved = torch.load(folder / STATE_FILE, weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["torch_rng"])
+    if saved["cuda_rng"]:
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    state: dict[str, Any] = saved["state"]
+    state["step"], state["resumed_at"] = step, step
+    ctx.event(f"Resumed from the checkpoint at step {step}.", dedupe_key=f"resume:{step}:{len(state['evals'])}")
+    return state

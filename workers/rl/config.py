@@ -1,0 +1,93 @@
+"""Resolving a job's hyperparameters: every "auto" becomes a value by a documented rule.
+
+Rules (n = training examples):
+- group_size (samples per prompt) = clamp(round(4 * compute_multiplier), 2, 64); auto multiplier = 1.
+- batch_size (prompts per step) = min(8, n); n_epochs = 3 when auto.
+- learning_rate = 1e-5 * learning_rate_multiplier (auto multiplier = 1), AdamW, linear warmup.
+- eval_interval = max(1, total_steps // 5); eval_samples = 1.
+- micro_batch_size (sequences per forward/backward) = min(group_size * batch_size, 16).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+BASE_LEARNING_RATE = 1e-5
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    n_epochs: int
+    batch_size: int
+    group_size: int
+    learning_rate: float
+    learning_rate_multiplier: float
+    compute_multiplier: float
+    eval_interval: int
+    eval_samples: int
+    micro_batch_size: int
+    steps_per_epoch: int
+    total_steps: int
+    beta: float
+    kl_estimator: str
+    epsilon_low: float
+    epsilon_high: float
+    loss_aggregation: str
+    importance_sampling: str
+    advantage_std: str
+    max_completion_tokens: int
+    temperature: float
+    top_p: float
+    warmup_steps: int
+    max_grad_norm: float
+    kl_limit: float
+    reasoning_effort: str
+    mask_truncated_completions: bool
+
+    def echo(self) -> dict[str, Any]:
+        """What the job object shows as its resolved hyperparameters."""
+        return asdict(self)
+
+
+def _pick(value: Any, default: Any) -> Any:
+    return default if value == "auto" else value
+
+
+def resolve(hp: dict[str, Any], n_train: int) -> RLConfig:
+    compute = float(_pick(hp.get("compute_multiplier", "auto"), 1.0))
+    group = min(max(round(4 * compute), 2), 64)
+    batch = int(_pick(hp.get("batch_size", "auto"), min(8, n_train)))
+    epochs = int(_pick(hp.get("n_epochs", "auto"), 3))
+    steps_per_epoch = math.ceil(n_train / batch)
+    total = epochs * steps_per_epoch
+    multiplier = float(_pick(hp.get("learning_rate_multiplier", "auto"), 1.0))
+    return RLConfig(
+        n_epochs=epochs,
+        batch_size=batch,
+        group_size=group,
+        learning_rate=BASE_LEARNING_RATE * multiplier,
+        learning_rate_multiplier=multiplier,
+        compute_multiplier=compute,
+        eval_interval=int(_pick(hp.get("eval_interval", "auto"), max(1, total // 5))),
+        eval_samples=int(_pick(hp.get("eval_samples", "auto"), 1)),
+        micro_batch_size=int(_pick(hp.get("micro_batch_size", "auto"), min(group * batch, 16))),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        beta=float(hp.get("beta", 0.04)),
+        kl_estimator=str(hp.get("kl_estimator", "k3")),
+        epsilon_low=float(hp.get("epsilon_low", 0.2)),
+        epsilon_high=float(hp.get("epsilon_high", 0.28)),
+        loss_aggregation=str(hp.get("loss_aggregation", "token_mean")),
+        importance_sampling=str(hp.get("importance_sampling", "token")),
+        advantage_std=str(hp.get("advantage_std", "group")),
+        max_completion_tokens=int(hp.get("max_completion_tokens", 64)),
+        temperature=float(hp.get("temperature", 1.0)),
+        top_p=float(hp.get("top_p", 1.0)),
+        warmup_steps=int(hp.get("warmup_steps", 0)),
+        max_grad_norm=float(hp.get("max_grad_norm", 1.0)),
+        kl_limit=float(hp.get("kl_limit", 0.5)),
+        reasoning_effort=str(hp.get("reasoning_effort", "default")),
+        mask_truncated_completions=bool(hp.get("mask_truncated_completions", True)),
+    )

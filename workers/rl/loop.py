@@ -1,0 +1,282 @@
+"""The RL fine-tuning loop (GRPO-family RLVR), called by the job runner with a JobContext.
+
+Per step: take `batch_size` prompts (order fixed by (seed, epoch)), sample `group_size` completions
+each with the KV cache, grade them with the job's grader, turn rewards into group-relative
+advantages, and take one AdamW step on the clipped surrogate + beta * KL to the initial policy,
+accumulated over micro-batches. A baseline evaluation runs before step 1, then every
+`eval_interval` steps and at the end; every evaluation writes a checkpoint. The final model is the
+checkpoint with the best validation reward whose KL from the initial policy stays under `kl_limit`.
+Seeds derive from (job seed, step), so a resumed run samples what the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any
+
+import torch
+
+from service.graders.engine import Compiled, compile_grader, grade_batch
+from service.graders.schemas import parse_grader
+from service.graders.templates import Sample
+from service.models.registry import load_fresh, resolve
+from workers.context import JobContext, TrainingResult
+from workers.rl import checkpoint, selection
+from workers.rl.config import RLConfig
+from workers.rl.config import resolve as resolve_config
+from workers.rl.data import Example, batch_for_step, load_examples
+from workers.rl.loss import advantages, policy_loss, token_logprobs
+from workers.rl.rollout import Rollout, sample
+
+EVAL_SEED_SALT = 7919
+
+
+def step_seed(job_seed: int, step: int) -> int:
+    return (job_seed * 1_000_003 + step) % (2**31)
+
+
+def run_training(ctx: JobContext) -> TrainingResult:
+    job = ctx.job
+    reinforcement = job["method"]["reinforcement"]
+    train = load_examples(job["training_path"])
+    valid = load_examples(job["validation_path"]) if job.get("validation_path") else train
+    cfg = resolve_config(reinforcement["hyperparameters"], len(train))
+    ctx.update_job(
+        method={
+            **job["method"],
+            "reinforcement": {
+                **reinforcement,
+                "hyperparameters": {
+                    **reinforcement["hyperparameters"],
+                    **{k: v for k, v in cfg.echo().items() if k in reinforcement["hyperparameters"]},
+                },
+            },
+        }
+    )
+    torch.manual_seed(job["seed"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_fresh(resolve(job["model"]), ctx.settings)
+    model.to(device).train()
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
+    state = checkpoint.restore(ctx, model, optimizer, scheduler)
+    with compile_grader(parse_grader(reinforcement["grader"]), ctx.settings) as grader:
+        loop = Loop(ctx, cfg, model, reference, tokenizer, optimizer, scheduler, grader, train, valid, state)
+        return loop.run()
+
+
+class Loop:
+    def __init__(
+        self,
+        ctx: JobContext,
+        cfg: RLConfig,
+        model: Any,
+        reference: Any,
+        tokenizer: Any,
+        optimizer: Any,
+        scheduler: Any,
+        grader: Compiled,
+        train: list[Example],
+        valid: list[Example],
+        state: dict[str, Any],
+    ) -> None:
+        self.ctx, self.cfg, self.model, self.reference, self.tokenizer = ctx, cfg, model, reference, tokenizer
+        self.optimizer, self.scheduler, self.grader = optimizer, scheduler, grader
+        self.train, self.valid, self.state = train, valid, state
+        self.seed = int(ctx.job["seed"])
+
+    def run(self) -> TrainingResult:
+        if self.state["baseline"] is None:
+            baseline = self.evaluate(0)
+            self.state["baseline"] = baseline
+            self.ctx.event(
+                f"Baseline validation reward of the untouched model: {baseline['reward']:.4f}",
+                data=baseline,
+                dedupe_key="baseline",
+            )
+        started = time.time()
+        for step in range(self.state["step"] + 1, self.cfg.total_steps + 1):
+            metrics = self.train_step(step)
+            evaluated = step % self.cfg.eval_interval == 0 or step == self.cfg.total_steps
+            if evaluated:
+                t0 = time.perf_counter()
+                result = self.evaluate(step)
+                metrics["valid_reward_mean"] = result["reward"]
+                metrics["valid_kl"] = result["kl"]
+                metrics["timing"]["step"]["eval"] = time.perf_counter() - t0
+                if step == self.cfg.total_steps:
+                    metrics["full_valid_mean_reward"] = result["reward"]
+            self.state["step"] = step
+            if evaluated:
+                self.state["evals"].append({"step": step, **metrics_of(metrics)})
+                checkpoint.save(
+                    self.ctx,
+                    step,
+                    self.model,
+                    self.tokenizer,
+                    self.optimizer,
+                    self.scheduler,
+                    self.state,
+                    metrics_of(metrics),
+                )
+            self.ctx.metrics(step, metrics)
+            done = step - (self.state.get("resumed_at") or 0)
+            eta = (time.time() - started) / max(done, 1) * (self.cfg.total_steps - step)
+            self.ctx.update_job(estimated_finish=int(time.time() + eta))
+            request = self.ctx.control()
+            if request == "cancel":
+                return TrainingResult("cancelled")
+            if request == "pause":
+                if not evaluated:
+                    checkpoint.save(
+                        self.ctx,
+                        step,
+                        self.model,
+                        self.tokenizer,
+                        self.optimizer,
+                        self.scheduler,
+                        self.state,
+                        metrics_of(metrics),
+                    )
+                return TrainingResult("paused")
+        return selection.finish(self.ctx, self.state, self.cfg)
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        cfg, t0 = self.cfg, time.perf_counter()
+        chosen = [self.train[i] for i in batch_for_step(len(self.train), cfg.batch_size, step - 1, self.seed)]
+        rollout = sample(
+            self.model,
+            self.tokenizer,
+            [e.messages for e in chosen],
+            cfg.group_size,
+            max_new_tokens=cfg.max_completion_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            seed=step_seed(self.seed, step),
+        )
+        t_sample = time.perf_counter()
+        items = [e.item for e in chosen for _ in range(cfg.group_size)]
+        grades = grade_batch(self.grader, [Sample.from_text(t) for t in rollout.texts], items)
+        rewards = torch.tensor(grades.rewards, dtype=torch.float32)  # (B*G,)
+        adv, zero_std = advantages(rewards, cfg.group_size, cfg.advantage_std)
+        t_grade = time.perf_counter()
+        stats = self.update(rollout, adv.to(self.model.device))
+        t_train = time.perf_counter()
+        graders = [
+            {"name": n, "type": t, "train_reward_mean": grades.grader_means()[n]}
+            for n, t in grades.grader_types.items()
+        ]
+        return {
+            "step": step,
+            "total_steps": cfg.total_steps,
+            "train_reward_mean": float(rewards.mean()),
+            "completion_tokens_mean": rollout.completion_tokens / len(rollout.texts),
+            "frac_zero_std_groups": float(zero_std.float().mean()),
+            "frac_truncated": float(rollout.truncated.float().mean()),
+            "scores": {"graders": graders},
+            **grades.error_rates(),
+            **stats,
+            "tokens_per_second": rollout.completion_tokens / max(t_train - t0, 1e-9),
+            "timing": {
+                "step": {
+                    "sampling": t_sample - t0,
+                    "scoring": t_grade - t_sample,
+                    "training": t_train - t_grade,
+                    "eval": 0.0,
+                    "full_iteration": t_train - t0,
+                }
+            },
+        }
+
+    def update(self, rollout: Rollout, adv: torch.Tensor) -> dict[str, float]:
+        cfg = self.cfg
+        mask = rollout.completion_mask
+        if cfg.mask_truncated_completions:  # a cut-off answer's reward says little about its tokens
+            mask = mask * (~rollout.truncated).long().unsqueeze(1)
+        n = mask.shape[0]
+        normaliser = float(mask.sum()) if cfg.loss_aggregation == "token_mean" else float((mask.sum(1) > 0).sum())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_total, kl_sum, clipped, entropy_sum = 0.0, 0.0, 0.0, 0.0
+        if normaliser > 0:
+            for i in range(0, n, cfg.micro_batch_size):
+                part = slice(i, i + cfg.micro_batch_size)
+                ids, attn, m = rollout.input_ids[part], rollout.attention_mask[part], mask[part].float()
+                logp, entropy = token_logprobs(self.model, ids, attn, rollout.prompt_len)  # (n, C) each
+                ref_logp = None
+                if self.reference is not None:
+                    with torch.no_grad():
+                        ref_logp, _ = token_logprobs(self.reference, ids, attn, rollout.prompt_len)
+                parts = policy_loss(logp, ref_logp, adv[part], m, cfg, normaliser)
+                parts.loss.backward()
+                loss_total += float(parts.loss.detach())
+                kl_sum, clipped = kl_sum + parts.kl_sum, clipped + parts.clipped_tokens
+                entropy_sum += float((entropy.detach() * m).sum())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+        skipped = not math.isfinite(grad_norm) or not math.isfinite(loss_total)
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.ctx.event(
+                f"Non-finite loss or gradient (loss {loss_total}, grad norm {grad_norm}); update skipped.", level="warn"
+            )
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        tokens = max(float(mask.sum()), 1.0)
+        return {
+            "loss": loss_total,
+            "kl": kl_sum / tokens,
+            "entropy": entropy_sum / tokens,
+            "clip_fraction": clipped / tokens,
+            "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+            "lr": self.scheduler.get_last_lr()[0],
+            "update_skipped": skipped,
+        }
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """Validation reward (and KL to the initial policy, when a reference is loaded) at `step`."""
+        cfg = self.cfg
+        rollout = sample(
+            self.model,
+            self.tokenizer,
+            [e.messages for e in self.valid],
+            cfg.eval_samples,
+            max_new_tokens=cfg.max_completion_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            seed=step_seed(self.seed, EVAL_SEED_SALT),
+        )
+        items = [e.item for e in self.valid for _ in range(cfg.eval_samples)]
+        grades = grade_batch(self.grader, [Sample.from_text(t) for t in rollout.texts], items)
+        kl = None
+        if self.reference is not None:
+            mask = rollout.completion_mask.float()
+            logp, _ = token_logprobs(self.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+            ref, _ = token_logprobs(self.reference, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+            delta = ref - logp
+            kl = float(((delta.exp() - delta - 1) * mask).sum() / mask.sum().clamp(min=1))
+        samples = [
+            {
+                "prompt": self.valid[i // cfg.eval_samples].messages[-1].get("content"),
+                "completion": text,
+                "reward": grade.reward,
+                "errors": sorted(grade.errors),
+            }
+            for i, (text, grade) in enumerate(zip(rollout.texts, grades.grades, strict=True))
+        ][:5]
+        per_grader = grades.grader_means()
+        return {
+            "step": step,
+            "reward": sum(grades.rewards) / max(len(grades.rewards), 1),
+            "kl": kl,
+            "graders": per_grader,
+            "samples": samples,
+        }
+
+
+def metrics_of(metrics: dict[str, Any]) -> dict[str, Any]:
+    keys = ("train_reward_mean", "valid_reward_mean", "valid_kl", "kl", "entropy", "full_valid_mean_reward")
+    return {k: metrics[k] for k in keys if k in metrics}

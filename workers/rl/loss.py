@@ -1,0 +1,86 @@
+"""The GRPO-family objective.
+
+Advantages are group-relative: A_i = (r_i - mean(r_group)) / std, where std is the group's
+(GRPO), the batch's, or 1 (`none`, Dr. GRPO's fix for the std bias). The policy term is PPO's
+clipped surrogate with separate `epsilon_low`/`epsilon_high` (DAPO's clip-higher), on per-token
+ratios or on one length-normalised sequence ratio (GSPO). The KL to the initial policy uses the
+k3 (Schulman) or k1 estimator, per token, weighted by `beta`. Truncated completions are masked out.
+Deviation from the papers: one optimisation pass per rollout batch, so the "old" policy is the
+current one detached (ratio 1, clipping inactive), as in TRL's default `num_iterations=1`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def token_logprobs(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities and entropies of the completion tokens: both (N, C)."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at 0
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logits = logits[:, prompt_len - 1 : -1].float()  # (N, C, V) predicts completion tokens
+    targets = input_ids[:, prompt_len:]  # (N, C)
+    log_probs = F.log_softmax(logits, dim=-1)
+    logp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N, C)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)  # (N, C)
+    return logp, entropy
+
+
+def advantages(rewards: torch.Tensor, group_size: int, std_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages (N,), zero-variance-group flags (B,)) for rewards laid out group by group."""
+    grouped = rewards.view(-1, group_size)  # (B, G)
+    centered = grouped - grouped.mean(dim=1, keepdim=True)
+    zero_std = grouped.std(dim=1) < 1e-8  # (B,)
+    if std_mode == "group":
+        scale = grouped.std(dim=1, keepdim=True)
+    elif std_mode == "batch":
+        scale = rewards.std().expand_as(centered[:, :1])
+    else:
+        scale = torch.ones_like(centered[:, :1])
+    return (centered / (scale + 1e-4)).reshape(-1), zero_std
+
+
+@dataclass
+class LossParts:
+    loss: torch.Tensor  # scalar, already divided by the whole batch's normaliser
+    kl_sum: float
+    clipped_tokens: float
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: Any,
+    normaliser: float,
+) -> LossParts:
+    """Loss of one micro-batch; `normaliser` is the batch's token count (token_mean) or sequence count."""
+    old = logp.detach()
+    if cfg.importance_sampling == "sequence":
+        lengths = mask.sum(1).clamp(min=1)
+        log_ratio = (((logp - old) * mask).sum(1) / lengths).unsqueeze(1).expand_as(logp)  # (N, C)
+    else:
+        log_ratio = logp - old
+    ratio = log_ratio.exp()
+    surrogate = torch.minimum(
+        ratio * adv[:, None], ratio.clamp(1 - cfg.epsilon_low, 1 + cfg.epsilon_high) * adv[:, None]
+    )
+    per_token = -surrogate  # (N, C)
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None:
+        delta = ref_logp - logp
+        kl = delta.exp() - delta - 1 if cfg.kl_estimator == "k3" else -delta
+        per_token = per_token + cfg.beta * kl
+    if cfg.loss_aggregation == "token_mean":
+        loss = (per_token * mask).sum() / normaliser
+    else:
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / normaliser
+    clipped = ((ratio < 1 - cfg.epsilon_low) | (ratio > 1 + cfg.epsilon_high)).float() * mask
+    return LossParts(loss, float((kl.detach() * mask).sum()), float(clipped.sum()))

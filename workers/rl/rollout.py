@@ -1,0 +1,82 @@
+"""Sampling completions with the KV cache (transformers `generate`), as padded tensors.
+
+Prompts are left-padded so every completion starts at the same column; completions are cut at the
+first EOS (kept, so the model learns to stop) and right-padded. A completion that hit
+`max_completion_tokens` without EOS is marked truncated and masked out of the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor  # (N, P + C) prompt (left-padded) then completion (right-padded)
+    attention_mask: torch.Tensor  # (N, P + C)
+    completion_mask: torch.Tensor  # (N, C) 1 on completion tokens (through EOS)
+    prompt_len: int
+    texts: list[str]
+    truncated: torch.Tensor  # (N,) bool
+
+    @property
+    def completion_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+
+@torch.no_grad()
+def sample(
+    model: Any,
+    tokenizer: Any,
+    conversations: list[list[dict[str, Any]]],
+    n_per_prompt: int,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    greedy: bool = False,
+) -> Rollout:
+    prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+    prompts = [p for p in prompts for _ in range(n_per_prompt)]
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    kwargs: dict[str, Any] = {
+        "do_sample": not greedy,
+        "max_new_tokens": max_new_tokens,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    if not greedy:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    out = model.generate(**enc, **kwargs)  # (N, P + C')
+    model.train(was_training)
+    prompt_len = enc["input_ids"].shape[1]
+    completions = out[:, prompt_len:]  # (N, C')
+    is_eos = completions == tokenizer.eos_token_id
+    has_eos = is_eos.any(dim=1)
+    first_eos = torch.where(
+        has_eos, is_eos.float().argmax(dim=1), torch.full_like(has_eos, completions.shape[1], dtype=torch.long)
+    )
+    positions = torch.arange(completions.shape[1], device=completions.device).expand_as(completions)
+    completion_mask = (positions <= first_eos.unsqueeze(1)).long()  # through the EOS
+    completion_mask &= (positions < completions.shape[1]).long()
+    completions = torch.where(completion_mask.bool(), completions, torch.full_like(completions, tokenizer.pad_token_id))
+    texts = [
+        tokenizer.decode(row[mask.bool()], skip_special_tokens=True)
+        for row, mask in zip(completions, completion_mask, strict=True)
+    ]
+    return Rollout(
+        input_ids=torch.cat([enc["input_ids"], completions], dim=1),
+        attention_mask=torch.cat([enc["attention_mask"], completion_mask], dim=1),
+        completion_mask=completion_mask,
+        prompt_len=prompt_len,
+        texts=texts,
+        truncated=~has_eos,
+    )
