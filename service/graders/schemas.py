@@ -13,21 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from service.core.errors import InvalidRequest
 from service.graders.formula import Formula, FormulaError
+from service.graders.similarity import METRICS as SIMILARITY_METRICS
 from service.graders.templates import check_template
-
-SIMILARITY_METRICS = (
-    "fuzzy_match",
-    "bleu",
-    "gleu",
-    "meteor",
-    "cosine",
-    "rouge_1",
-    "rouge_2",
-    "rouge_3",
-    "rouge_4",
-    "rouge_5",
-    "rouge_l",
-)
 
 
 class Strict(BaseModel):

@@ -112,16 +112,7 @@ class Loop:
             self.state["step"] = step
             if evaluated:
                 self.state["evals"].append({"step": step, **metrics_of(metrics)})
-                checkpoint.save(
-                    self.ctx,
-                    step,
-                    self.model,
-                    self.tokenizer,
-                    self.optimizer,
-                    self.scheduler,
-                    self.state,
-                    metrics_of(metrics),
-                )
+                self.save(step, metrics)
             self.ctx.metrics(step, metrics)
             done = step - (self.state.get("resumed_at") or 0)
             eta = (time.time() - started) / max(done, 1) * (self.cfg.total_steps - step)
@@ -131,18 +122,14 @@ class Loop:
                 return TrainingResult("cancelled")
             if request == "pause":
                 if not evaluated:
-                    checkpoint.save(
-                        self.ctx,
-                        step,
-                        self.model,
-                        self.tokenizer,
-                        self.optimizer,
-                        self.scheduler,
-                        self.state,
-                        metrics_of(metrics),
-                    )
+                    self.save(step, metrics)
                 return TrainingResult("paused")
         return selection.finish(self.ctx, self.state, self.cfg)
+
+    def save(self, step: int, metrics: dict[str, Any]) -> None:
+        checkpoint.save(
+            self.ctx, step, self.model, self.tokenizer, self.optimizer, self.scheduler, self.state, metrics_of(metrics)
+        )
 
     def train_step(self, step: int) -> dict[str, Any]:
         cfg, t0 = self.cfg, time.perf_counter()
