@@ -170,3 +170,33 @@ def test_data_order_is_a_function_of_seed_and_step() -> None:
     assert sorted(i for batch in epoch for i in batch) == list(range(10))
     assert batch_for_step(10, 4, 1, seed=3) == epoch[1]
     assert batch_for_step(10, 4, 3, seed=3) != epoch[0] or batch_for_step(10, 4, 4, seed=3) != epoch[1]
+
+
+def test_model_graders_can_use_the_projects_fine_tuned_model_and_nobody_elses(
+    live_client: TestClient, live_auth: dict[str, str], live_settings: Settings
+) -> None:
+    from service.auth.service import create_api_key
+
+    job_id = run_job(live_client, live_auth, live_settings, n_epochs=1)
+    name = job(live_settings, job_id).fine_tuned_model
+    grader = {
+        "type": "score_model",
+        "name": "ft-judge",
+        "model": name,
+        "range": [0, 1],
+        "input": [{"role": "user", "content": "rate {{sample.output_text}}"}],
+        "sampling_params": {"max_completions_tokens": 4},
+    }
+    body = {"grader": grader, "model_sample": "hello", "item": {}}
+    mine = live_client.post("/v1/fine_tuning/alpha/graders/run", headers=live_auth, json=body).json()
+    assert mine["metadata"]["sampled_model_name"] == name
+    assert mine["model_grader_token_usage_per_model"][name]["completion_tokens"] > 0
+    assert mine["metadata"]["errors"]["model_grader_server_error"] is False
+    with unit_of_work(live_settings) as session:
+        _, other_key = create_api_key(session, live_settings, "other")
+    theirs = live_client.post(
+        "/v1/fine_tuning/alpha/graders/run", headers={"Authorization": f"Bearer {other_key}"}, json=body
+    ).json()
+    assert theirs["reward"] == 0.0
+    assert theirs["metadata"]["errors"]["model_grader_server_error"] is True
+    assert "No fine-tuned model or checkpoint" in theirs["metadata"]["errors"]["model_grader_server_error_details"]

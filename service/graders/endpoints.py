@@ -18,6 +18,6 @@ def validate_grader(body: ValidateRequest, _: SubjectDep) -> dict[str, Any]:
 
 
 @router.post("/run")
-def run_grader(body: RunRequest, _: SubjectDep, settings: SettingsDep) -> dict[str, Any]:
+def run_grader(body: RunRequest, subject: SubjectDep, settings: SettingsDep) -> dict[str, Any]:
     """Grade one model sample against one item and report the reward, sub-rewards and errors."""
-    return service.run(body.grader, body.model_sample, body.item, settings)
+    return service.run(body.grader, body.model_sample, body.item, settings, subject.project_id)

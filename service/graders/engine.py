@@ -77,8 +77,9 @@ class Grade:
 
 
 class Compiled:
-    def __init__(self, config: GraderConfig, settings: Settings) -> None:
-        self.config, self.settings = config, settings
+    def __init__(self, config: GraderConfig, settings: Settings, project_id: str | None = None) -> None:
+        # project_id: whose fine-tuned models (`ft:...`) a model grader may use.
+        self.config, self.settings, self.project_id = config, settings, project_id
         self.name, self.type = config.name, config.type
 
     def grade_batch(self, samples: Sequence[Sample], items: Sequence[dict[str, Any]]) -> list[Grade]:
@@ -150,8 +151,10 @@ class TextSimilarity(Compiled):
 class Python(Compiled):
     config: PythonGrader
 
-    def __init__(self, config: PythonGrader, settings: Settings, pool_size: int | None = None) -> None:
-        super().__init__(config, settings)
+    def __init__(
+        self, config: PythonGrader, settings: Settings, project_id: str | None = None, pool_size: int | None = None
+    ) -> None:
+        super().__init__(config, settings, project_id)
         from service.graders.sandbox import PythonGraderPool
 
         self.pool = PythonGraderPool(config.source, size=pool_size)
@@ -190,7 +193,9 @@ class ModelGrader(Compiled):
         ]
         try:
             answers = iter(
-                model_graders.generate(self.config.model, conversations, self.config.sampling_params, self.settings)
+                model_graders.generate(
+                    self.config.model, conversations, self.config.sampling_params, self.settings, self.project_id
+                )
                 if conversations
                 else []
             )
@@ -232,10 +237,10 @@ class ModelGrader(Compiled):
 class Multi(Compiled):
     config: MultiGrader
 
-    def __init__(self, config: MultiGrader, settings: Settings) -> None:
-        super().__init__(config, settings)
+    def __init__(self, config: MultiGrader, settings: Settings, project_id: str | None = None) -> None:
+        super().__init__(config, settings, project_id)
         self.formula = Formula(config.calculate_output, set(config.graders))
-        self.subs = {key: compile_grader(sub, settings) for key, sub in sub_graders(config).items()}
+        self.subs = {key: compile_grader(sub, settings, project_id) for key, sub in sub_graders(config).items()}
 
     def grade_batch(self, samples: Sequence[Sample], items: Sequence[dict[str, Any]]) -> list[Grade]:
         per_key = {key: sub.grade_batch(samples, items) for key, sub in self.subs.items()}
@@ -265,16 +270,16 @@ class Multi(Compiled):
             sub.close()
 
 
-def compile_grader(config: GraderConfig, settings: Settings) -> Compiled:
+def compile_grader(config: GraderConfig, settings: Settings, project_id: str | None = None) -> Compiled:
     if isinstance(config, StringCheckGrader):
-        return StringCheck(config, settings)
+        return StringCheck(config, settings, project_id)
     if isinstance(config, TextSimilarityGrader):
-        return TextSimilarity(config, settings)
+        return TextSimilarity(config, settings, project_id)
     if isinstance(config, PythonGrader):
-        return Python(config, settings)
+        return Python(config, settings, project_id)
     if isinstance(config, ScoreModelGrader | LabelModelGrader):
-        return ModelGrader(config, settings)
-    return Multi(config, settings)
+        return ModelGrader(config, settings, project_id)
+    return Multi(config, settings, project_id)
 
 
 @dataclass

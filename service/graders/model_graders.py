@@ -30,14 +30,18 @@ class Answer:
 
 
 def generate(
-    model_name: str, conversations: list[list[dict[str, str]]], params: SamplingParams | None, settings: Settings
+    model_name: str,
+    conversations: list[list[dict[str, str]]],
+    params: SamplingParams | None,
+    settings: Settings,
+    project_id: str | None = None,
 ) -> list[Answer]:
     """One answer per conversation from a local model (loaded once per process)."""
     import torch
 
     from service.models.registry import load
 
-    model, tokenizer = load(model_name, settings)
+    model, tokenizer = load(model_name, settings, project_id=project_id)
     params = params or SamplingParams()
     prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
     tokenizer.padding_side = "left"

@@ -14,10 +14,12 @@ def validate(grader: dict[str, Any]) -> GraderConfig:
     return parse_grader(grader, "grader")
 
 
-def run(grader: dict[str, Any], model_sample: str, item: dict[str, Any] | None, settings: Settings) -> dict[str, Any]:
+def run(
+    grader: dict[str, Any], model_sample: str, item: dict[str, Any] | None, settings: Settings, project_id: str
+) -> dict[str, Any]:
     """OpenAI's `/graders/run` answer for one sample."""
     config = parse_grader(grader, "grader")
-    with compile_grader(config, settings) as compiled:
+    with compile_grader(config, settings, project_id) as compiled:
         batch = grade_batch(compiled, [Sample.from_text(model_sample)], [item or {}])
     grade = batch.grades[0]
     token_total = sum(usage["total_tokens"] for usage in grade.token_usage.values())

@@ -101,3 +101,11 @@ def record_metrics(session: Session, job: Job, step: int, data: dict[str, Any]) 
 def checkpoints_of(session: Session, job_id: str) -> Sequence[Checkpoint]:
     stmt = select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step_number)
     return session.scalars(stmt).all()
+
+
+def checkpoint_storage_key(session: Session, project_id: str, model_name: str) -> str | None:
+    """Where the project's checkpoint named `model_name` lives (a job's final model is one of them)."""
+    stmt = select(Checkpoint.storage_key).where(
+        Checkpoint.project_id == project_id, Checkpoint.fine_tuned_model_checkpoint == model_name
+    )
+    return session.scalars(stmt).first()

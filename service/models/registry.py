@@ -79,16 +79,33 @@ def known_models() -> list[str]:
     return [SMOLLM2, TINY] if _smollm2_gguf() else [TINY]
 
 
-_cache: dict[tuple[str, str], tuple[Any, Any]] = {}
+_cache: dict[tuple[str, str, str | None], tuple[Any, Any]] = {}
 _lock = threading.Lock()
 
 
-def load(name: str, settings: Settings, device: str = "cpu") -> tuple[Any, Any]:
+def resolve_for_project(name: str, settings: Settings, project_id: str | None) -> ModelSpec:
+    """Like `resolve`, and `ft:...` names of the project's fine-tuned models and checkpoints too."""
+    if not name.startswith("ft:"):
+        return resolve(name)
+    from service.core.db import unit_of_work
+    from service.core.storage import Storage
+    from service.jobs.repository import checkpoint_storage_key
+
+    key = None
+    if project_id is not None:
+        with unit_of_work(settings) as session:
+            key = checkpoint_storage_key(session, project_id, name)
+    if key is None:
+        raise InvalidRequest(f"No fine-tuned model or checkpoint named {name!r} in this project.", param="model")
+    return ModelSpec(name, "local", str(Storage(settings.storage_dir).path(key)))
+
+
+def load(name: str, settings: Settings, device: str = "cpu", project_id: str | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) for inference, cached per process; the model is in eval mode."""
-    key = (name, device)
+    key = (name, device, project_id if name.startswith("ft:") else None)
     with _lock:
         if key not in _cache:
-            model, tokenizer = load_fresh(resolve(name), settings)
+            model, tokenizer = load_fresh(resolve_for_project(name, settings, project_id), settings)
             _cache[key] = (model.to(device).eval(), tokenizer)
         return _cache[key]
 

@@ -63,7 +63,7 @@ def run_training(ctx: JobContext) -> TrainingResult:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     state = checkpoint.restore(ctx, model, optimizer, scheduler)
-    with compile_grader(parse_grader(reinforcement["grader"]), ctx.settings) as grader:
+    with compile_grader(parse_grader(reinforcement["grader"]), ctx.settings, job["project_id"]) as grader:
         loop = Loop(ctx, cfg, model, reference, tokenizer, optimizer, scheduler, grader, train, valid, state)
         return loop.run()
 
