@@ -200,3 +200,82 @@ def test_model_graders_can_use_the_projects_fine_tuned_model_and_nobody_elses(
     assert theirs["reward"] == 0.0
     assert theirs["metadata"]["errors"]["model_grader_server_error"] is True
     assert "No fine-tuned model or checkpoint" in theirs["metadata"]["errors"]["model_grader_server_error_details"]
+
+
+def inject(monkeypatch: pytest.MonkeyPatch, bad: Any) -> None:
+    """Replace the gradient norm of the calls `bad(call_number)` picks with the value it returns."""
+    from workers.rl import loop
+
+    real, calls = loop.clip_gradients, {"n": 0}
+
+    def fake(model: Any, max_norm: float) -> float:
+        calls["n"] += 1
+        value = real(model, max_norm)
+        injected = bad(calls["n"])
+        return value if injected is None else injected
+
+    monkeypatch.setattr(loop, "clip_gradients", fake)
+
+
+def warn_messages(client: TestClient, auth: dict[str, str], job_id: str) -> list[str]:
+    events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", headers=auth, params={"limit": 200}).json()["data"]
+    return [e["message"] for e in events if e["level"] == "warn"]
+
+
+def test_nan_gradient_is_skipped_rolled_back_and_halves_the_learning_rate(
+    live_client: TestClient, live_auth: dict[str, str], live_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inject(monkeypatch, lambda n: float("nan") if n == 3 else None)
+    job_id = run_job(live_client, live_auth, live_settings, eval_interval=1)
+    assert job(live_settings, job_id).status == "succeeded"
+    history = metrics(live_settings, job_id)
+    assert [m["update_skipped"] for m in history] == [False, False, True, False]
+    assert history[3]["lr"] == pytest.approx(history[0]["lr"] / 2)
+    assert any(
+        "non-finite" in m and "rolled back to the checkpoint at step 2" in m
+        for m in warn_messages(live_client, live_auth, job_id)
+    )
+
+
+def test_persistent_instability_fails_the_job_after_bounded_rollbacks(
+    live_client: TestClient, live_auth: dict[str, str], live_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inject(monkeypatch, lambda n: float("inf"))
+    job_id = run_job(live_client, live_auth, live_settings, n_epochs=8)
+    row = job(live_settings, job_id)
+    assert row.status == "failed" and row.error is not None
+    assert row.error["code"] == "training_unstable" and "3 rollbacks" in row.error["message"]
+    rollbacks = [m for m in warn_messages(live_client, live_auth, job_id) if "rolled back" in m]
+    assert len(rollbacks) == 3 and any("the base weights" in m for m in rollbacks)
+
+
+def test_gradient_norm_spike_is_refused(
+    live_client: TestClient, live_auth: dict[str, str], live_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inject(monkeypatch, lambda n: 1e6 if n == 7 else None)
+    job_id = run_job(live_client, live_auth, live_settings, n_epochs=8)
+    assert job(live_settings, job_id).status == "succeeded"
+    assert [m["update_skipped"] for m in metrics(live_settings, job_id)].count(True) == 1
+    assert any("gradient norm spike" in m for m in warn_messages(live_client, live_auth, job_id))
+
+
+def test_kl_runaway_raises_a_warning(
+    live_client: TestClient, live_auth: dict[str, str], live_settings: Settings
+) -> None:
+    job_id = run_job(live_client, live_auth, live_settings, n_epochs=2, beta=0.1, kl_limit=1e-9)
+    assert any("above kl_limit" in m for m in warn_messages(live_client, live_auth, job_id))
+
+
+def test_only_the_latest_and_best_three_checkpoints_are_kept(
+    live_client: TestClient, live_auth: dict[str, str], live_settings: Settings
+) -> None:
+    job_id = run_job(live_client, live_auth, live_settings, n_epochs=8, eval_interval=1)
+    row = job(live_settings, job_id)
+    with unit_of_work(live_settings) as session:
+        kept = session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)).all()
+        steps = {c.step_number for c in kept}
+        keys = {c.storage_key for c in kept}
+    assert 8 in steps and len(steps) <= 4
+    assert row.fine_tuned_model is not None and any(row.fine_tuned_model.endswith(f"ckpt-step-{s}") for s in steps)
+    folder = live_settings.storage_dir / "checkpoints" / row.project_id / job_id
+    assert {f"checkpoints/{row.project_id}/{job_id}/{p.name}" for p in folder.iterdir()} == keys

@@ -139,6 +139,18 @@ class JobContext:
         checkpoint_id: str = self._write(record)
         return checkpoint_id
 
+    def prune_checkpoints(self, keep_steps: set[int]) -> None:
+        """Delete the job's checkpoints (rows, then files) whose step is not in `keep_steps`."""
+
+        def drop(session: Any, job: Job) -> list[str]:
+            doomed = [c for c in repository.checkpoints_of(session, job.id) if c.step_number not in keep_steps]
+            for ckpt in doomed:
+                session.delete(ckpt)
+            return [c.storage_key for c in doomed]
+
+        for key in self._write(drop):  # the rows are gone (committed) before the files go
+            self.storage.delete(key)
+
     def latest_checkpoint(self) -> tuple[int, Path] | None:
         with unit_of_work(self.settings) as session:
             rows = repository.checkpoints_of(session, self.job_id)

@@ -12,12 +12,13 @@ import torch
 from safetensors.torch import load_file
 
 from workers.context import JobContext
+from workers.rl.guards import fresh_guard_state
 
 STATE_FILE = "trainer_state.pt"
 
 
 def fresh_state() -> dict[str, Any]:
-    return {"step": 0, "baseline": None, "evals": [], "resumed_at": None}
+    return {"step": 0, "baseline": None, "evals": [], "resumed_at": None, "guard": fresh_guard_state()}
 
 
 def save(
@@ -53,13 +54,7 @@ def restore(ctx: JobContext, model: Any, optimizer: Any, scheduler: Any) -> dict
     if latest is None:
         return fresh_state()
     step, folder = latest
-    weights = load_file(str(folder / "model.safetensors"), device=str(model.device))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or any("lm_head" not in name for name in missing):
-        raise RuntimeError(f"checkpoint at step {step} does not match the model: {missing[:3]} {unexpected[:3]}")
-    saved = torch.load(folder / STATE_FILE, weights_only=False)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
+    saved = load_into(folder, model, optimizer, scheduler)
     torch.set_rng_state(saved["torch_rng"])
     if saved["cuda_rng"]:
         torch.cuda.set_rng_state_all(saved["cuda_rng"])
@@ -67,3 +62,22 @@ def restore(ctx: JobContext, model: Any, optimizer: Any, scheduler: Any) -> dict
     state["step"], state["resumed_at"] = step, step
     ctx.event(f"Resumed from the checkpoint at step {step}.", dedupe_key=f"resume:{step}:{len(state['evals'])}")
     return state
+
+
+def load_into(folder: Path, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    """Weights, optimizer and scheduler from a checkpoint folder; the saved trainer state dict."""
+    weights = load_file(str(folder / "model.safetensors"), device=str(model.device))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or any("lm_head" not in name for name in missing):
+        raise RuntimeError(f"checkpoint {folder.name} does not match the model: {missing[:3]} {unexpected[:3]}")
+    saved: dict[str, Any] = torch.load(folder / STATE_FILE, weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    return saved
+
+
+def prune(ctx: JobContext, evals: list[dict[str, Any]], latest_step: int, kl_limit: float, keep_best: int = 3) -> None:
+    """Keep the latest checkpoint (for resume) and the best few eligible ones; delete the rest."""
+    eligible = [e for e in evals if e.get("valid_kl") is None or e["valid_kl"] <= kl_limit]
+    best = sorted(eligible, key=lambda e: (-e["valid_reward_mean"], e["step"]))[:keep_best]
+    ctx.prune_checkpoints({latest_step} | {e["step"] for e in best})

@@ -11,6 +11,7 @@ Seeds derive from (job seed, step), so a resumed run samples what the uninterrup
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -23,7 +24,7 @@ from service.graders.schemas import parse_grader
 from service.graders.templates import Sample
 from service.models.registry import load_fresh, resolve
 from workers.context import JobContext, TrainingResult
-from workers.rl import checkpoint, selection
+from workers.rl import checkpoint, guards, selection
 from workers.rl.config import RLConfig
 from workers.rl.config import resolve as resolve_config
 from workers.rl.data import Example, batch_for_step, load_examples
@@ -90,7 +91,8 @@ class Loop:
 
     def run(self) -> TrainingResult:
         if self.state["baseline"] is None:
-            baseline = self.evaluate(0)
+            with self.precision():
+                baseline = self.evaluate(0)
             self.state["baseline"] = baseline
             self.ctx.event(
                 f"Baseline validation reward of the untouched model: {baseline['reward']:.4f}",
@@ -99,13 +101,15 @@ class Loop:
             )
         started = time.time()
         for step in range(self.state["step"] + 1, self.cfg.total_steps + 1):
-            metrics = self.train_step(step)
+            metrics = self.train_step(step)  # backward runs outside autocast, inside update()
             evaluated = step % self.cfg.eval_interval == 0 or step == self.cfg.total_steps
             if evaluated:
                 t0 = time.perf_counter()
-                result = self.evaluate(step)
+                with self.precision():
+                    result = self.evaluate(step)
                 metrics["valid_reward_mean"] = result["reward"]
                 metrics["valid_kl"] = result["kl"]
+                metrics["valid_samples"] = result["samples"]
                 metrics["timing"]["step"]["eval"] = time.perf_counter() - t0
                 if step == self.cfg.total_steps:
                     metrics["full_valid_mean_reward"] = result["reward"]
@@ -113,7 +117,10 @@ class Loop:
             if evaluated:
                 self.state["evals"].append({"step": step, **metrics_of(metrics)})
                 self.save(step, metrics)
+                checkpoint.prune(self.ctx, self.state["evals"], step, self.cfg.kl_limit)
             self.ctx.metrics(step, metrics)
+            for key, message in guards.warnings(self.state["guard"], metrics, self.state["evals"], self.cfg.kl_limit):
+                self.ctx.event(message, level="warn", dedupe_key=key)
             done = step - (self.state.get("resumed_at") or 0)
             eta = (time.time() - started) / max(done, 1) * (self.cfg.total_steps - step)
             self.ctx.update_job(estimated_finish=int(time.time() + eta))
@@ -126,6 +133,34 @@ class Loop:
                 return TrainingResult("paused")
         return selection.finish(self.ctx, self.state, self.cfg)
 
+    def rollback(self, step: int, reason: str) -> None:
+        """Refuse this update: back to the last checkpoint (or the base weights), learning rate halved."""
+        guard = self.state["guard"]
+        guards.count_rollback(guard, reason, step)
+        latest = self.ctx.latest_checkpoint()
+        if latest is not None:
+            checkpoint.load_into(latest[1], self.model, self.optimizer, self.scheduler)
+            source = f"the checkpoint at step {latest[0]}"
+        else:
+            base, _ = load_fresh(resolve(self.ctx.job["model"]), self.ctx.settings)
+            self.model.load_state_dict(base.state_dict())
+            self.optimizer.state.clear()
+            source = "the base weights"
+        self.scheduler.base_lrs = [self.cfg.learning_rate * guard["lr_scale"] for _ in self.scheduler.base_lrs]
+        self.ctx.event(
+            f"Step {step}: {reason}. Update skipped, weights rolled back to {source}, learning rate halved to "
+            f"{self.cfg.learning_rate * guard['lr_scale']:.3g} "
+            f"(rollback {guard['rollbacks']} of {guards.MAX_ROLLBACKS}).",
+            level="warn",
+            dedupe_key=f"rollback:{step}",
+        )
+
+    def precision(self) -> Any:
+        """bf16 autocast on CUDA (weights and optimizer stay fp32); full precision on CPU."""
+        if self.model.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def save(self, step: int, metrics: dict[str, Any]) -> None:
         checkpoint.save(
             self.ctx, step, self.model, self.tokenizer, self.optimizer, self.scheduler, self.state, metrics_of(metrics)
@@ -134,23 +169,24 @@ class Loop:
     def train_step(self, step: int) -> dict[str, Any]:
         cfg, t0 = self.cfg, time.perf_counter()
         chosen = [self.train[i] for i in batch_for_step(len(self.train), cfg.batch_size, step - 1, self.seed)]
-        rollout = sample(
-            self.model,
-            self.tokenizer,
-            [e.messages for e in chosen],
-            cfg.group_size,
-            max_new_tokens=cfg.max_completion_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            seed=step_seed(self.seed, step),
-        )
+        with self.precision():
+            rollout = sample(
+                self.model,
+                self.tokenizer,
+                [e.messages for e in chosen],
+                cfg.group_size,
+                max_new_tokens=cfg.max_completion_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                seed=step_seed(self.seed, step),
+            )
         t_sample = time.perf_counter()
         items = [e.item for e in chosen for _ in range(cfg.group_size)]
         grades = grade_batch(self.grader, [Sample.from_text(t) for t in rollout.texts], items)
         rewards = torch.tensor(grades.rewards, dtype=torch.float32)  # (B*G,)
         adv, zero_std = advantages(rewards, cfg.group_size, cfg.advantage_std)
         t_grade = time.perf_counter()
-        stats = self.update(rollout, adv.to(self.model.device))
+        stats = self.update(step, rollout, adv.to(self.model.device))
         t_train = time.perf_counter()
         graders = [
             {"name": n, "type": t, "train_reward_mean": grades.grader_means()[n]}
@@ -178,7 +214,7 @@ class Loop:
             },
         }
 
-    def update(self, rollout: Rollout, adv: torch.Tensor) -> dict[str, float]:
+    def update(self, step: int, rollout: Rollout, adv: torch.Tensor) -> dict[str, Any]:
         cfg = self.cfg
         mask = rollout.completion_mask
         if cfg.mask_truncated_completions:  # a cut-off answer's reward says little about its tokens
@@ -191,23 +227,22 @@ class Loop:
             for i in range(0, n, cfg.micro_batch_size):
                 part = slice(i, i + cfg.micro_batch_size)
                 ids, attn, m = rollout.input_ids[part], rollout.attention_mask[part], mask[part].float()
-                logp, entropy = token_logprobs(self.model, ids, attn, rollout.prompt_len)  # (n, C) each
+                with self.precision():
+                    logp, entropy = token_logprobs(self.model, ids, attn, rollout.prompt_len)  # (n, C) each
                 ref_logp = None
                 if self.reference is not None:
-                    with torch.no_grad():
+                    with torch.no_grad(), self.precision():
                         ref_logp, _ = token_logprobs(self.reference, ids, attn, rollout.prompt_len)
                 parts = policy_loss(logp, ref_logp, adv[part], m, cfg, normaliser)
                 parts.loss.backward()
                 loss_total += float(parts.loss.detach())
                 kl_sum, clipped = kl_sum + parts.kl_sum, clipped + parts.clipped_tokens
                 entropy_sum += float((entropy.detach() * m).sum())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
-        skipped = not math.isfinite(grad_norm) or not math.isfinite(loss_total)
-        if skipped:
+        grad_norm = clip_gradients(self.model, cfg.max_grad_norm)
+        reason = guards.refusal(self.state["guard"], loss_total, grad_norm)
+        if reason:
             self.optimizer.zero_grad(set_to_none=True)
-            self.ctx.event(
-                f"Non-finite loss or gradient (loss {loss_total}, grad norm {grad_norm}); update skipped.", level="warn"
-            )
+            self.rollback(step, reason)
         else:
             self.optimizer.step()
         self.scheduler.step()
@@ -219,7 +254,7 @@ class Loop:
             "clip_fraction": clipped / tokens,
             "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
             "lr": self.scheduler.get_last_lr()[0],
-            "update_skipped": skipped,
+            "update_skipped": reason is not None,
         }
 
     @torch.no_grad()
@@ -262,6 +297,11 @@ class Loop:
             "graders": per_grader,
             "samples": samples,
         }
+
+
+def clip_gradients(model: Any, max_norm: float) -> float:
+    """The gradient norm before clipping (a seam the stability tests inject faults through)."""
+    return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
 
 
 def metrics_of(metrics: dict[str, Any]) -> dict[str, Any]:
