@@ -279,3 +279,52 @@ def test_only_the_latest_and_best_three_checkpoints_are_kept(
     assert row.fine_tuned_model is not None and any(row.fine_tuned_model.endswith(f"ckpt-step-{s}") for s in steps)
     folder = live_settings.storage_dir / "checkpoints" / row.project_id / job_id
     assert {f"checkpoints/{row.project_id}/{job_id}/{p.name}" for p in folder.iterdir()} == keys
+
+
+def test_lora_trains_adapters_only_resumes_exactly_and_serves_as_a_grader_model(
+    live_client: TestClient, live_auth: dict[str, str], live_settings: Settings
+) -> None:
+    lora = {"lora_rank": 4, "beta": 0.05, "learning_rate_multiplier": 300}
+    straight = run_job(live_client, live_auth, live_settings, **lora)
+    row = job(live_settings, straight)
+    assert row.status == "succeeded", row.error
+    weights = final_weights_any(live_settings, straight)
+    assert weights and all("lora_" in name for name in weights)
+    history = metrics(live_settings, straight)
+    assert history[-1]["valid_kl"] is not None  # the reference is the base with adapters disabled
+    file_id = upload(live_client, live_auth, PROMPTS, "lora2.jsonl").json()["id"]
+    body = {"model": row.model, "training_file": file_id, "seed": row.seed, "method": row.method}
+    again = live_client.post("/v1/fine_tuning/jobs", headers=live_auth, json=body).json()["id"]
+    validate.validate_job(again, live_settings)
+    with unit_of_work(live_settings) as session:
+        session.scalars(select(Job).where(Job.id == again)).one().pause_requested = True
+    runner.run_job(again, live_settings)
+    live_client.post(f"/v1/fine_tuning/jobs/{again}/resume", headers=live_auth)
+    runner.run_job(again, live_settings)
+    resumed = final_weights_any(live_settings, again)
+    assert all(torch.equal(weights[k], resumed[k]) for k in weights)
+    grader = {
+        "type": "score_model",
+        "name": "j",
+        "model": row.fine_tuned_model,
+        "range": [0, 1],
+        "input": [{"role": "user", "content": "{{sample.output_text}}"}],
+        "sampling_params": {"max_completions_tokens": 2},
+    }
+    ran = live_client.post(
+        "/v1/fine_tuning/alpha/graders/run", headers=live_auth, json={"grader": grader, "model_sample": "x"}
+    ).json()
+    assert ran["metadata"]["errors"]["model_grader_server_error"] is False, ran["metadata"]["errors"][
+        "model_grader_server_error_details"
+    ]
+
+
+def final_weights_any(settings: Settings, job_id: str) -> dict[str, torch.Tensor]:
+    with unit_of_work(settings) as session:
+        key = session.scalars(
+            select(Checkpoint.storage_key).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step_number.desc())
+        ).first()
+    assert key is not None
+    folder = settings.storage_dir / key
+    name = "adapter_model.safetensors" if (folder / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(str(folder / name))

@@ -118,9 +118,25 @@ def load_fresh(spec: ModelSpec, settings: Settings) -> tuple[Any, Any]:
         return _tiny_model()
     if spec.kind == "gguf":
         return _converted_gguf(spec, settings)
+    adapter = Path(spec.location) / "adapter_config.json"
+    if spec.kind == "local" and adapter.exists():
+        return _merged_adapter(Path(spec.location), settings)
     model = AutoModelForCausalLM.from_pretrained(spec.location)
     tokenizer = AutoTokenizer.from_pretrained(spec.location)
     return model, _with_pad(tokenizer)
+
+
+def _merged_adapter(folder: Path, settings: Settings) -> tuple[Any, Any]:
+    """A LoRA checkpoint: its base model (by our registry name) with the adapter merged in."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    base_name = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base, _ = load_fresh(resolve(base_name), settings)
+    model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+    return model, _with_pad(AutoTokenizer.from_pretrained(str(folder)))
 
 
 def _with_pad(tokenizer: Any) -> Any:

@@ -5,6 +5,7 @@ the evaluation history. The data order needs no cursor: it is a function of (see
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,11 @@ def save(
     def write(folder: Path) -> None:
         model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
+        adapter_config = folder / "adapter_config.json"
+        if adapter_config.exists():  # name the base by our registry name, so the adapter loads anywhere here
+            config = json.loads(adapter_config.read_text())
+            config["base_model_name_or_path"] = ctx.job["model"]
+            adapter_config.write_text(json.dumps(config, indent=2))
         torch.save(
             {
                 "optimizer": optimizer.state_dict(),
@@ -66,10 +72,19 @@ def restore(ctx: JobContext, model: Any, optimizer: Any, scheduler: Any) -> dict
 
 def load_into(folder: Path, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
     """Weights, optimizer and scheduler from a checkpoint folder; the saved trainer state dict."""
-    weights = load_file(str(folder / "model.safetensors"), device=str(model.device))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or any("lm_head" not in name for name in missing):
-        raise RuntimeError(f"checkpoint {folder.name} does not match the model: {missing[:3]} {unexpected[:3]}")
+    adapter = folder / "adapter_model.safetensors"
+    if adapter.exists():  # LoRA: only the adapters were trained and saved
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(str(adapter), device=str(model.device)))
+        unexpected = list(getattr(result, "unexpected_keys", []))
+        if unexpected:
+            raise RuntimeError(f"adapter {folder.name} does not match the model: {unexpected[:3]}")
+    else:
+        weights = load_file(str(folder / "model.safetensors"), device=str(model.device))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected or any("lm_head" not in name for name in missing):
+            raise RuntimeError(f"checkpoint {folder.name} does not match the model: {missing[:3]} {unexpected[:3]}")
     saved: dict[str, Any] = torch.load(folder / STATE_FILE, weights_only=False)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])

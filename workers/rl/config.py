@@ -3,7 +3,8 @@
 Rules (n = training examples):
 - group_size (samples per prompt) = clamp(round(4 * compute_multiplier), 2, 64); auto multiplier = 1.
 - batch_size (prompts per step) = min(8, n); n_epochs = 3 when auto.
-- learning_rate = 1e-5 * learning_rate_multiplier (auto multiplier = 1), AdamW, linear warmup.
+- learning_rate = 1e-5 (full fine-tuning) or 1e-4 (LoRA) * learning_rate_multiplier (auto = 1),
+  AdamW, linear warmup.
 - eval_interval = max(1, total_steps // 5); eval_samples = 1.
 - micro_batch_size (sequences per forward/backward) = min(group_size * batch_size, 16).
 """
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 BASE_LEARNING_RATE = 1e-5
+LORA_LEARNING_RATE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,10 @@ class RLConfig:
     kl_limit: float
     reasoning_effort: str
     mask_truncated_completions: bool
+    lora_rank: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_target_modules: Any
 
     def echo(self) -> dict[str, Any]:
         """What the job object shows as its resolved hyperparameters."""
@@ -63,11 +69,12 @@ def resolve(hp: dict[str, Any], n_train: int) -> RLConfig:
     steps_per_epoch = math.ceil(n_train / batch)
     total = epochs * steps_per_epoch
     multiplier = float(_pick(hp.get("learning_rate_multiplier", "auto"), 1.0))
+    lora_rank = int(hp.get("lora_rank", 0))
     return RLConfig(
         n_epochs=epochs,
         batch_size=batch,
         group_size=group,
-        learning_rate=BASE_LEARNING_RATE * multiplier,
+        learning_rate=(LORA_LEARNING_RATE if lora_rank else BASE_LEARNING_RATE) * multiplier,
         learning_rate_multiplier=multiplier,
         compute_multiplier=compute,
         eval_interval=int(_pick(hp.get("eval_interval", "auto"), max(1, total // 5))),
@@ -90,4 +97,8 @@ def resolve(hp: dict[str, Any], n_train: int) -> RLConfig:
         kl_limit=float(hp.get("kl_limit", 0.5)),
         reasoning_effort=str(hp.get("reasoning_effort", "default")),
         mask_truncated_completions=bool(hp.get("mask_truncated_completions", True)),
+        lora_rank=lora_rank,
+        lora_alpha=float(hp.get("lora_alpha") or 2 * lora_rank),
+        lora_dropout=float(hp.get("lora_dropout", 0.0)),
+        lora_target_modules=hp.get("lora_target_modules", "all-linear"),
     )

@@ -12,7 +12,6 @@ Seeds derive from (job seed, step), so a resumed run samples what the uninterrup
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
 from typing import Any
@@ -22,13 +21,13 @@ import torch
 from service.graders.engine import Compiled, compile_grader, grade_batch
 from service.graders.schemas import parse_grader
 from service.graders.templates import Sample
-from service.models.registry import load_fresh, resolve
 from workers.context import JobContext, TrainingResult
 from workers.rl import checkpoint, guards, selection
 from workers.rl.config import RLConfig
 from workers.rl.config import resolve as resolve_config
 from workers.rl.data import Example, batch_for_step, load_examples
 from workers.rl.loss import advantages, policy_loss, token_logprobs
+from workers.rl.policy import Reference, build_policy, trainable
 from workers.rl.rollout import Rollout, sample
 
 EVAL_SEED_SALT = 7919
@@ -58,10 +57,9 @@ def run_training(ctx: JobContext) -> TrainingResult:
     )
     torch.manual_seed(job["seed"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_fresh(resolve(job["model"]), ctx.settings)
-    model.to(device).train()
-    reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    model, tokenizer = build_policy(job["model"], cfg, ctx.settings, device)
+    reference = Reference(model, cfg)
+    optimizer = torch.optim.AdamW(trainable(model), lr=cfg.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     state = checkpoint.restore(ctx, model, optimizer, scheduler)
     with compile_grader(parse_grader(reinforcement["grader"]), ctx.settings, job["project_id"]) as grader:
@@ -75,7 +73,7 @@ class Loop:
         ctx: JobContext,
         cfg: RLConfig,
         model: Any,
-        reference: Any,
+        reference: Reference,
         tokenizer: Any,
         optimizer: Any,
         scheduler: Any,
@@ -88,6 +86,8 @@ class Loop:
         self.optimizer, self.scheduler, self.grader = optimizer, scheduler, grader
         self.train, self.valid, self.state = train, valid, state
         self.seed = int(ctx.job["seed"])
+        # What a rollback before the first checkpoint returns to (adapters only, under LoRA).
+        self.initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     def run(self) -> TrainingResult:
         if self.state["baseline"] is None:
@@ -142,8 +142,7 @@ class Loop:
             checkpoint.load_into(latest[1], self.model, self.optimizer, self.scheduler)
             source = f"the checkpoint at step {latest[0]}"
         else:
-            base, _ = load_fresh(resolve(self.ctx.job["model"]), self.ctx.settings)
-            self.model.load_state_dict(base.state_dict())
+            self.model.load_state_dict(self.initial, strict=False)
             self.optimizer.state.clear()
             source = "the base weights"
         self.scheduler.base_lrs = [self.cfg.learning_rate * guard["lr_scale"] for _ in self.scheduler.base_lrs]
@@ -230,9 +229,9 @@ class Loop:
                 with self.precision():
                     logp, entropy = token_logprobs(self.model, ids, attn, rollout.prompt_len)  # (n, C) each
                 ref_logp = None
-                if self.reference is not None:
-                    with torch.no_grad(), self.precision():
-                        ref_logp, _ = token_logprobs(self.reference, ids, attn, rollout.prompt_len)
+                if self.reference.enabled:
+                    with self.precision():
+                        ref_logp = self.reference.logprobs(ids, attn, rollout.prompt_len)
                 parts = policy_loss(logp, ref_logp, adv[part], m, cfg, normaliser)
                 parts.loss.backward()
                 loss_total += float(parts.loss.detach())
@@ -274,10 +273,10 @@ class Loop:
         items = [e.item for e in self.valid for _ in range(cfg.eval_samples)]
         grades = grade_batch(self.grader, [Sample.from_text(t) for t in rollout.texts], items)
         kl = None
-        if self.reference is not None:
+        if self.reference.enabled:
             mask = rollout.completion_mask.float()
             logp, _ = token_logprobs(self.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
-            ref, _ = token_logprobs(self.reference, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+            ref = self.reference.logprobs(rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
             delta = ref - logp
             kl = float(((delta.exp() - delta - 1) * mask).sum() / mask.sum().clamp(min=1))
         samples = [
@@ -301,7 +300,7 @@ class Loop:
 
 def clip_gradients(model: Any, max_norm: float) -> float:
     """The gradient norm before clipping (a seam the stability tests inject faults through)."""
-    return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    return float(torch.nn.utils.clip_grad_norm_(trainable(model), max_norm))
 
 
 def metrics_of(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,53 @@
+"""The trained policy and the reference it is kept near.
+
+Full fine-tuning trains every weight and keeps a frozen copy as the reference. LoRA (peft) trains
+low-rank adapters only; its reference is the same network with the adapters disabled, so no second
+copy is loaded. With beta = 0 there is no reference at all.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from service.core.settings import Settings
+from service.models.registry import load_fresh, resolve
+from workers.rl.config import RLConfig
+from workers.rl.loss import token_logprobs
+
+
+def build_policy(model_name: str, cfg: RLConfig, settings: Settings, device: str) -> tuple[Any, Any]:
+    model, tokenizer = load_fresh(resolve(model_name), settings)
+    if cfg.lora_rank > 0:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]  # peft accepts floats
+            lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_target_modules,
+            task_type="CAUSAL_LM",
+            base_model_name_or_path=model_name,
+        )
+        model = get_peft_model(model, lora)
+    return model.to(device).train(), tokenizer
+
+
+def trainable(model: Any) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+class Reference:
+    def __init__(self, model: Any, cfg: RLConfig) -> None:
+        self.model, self.lora = model, cfg.lora_rank > 0
+        self.enabled = cfg.beta > 0
+        self.copy = copy.deepcopy(model).eval().requires_grad_(False) if self.enabled and not self.lora else None
+
+    @torch.no_grad()
+    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        if self.lora:
+            with self.model.disable_adapter():
+                return token_logprobs(self.model, input_ids, attention_mask, prompt_len)[0]
+        return token_logprobs(self.copy, input_ids, attention_mask, prompt_len)[0]
