@@ -328,3 +328,43 @@ def final_weights_any(settings: Settings, job_id: str) -> dict[str, torch.Tensor
     folder = settings.storage_dir / key
     name = "adapter_model.safetensors" if (folder / "adapter_model.safetensors").exists() else "model.safetensors"
     return load_file(str(folder / name))
+
+
+def test_groups_without_reward_variance_are_refilled_with_fresh_prompts(
+    live_client: TestClient, live_auth: dict[str, str], live_settings: Settings
+) -> None:
+    flat_or_lowercase = LOWERCASE.replace(
+        '    text = sample["output_text"]',
+        '    if item.get("flat"):\n        return 0.5\n    text = sample["output_text"]',
+    )
+    lines = [{"messages": [{"role": "user", "content": f"p{i}"}], "flat": i < 6} for i in range(12)]
+    file_id = upload(live_client, live_auth, b"".join(json.dumps(x).encode() + b"\n" for x in lines)).json()["id"]
+    hp = {
+        "batch_size": 4,
+        "compute_multiplier": 1,
+        "max_completion_tokens": 6,
+        "n_epochs": 2,
+        "beta": 0.0,
+        "mask_truncated_completions": False,
+        "refill_rounds": 2,
+    }
+    body = {
+        "model": "tiny-random-llama",
+        "training_file": file_id,
+        "seed": 3,
+        "method": {
+            "type": "reinforcement",
+            "reinforcement": {
+                "grader": {"type": "python", "name": "g", "source": flat_or_lowercase},
+                "hyperparameters": hp,
+            },
+        },
+    }
+    job_id = live_client.post("/v1/fine_tuning/jobs", headers=live_auth, json=body).json()["id"]
+    validate.validate_job(job_id, live_settings)
+    runner.run_job(job_id, live_settings)
+    assert job(live_settings, job_id).status == "succeeded"
+    history = metrics(live_settings, job_id)
+    assert sum(m["refilled_groups"] for m in history) > 0
+    assert all(m["frac_zero_std_groups_after_refill"] <= m["frac_zero_std_groups"] for m in history)
+    assert any(m["frac_zero_std_groups_after_refill"] < m["frac_zero_std_groups"] for m in history)

@@ -58,6 +58,7 @@ class RftHyperparameters(Strict):
     micro_batch_size: auto_or(int, low=1, high=1024) = "auto"  # type: ignore[valid-type]
     kl_limit: Annotated[float, Field(gt=0)] = 0.5
     mask_truncated_completions: bool = True
+    refill_rounds: Annotated[int, Field(ge=0, le=8)] = 1
     lora_rank: Annotated[int, Field(ge=0, le=1024)] = 0  # 0: full fine-tuning
     lora_alpha: Annotated[float, Field(ge=0)] | None = None  # None: 2 x rank
     lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0

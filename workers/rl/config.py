@@ -47,6 +47,7 @@ class RLConfig:
     kl_limit: float
     reasoning_effort: str
     mask_truncated_completions: bool
+    refill_rounds: int
     lora_rank: int
     lora_alpha: float
     lora_dropout: float
@@ -97,6 +98,7 @@ def resolve(hp: dict[str, Any], n_train: int) -> RLConfig:
         kl_limit=float(hp.get("kl_limit", 0.5)),
         reasoning_effort=str(hp.get("reasoning_effort", "default")),
         mask_truncated_completions=bool(hp.get("mask_truncated_completions", True)),
+        refill_rounds=int(hp.get("refill_rounds", 1)),
         lora_rank=lora_rank,
         lora_alpha=float(hp.get("lora_alpha") or 2 * lora_rank),
         lora_dropout=float(hp.get("lora_dropout", 0.0)),

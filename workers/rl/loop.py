@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import time
 from typing import Any
 
 import torch
 
-from service.graders.engine import Compiled, compile_grader, grade_batch
+from service.graders.engine import BatchGrades, Compiled, compile_grader, grade_batch
 from service.graders.schemas import parse_grader
 from service.graders.templates import Sample
 from workers.context import JobContext, TrainingResult
@@ -28,7 +29,7 @@ from workers.rl.config import resolve as resolve_config
 from workers.rl.data import Example, batch_for_step, load_examples
 from workers.rl.loss import advantages, policy_loss, token_logprobs
 from workers.rl.policy import Reference, build_policy, trainable
-from workers.rl.rollout import Rollout, sample
+from workers.rl.rollout import Rollout, concat, sample, select_rows
 
 EVAL_SEED_SALT = 7919
 
@@ -86,6 +87,7 @@ class Loop:
         self.optimizer, self.scheduler, self.grader = optimizer, scheduler, grader
         self.train, self.valid, self.state = train, valid, state
         self.seed = int(ctx.job["seed"])
+        self.timing = {"sampling": 0.0, "scoring": 0.0}
         # What a rollback before the first checkpoint returns to (adapters only, under LoRA).
         self.initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -167,24 +169,14 @@ class Loop:
 
     def train_step(self, step: int) -> dict[str, Any]:
         cfg, t0 = self.cfg, time.perf_counter()
-        chosen = [self.train[i] for i in batch_for_step(len(self.train), cfg.batch_size, step - 1, self.seed)]
-        with self.precision():
-            rollout = sample(
-                self.model,
-                self.tokenizer,
-                [e.messages for e in chosen],
-                cfg.group_size,
-                max_new_tokens=cfg.max_completion_tokens,
-                temperature=cfg.temperature,
-                top_p=cfg.top_p,
-                seed=step_seed(self.seed, step),
-            )
-        t_sample = time.perf_counter()
-        items = [e.item for e in chosen for _ in range(cfg.group_size)]
-        grades = grade_batch(self.grader, [Sample.from_text(t) for t in rollout.texts], items)
+        self.timing = {"sampling": 0.0, "scoring": 0.0}
+        indexes = batch_for_step(len(self.train), cfg.batch_size, step - 1, self.seed)
+        rollout, grades = self.sample_and_grade(indexes, step_seed(self.seed, step))
+        zero_before = self.zero_std_groups(grades)
+        rollout, grades, refilled = self.refill(step, rollout, grades, zero_before)
+        t_grade = time.perf_counter()  # sampling and scoring were timed inside sample_and_grade
         rewards = torch.tensor(grades.rewards, dtype=torch.float32)  # (B*G,)
         adv, zero_std = advantages(rewards, cfg.group_size, cfg.advantage_std)
-        t_grade = time.perf_counter()
         stats = self.update(step, rollout, adv.to(self.model.device))
         t_train = time.perf_counter()
         graders = [
@@ -196,7 +188,9 @@ class Loop:
             "total_steps": cfg.total_steps,
             "train_reward_mean": float(rewards.mean()),
             "completion_tokens_mean": rollout.completion_tokens / len(rollout.texts),
-            "frac_zero_std_groups": float(zero_std.float().mean()),
+            "frac_zero_std_groups": len(zero_before) / cfg.batch_size,
+            "frac_zero_std_groups_after_refill": float(zero_std.float().mean()),
+            "refilled_groups": refilled,
             "frac_truncated": float(rollout.truncated.float().mean()),
             "scores": {"graders": graders},
             **grades.error_rates(),
@@ -204,14 +198,68 @@ class Loop:
             "tokens_per_second": rollout.completion_tokens / max(t_train - t0, 1e-9),
             "timing": {
                 "step": {
-                    "sampling": t_sample - t0,
-                    "scoring": t_grade - t_sample,
+                    "sampling": self.timing["sampling"],
+                    "scoring": self.timing["scoring"],
                     "training": t_train - t_grade,
                     "eval": 0.0,
                     "full_iteration": t_train - t0,
                 }
             },
         }
+
+    def sample_and_grade(self, indexes: list[int], seed: int) -> tuple[Rollout, BatchGrades]:
+        cfg, chosen = self.cfg, [self.train[i] for i in indexes]
+        t0 = time.perf_counter()
+        with self.precision():
+            rollout = sample(
+                self.model,
+                self.tokenizer,
+                [e.messages for e in chosen],
+                cfg.group_size,
+                max_new_tokens=cfg.max_completion_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                seed=seed,
+            )
+        t1 = time.perf_counter()
+        items = [e.item for e in chosen for _ in range(cfg.group_size)]
+        grades = grade_batch(self.grader, [Sample.from_text(t) for t in rollout.texts], items)
+        self.timing["sampling"] += t1 - t0
+        self.timing["scoring"] += time.perf_counter() - t1
+        return rollout, grades
+
+    def zero_std_groups(self, grades: BatchGrades) -> list[int]:
+        rewards = torch.tensor(grades.rewards).view(-1, self.cfg.group_size)  # (B, G)
+        return [int(g) for g in (rewards.std(dim=1) < 1e-8).nonzero().flatten()]
+
+    def refill(
+        self, step: int, rollout: Rollout, grades: BatchGrades, zero: list[int]
+    ) -> tuple[Rollout, BatchGrades, int]:
+        """Swap groups whose rewards are all equal (no learning signal) for groups of fresh prompts that
+        have some, drawn deterministically from (seed, step, round); at most `refill_rounds` rounds."""
+        G, refilled = self.cfg.group_size, 0
+        for round_ in range(1, self.cfg.refill_rounds + 1):
+            if not zero:
+                break
+            rng = random.Random(f"{self.seed}:{step}:refill:{round_}")
+            extra_idx = rng.sample(range(len(self.train)), min(len(zero), len(self.train)))
+            extra, extra_grades = self.sample_and_grade(extra_idx, step_seed(self.seed, step) + 7_919 * round_)
+            useful = [g for g in range(len(extra_idx)) if g not in self.zero_std_groups(extra_grades)]
+            swaps = list(zip(zero, useful, strict=False))
+            if not swaps:
+                continue
+            gone = {g for g, _ in swaps}
+            keep = [r for g in range(len(grades.grades) // G) if g not in gone for r in range(g * G, (g + 1) * G)]
+            new = [r for _, g in swaps for r in range(g * G, (g + 1) * G)]
+            rollout = concat(select_rows(rollout, keep), select_rows(extra, new), self.tokenizer.pad_token_id)
+            grades = BatchGrades(
+                [grades.grades[r] for r in keep] + [extra_grades.grades[r] for r in new],
+                grades.grader_types,
+                grades.seconds + extra_grades.seconds,
+            )
+            refilled += len(swaps)
+            zero = self.zero_std_groups(grades)
+        return rollout, grades, refilled
 
     def update(self, step: int, rollout: Rollout, adv: torch.Tensor) -> dict[str, Any]:
         cfg = self.cfg

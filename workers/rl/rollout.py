@@ -80,3 +80,37 @@ def sample(
         texts=texts,
         truncated=~has_eos,
     )
+
+
+def select_rows(rollout: Rollout, rows: list[int]) -> Rollout:
+    index = torch.tensor(rows, dtype=torch.long, device=rollout.input_ids.device)
+    return Rollout(
+        rollout.input_ids[index],
+        rollout.attention_mask[index],
+        rollout.completion_mask[index],
+        rollout.prompt_len,
+        [rollout.texts[i] for i in rows],
+        rollout.truncated[index],
+    )
+
+
+def concat(a: Rollout, b: Rollout, pad_id: int) -> Rollout:
+    """Stack two rollouts, re-padding prompts on the left and completions on the right."""
+    prompt_len = max(a.prompt_len, b.prompt_len)
+    completion_len = max(a.completion_mask.shape[1], b.completion_mask.shape[1])
+
+    def pad(r: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        left, right = prompt_len - r.prompt_len, completion_len - r.completion_mask.shape[1]
+        ids = torch.nn.functional.pad(r.input_ids, (left, right), value=pad_id)
+        attn = torch.nn.functional.pad(r.attention_mask, (left, right), value=0)
+        return ids, attn, torch.nn.functional.pad(r.completion_mask, (0, right), value=0)
+
+    (ia, aa, ca), (ib, ab, cb) = pad(a), pad(b)
+    return Rollout(
+        torch.cat([ia, ib]),
+        torch.cat([aa, ab]),
+        torch.cat([ca, cb]),
+        prompt_len,
+        a.texts + b.texts,
+        torch.cat([a.truncated, b.truncated]),
+    )
