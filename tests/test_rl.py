@@ -71,12 +71,15 @@ def metrics(settings: Settings, job_id: str) -> list[dict[str, Any]]:
 
 
 def final_weights(settings: Settings, job_id: str) -> dict[str, torch.Tensor]:
+    """The newest checkpoint's trained weights: the full model, or the adapters under LoRA."""
     with unit_of_work(settings) as session:
         key = session.scalars(
             select(Checkpoint.storage_key).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step_number.desc())
         ).first()
     assert key is not None
-    return load_file(str(settings.storage_dir / key / "model.safetensors"))
+    folder = settings.storage_dir / key
+    name = "adapter_model.safetensors" if (folder / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(str(folder / name))
 
 
 def job(settings: Settings, job_id: str) -> Job:
@@ -288,7 +291,7 @@ def test_lora_trains_adapters_only_resumes_exactly_and_serves_as_a_grader_model(
     straight = run_job(live_client, live_auth, live_settings, **lora)
     row = job(live_settings, straight)
     assert row.status == "succeeded", row.error
-    weights = final_weights_any(live_settings, straight)
+    weights = final_weights(live_settings, straight)
     assert weights and all("lora_" in name for name in weights)
     history = metrics(live_settings, straight)
     assert history[-1]["valid_kl"] is not None  # the reference is the base with adapters disabled
@@ -301,7 +304,7 @@ def test_lora_trains_adapters_only_resumes_exactly_and_serves_as_a_grader_model(
     runner.run_job(again, live_settings)
     live_client.post(f"/v1/fine_tuning/jobs/{again}/resume", headers=live_auth)
     runner.run_job(again, live_settings)
-    resumed = final_weights_any(live_settings, again)
+    resumed = final_weights(live_settings, again)
     assert all(torch.equal(weights[k], resumed[k]) for k in weights)
     grader = {
         "type": "score_model",
@@ -317,17 +320,6 @@ def test_lora_trains_adapters_only_resumes_exactly_and_serves_as_a_grader_model(
     assert ran["metadata"]["errors"]["model_grader_server_error"] is False, ran["metadata"]["errors"][
         "model_grader_server_error_details"
     ]
-
-
-def final_weights_any(settings: Settings, job_id: str) -> dict[str, torch.Tensor]:
-    with unit_of_work(settings) as session:
-        key = session.scalars(
-            select(Checkpoint.storage_key).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step_number.desc())
-        ).first()
-    assert key is not None
-    folder = settings.storage_dir / key
-    name = "adapter_model.safetensors" if (folder / "adapter_model.safetensors").exists() else "model.safetensors"
-    return load_file(str(folder / name))
 
 
 def test_groups_without_reward_variance_are_refilled_with_fresh_prompts(
