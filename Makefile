@@ -25,7 +25,7 @@ serve: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy service workers tests bench
+	$(BIN)/mypy service workers tests bench examples
 
 test: lint
 	$(BIN)/python -m pytest

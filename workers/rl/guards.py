@@ -32,13 +32,17 @@ def fresh_guard_state() -> dict[str, Any]:
     return {"grad_norms": [], "rollbacks": 0, "lr_scale": 1.0, "entropy0": None}
 
 
-def refusal(guard: dict[str, Any], loss: float, grad_norm: float) -> str | None:
-    """Why this update must not be applied, or None (and then the norm joins the history)."""
+def refusal(guard: dict[str, Any], loss: float, grad_norm: float, clip: float) -> str | None:
+    """Why this update must not be applied, or None (and then the norm joins the history).
+
+    A spike is measured against the recent median but never against less than the clipping norm:
+    once a task is mostly solved, steps carry only the KL term and tiny norms, and an ordinary
+    update must not look like a spike next to them."""
     if not math.isfinite(loss) or not math.isfinite(grad_norm):
         return f"non-finite loss or gradient (loss {loss}, gradient norm {grad_norm})"
     norms = guard["grad_norms"]
     if len(norms) >= SPIKE_WARMUP:
-        typical = statistics.median(norms)
+        typical = max(statistics.median(norms), clip)
         if grad_norm > SPIKE_FACTOR * max(typical, 1e-8):
             return (
                 f"gradient norm spike ({grad_norm:.3g}, {grad_norm / max(typical, 1e-8):.0f}x the median {typical:.3g})"

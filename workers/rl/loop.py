@@ -286,7 +286,7 @@ class Loop:
                 kl_sum, clipped = kl_sum + parts.kl_sum, clipped + parts.clipped_tokens
                 entropy_sum += float((entropy.detach() * m).sum())
         grad_norm = clip_gradients(self.model, cfg.max_grad_norm)
-        reason = guards.refusal(self.state["guard"], loss_total, grad_norm)
+        reason = guards.refusal(self.state["guard"], loss_total, grad_norm, cfg.max_grad_norm)
         if reason:
             self.optimizer.zero_grad(set_to_none=True)
             self.rollback(step, reason)
