@@ -187,3 +187,13 @@ def live_auth(live_settings: Settings) -> dict[str, str]:
     with db.unit_of_work(live_settings) as session:
         _, key = create_api_key(session, live_settings, "live")
     return {"Authorization": f"Bearer {key}"}
+
+
+def set_job_flags(settings: Settings, job_id: str, **values: Any) -> None:
+    """Set columns of a job row in a committed transaction (e.g. pause_requested=True)."""
+    from service.core.tables import Job
+
+    with db.unit_of_work(settings) as session:
+        row = session.get_one(Job, session.query(Job.seq).filter(Job.id == job_id).scalar())
+        for name, value in values.items():
+            setattr(row, name, value)

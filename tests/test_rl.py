@@ -15,7 +15,7 @@ from sqlalchemy import select
 from service.core.db import unit_of_work
 from service.core.settings import Settings
 from service.core.tables import Checkpoint, Job, JobMetric
-from tests.conftest import upload
+from tests.conftest import set_job_flags, upload
 from workers import runner, validate
 from workers.rl.data import batch_for_step
 from workers.rl.loss import advantages
@@ -61,6 +61,22 @@ def run_job(client: TestClient, auth: dict[str, str], settings: Settings, **hype
     job_id = str(response.json()["id"])
     validate.validate_job(job_id, settings)
     runner.run_job(job_id, settings)
+    return job_id
+
+
+def replay_with_pause(client: TestClient, auth: dict[str, str], settings: Settings, done: Job) -> str:
+    """Run `done`'s job again (same model, seed, method, data), paused after step 1 and resumed."""
+    file_id = upload(client, auth, PROMPTS, "again.jsonl").json()["id"]
+    body = {"model": done.model, "training_file": file_id, "seed": done.seed, "method": done.method}
+    job_id = str(client.post("/v1/fine_tuning/jobs", headers=auth, json=body).json()["id"])
+    validate.validate_job(job_id, settings)
+    set_job_flags(settings, job_id, pause_requested=True)
+    runner.run_job(job_id, settings)
+    assert job(settings, job_id).status == "paused"
+    assert [m["step"] for m in metrics(settings, job_id)] == [1]
+    client.post(f"/v1/fine_tuning/jobs/{job_id}/resume", headers=auth)
+    runner.run_job(job_id, settings)
+    assert job(settings, job_id).status == "succeeded"
     return job_id
 
 
@@ -135,19 +151,7 @@ def test_paused_and_resumed_run_equals_the_uninterrupted_run(
     live_client: TestClient, live_auth: dict[str, str], live_settings: Settings
 ) -> None:
     straight = run_job(live_client, live_auth, live_settings, beta=0.05)
-    file_id = upload(live_client, live_auth, PROMPTS, "again.jsonl").json()["id"]
-    body = job(live_settings, straight)
-    interrupted_body = {"model": body.model, "training_file": file_id, "seed": body.seed, "method": body.method}
-    interrupted = live_client.post("/v1/fine_tuning/jobs", headers=live_auth, json=interrupted_body).json()["id"]
-    validate.validate_job(interrupted, live_settings)
-    with unit_of_work(live_settings) as session:
-        session.scalars(select(Job).where(Job.id == interrupted)).one().pause_requested = True
-    runner.run_job(interrupted, live_settings)
-    assert job(live_settings, interrupted).status == "paused"
-    assert [m["step"] for m in metrics(live_settings, interrupted)] == [1]
-    live_client.post(f"/v1/fine_tuning/jobs/{interrupted}/resume", headers=live_auth)
-    runner.run_job(interrupted, live_settings)
-    assert job(live_settings, interrupted).status == "succeeded"
+    interrupted = replay_with_pause(live_client, live_auth, live_settings, job(live_settings, straight))
     a, b = final_weights(live_settings, straight), final_weights(live_settings, interrupted)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     drop = {"timing", "tokens_per_second"}
@@ -295,15 +299,7 @@ def test_lora_trains_adapters_only_resumes_exactly_and_serves_as_a_grader_model(
     assert weights and all("lora_" in name for name in weights)
     history = metrics(live_settings, straight)
     assert history[-1]["valid_kl"] is not None  # the reference is the base with adapters disabled
-    file_id = upload(live_client, live_auth, PROMPTS, "lora2.jsonl").json()["id"]
-    body = {"model": row.model, "training_file": file_id, "seed": row.seed, "method": row.method}
-    again = live_client.post("/v1/fine_tuning/jobs", headers=live_auth, json=body).json()["id"]
-    validate.validate_job(again, live_settings)
-    with unit_of_work(live_settings) as session:
-        session.scalars(select(Job).where(Job.id == again)).one().pause_requested = True
-    runner.run_job(again, live_settings)
-    live_client.post(f"/v1/fine_tuning/jobs/{again}/resume", headers=live_auth)
-    runner.run_job(again, live_settings)
+    again = replay_with_pause(live_client, live_auth, live_settings, row)
     resumed = final_weights(live_settings, again)
     assert all(torch.equal(weights[k], resumed[k]) for k in weights)
     grader = {

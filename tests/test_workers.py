@@ -12,7 +12,7 @@ from sqlalchemy import select
 from service.core.db import unit_of_work
 from service.core.settings import Settings
 from service.core.tables import Job, JobEvent, JobMetric
-from tests.conftest import GOOD_LINES, job_body, jsonl, upload
+from tests.conftest import GOOD_LINES, job_body, jsonl, set_job_flags, upload
 from workers import lease, runner, validate
 
 
@@ -173,8 +173,7 @@ def test_pause_checkpoints_and_resume_continues_without_duplicate_steps(
     live_client: TestClient, live_auth: dict[str, str], ticking: Settings, sent_tasks: list[Any]
 ) -> None:
     job_id = queued_job(live_client, live_auth, ticking)
-    with unit_of_work(ticking) as session:
-        session.scalars(select(Job).where(Job.id == job_id)).one().pause_requested = True
+    set_job_flags(ticking, job_id, pause_requested=True)
     runner.run_job(job_id, ticking)
     paused = job_row(ticking, job_id)
     assert paused.status == "paused" and paused.finished_at is None
@@ -193,8 +192,7 @@ def test_cancel_flag_stops_a_running_job_after_its_step(
     live_client: TestClient, live_auth: dict[str, str], ticking: Settings
 ) -> None:
     job_id = queued_job(live_client, live_auth, ticking)
-    with unit_of_work(ticking) as session:
-        session.scalars(select(Job).where(Job.id == job_id)).one().cancel_requested = True
+    set_job_flags(ticking, job_id, cancel_requested=True)
     runner.run_job(job_id, ticking)
     job = job_row(ticking, job_id)
     assert job.status == "cancelled" and job.finished_at is not None

@@ -16,8 +16,6 @@ from service.files.validation import FileReport, validate_jsonl
 from service.jobs import repository
 from workers.lease import claim, worker_identity
 
-RELEASE = {"worker_id": None, "lease_expires_at": None}
-
 
 def validate_job(job_id: str, settings: Settings) -> None:
     with unit_of_work(settings) as session:
@@ -37,12 +35,18 @@ def validate_job(job_id: str, settings: Settings) -> None:
         assert job is not None
         if error:
             if repository.transition(
-                session, job_id, ["validating_files"], status="failed", error=error, finished_at=now(), **RELEASE
+                session,
+                job_id,
+                ["validating_files"],
+                status="failed",
+                error=error,
+                finished_at=now(),
+                **repository.RELEASE_LEASE,
             ):
                 repository.add_event(session, job, error["message"], level="error")
             return
         if repository.transition(
-            session, job_id, ["validating_files"], status="queued", enqueued_at=time.time(), **RELEASE
+            session, job_id, ["validating_files"], status="queued", enqueued_at=time.time(), **repository.RELEASE_LEASE
         ):
             for level, message in notes:
                 repository.add_event(session, job, message, level=level)

@@ -13,6 +13,8 @@ from service.core.ids import new_id
 from service.core.pagination import paginate
 from service.core.tables import Checkpoint, Job, JobEvent, JobMetric
 
+RELEASE_LEASE = {"worker_id": None, "lease_expires_at": None}  # values that hand a job back
+
 
 def get(session: Session, subject: AuthSubject, job_id: str) -> Job | None:
     return session.scalars(readable(Job, subject).where(Job.id == job_id)).one_or_none()

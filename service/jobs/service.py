@@ -29,7 +29,6 @@ from service.models.registry import resolve as resolve_model
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 CANCELLABLE_AT_ONCE = ("validating_files", "queued", "paused")
-RELEASE = {"worker_id": None, "lease_expires_at": None}
 
 
 def get_job(session: Session, subject: AuthSubject, job_id: str) -> Job:
@@ -138,7 +137,9 @@ def cancel_job(session: Session, subject: AuthSubject, job_id: str) -> Job:
             "can be cancelled.",
             param="fine_tuning_job_id",
         )
-    if repository.transition(session, job_id, CANCELLABLE_AT_ONCE, status="cancelled", finished_at=now(), **RELEASE):
+    if repository.transition(
+        session, job_id, CANCELLABLE_AT_ONCE, status="cancelled", finished_at=now(), **repository.RELEASE_LEASE
+    ):
         repository.add_event(session, job, "Fine-tuning job cancelled.")
     elif repository.transition(session, job_id, ["running"], cancel_requested=True):
         repository.add_event(session, job, "Cancellation requested; the job stops after the current training step.")
@@ -147,7 +148,7 @@ def cancel_job(session: Session, subject: AuthSubject, job_id: str) -> Job:
 
 def pause_job(session: Session, subject: AuthSubject, job_id: str) -> Job:
     job = get_job(session, subject, job_id)
-    if repository.transition(session, job_id, ["queued"], status="paused", **RELEASE):
+    if repository.transition(session, job_id, ["queued"], status="paused", **repository.RELEASE_LEASE):
         repository.add_event(session, job, "Fine-tuning job paused before it started training.")
     elif repository.transition(session, job_id, ["running"], pause_requested=True):
         repository.add_event(session, job, "Pause requested; a checkpoint is written after the current step.")
