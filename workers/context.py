@@ -49,8 +49,11 @@ class JobContext:
             row = repository.get_unscoped(session, job_id)
             assert row is not None
             snapshot = {c.key: getattr(row, c.key) for c in Job.__mapper__.column_attrs}
+            ids = [row.training_file] + ([row.validation_file] if row.validation_file else [])
             keys = dict(
-                session.execute(select(File.id, File.storage_key).where(File.project_id == row.project_id)).all()
+                session.execute(
+                    select(File.id, File.storage_key).where(File.project_id == row.project_id, File.id.in_(ids))
+                ).all()
             )
         snapshot["training_path"] = storage.path(keys[row.training_file])
         if row.validation_file:

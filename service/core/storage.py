@@ -6,15 +6,12 @@ the old object or the new one, never half of one.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
-
-from service.core.errors import PayloadTooLarge
 
 _KEY = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_.\-]+)*$")
 CHUNK = 1024 * 1024
@@ -29,30 +26,6 @@ class Storage:
         if not _KEY.match(key) or ".." in key.split("/"):
             raise ValueError(f"invalid storage key {key!r}")
         return self.root / key
-
-    async def save_stream(self, key: str, chunks: AsyncIterator[bytes], limit: int) -> tuple[int, str]:
-        """Stream `chunks` into `key`; return (bytes, sha256). Over `limit` bytes: 413, nothing kept."""
-        target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.partial")
-        digest, size = hashlib.sha256(), 0
-        try:
-            with open(tmp, "wb") as out:
-                async for chunk in chunks:
-                    size += len(chunk)
-                    if size > limit:
-                        raise PayloadTooLarge(
-                            f"File is larger than this server's upload limit of {limit} bytes (RFT_MAX_UPLOAD_BYTES).",
-                            param="file",
-                        )
-                    digest.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return size, digest.hexdigest()
 
     def open(self, key: str) -> BinaryIO:
         return open(self.path(key), "rb")
