@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
 
+    # Models kept in memory per process for chat and model graders (least recently used goes first).
+    max_loaded_models: int = 2
     max_upload_bytes: int = 512 * 1024 * 1024
     max_line_bytes: int = 8 * 1024 * 1024
     max_training_lines: int = 50_000

@@ -3,11 +3,15 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import FileResponse
 
-from service.core.http import SessionDep, SubjectDep
+from service.core.errors import NotFound
+from service.core.http import SessionDep, SettingsDep, StorageDep, SubjectDep, request_transaction
 from service.core.pagination import list_body
+from service.core.tables import Checkpoint
 from service.jobs import repository, service
 from service.jobs.schemas import CheckpointList, CheckpointObject, EventList, EventObject, JobCreate, JobList, JobObject
+from service.models.archive import archive_of
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 Limit = Annotated[int, Query(ge=1, le=1000)]
@@ -92,3 +96,51 @@ def list_checkpoints(
         for c in rows
     ]
     return list_body(data, has_more)
+
+
+ARCHIVE_RESPONSES: dict[int | str, dict[str, object]] = {
+    200: {"content": {"application/x-tar": {}}, "description": "A tar of a Hugging Face model directory."},
+    206: {"description": "The requested byte range of that tar."},
+}
+Merged = Annotated[bool, Query(description="Merge a LoRA adapter into full weights.")]
+
+
+@router.get("/{job_id}/checkpoints/{checkpoint_id}/content", response_class=FileResponse, responses=ARCHIVE_RESPONSES)
+def download_checkpoint(
+    job_id: str,
+    checkpoint_id: str,
+    request: Request,
+    subject: SubjectDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    merged: Merged = False,
+) -> FileResponse:
+    """Download a checkpoint as a tar of its Hugging Face directory; supports Range and carries its sha256."""
+    with request_transaction(request) as session:  # not held while an archive is built
+        ckpt = service.get_checkpoint(session, subject, job_id, checkpoint_id)
+    return _archive_response(ckpt, settings, storage, merged)
+
+
+@router.get("/{job_id}/content", response_class=FileResponse, responses=ARCHIVE_RESPONSES)
+def download_model(
+    job_id: str,
+    request: Request,
+    subject: SubjectDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    merged: Merged = False,
+) -> FileResponse:
+    """Download the job's fine-tuned model (its chosen checkpoint) as a tar of a Hugging Face directory."""
+    with request_transaction(request) as session:
+        ckpt = service.final_checkpoint(session, subject, job_id)
+    return _archive_response(ckpt, settings, storage, merged)
+
+
+def _archive_response(ckpt: Checkpoint, settings: SettingsDep, storage: StorageDep, merged: bool) -> FileResponse:
+    name = f"{ckpt.job_id}-step-{ckpt.step_number}"
+    try:
+        archive = archive_of(storage.path(ckpt.storage_key), settings, merged=merged, name=name)
+    except FileNotFoundError as exc:  # pruned between the lookup and the build
+        raise NotFound(f"Checkpoint {ckpt.id} was removed.", param="checkpoint_id") from exc
+    headers = {"ETag": f'"{archive.sha256}"', "X-Checksum-SHA256": archive.sha256, "Cache-Control": "private"}
+    return FileResponse(archive.path, media_type="application/x-tar", filename=archive.filename, headers=headers)

@@ -105,9 +105,14 @@ def checkpoints_of(session: Session, job_id: str) -> Sequence[Checkpoint]:
     return session.scalars(stmt).all()
 
 
-def checkpoint_storage_key(session: Session, project_id: str, model_name: str) -> str | None:
-    """Where the project's checkpoint named `model_name` lives (a job's final model is one of them)."""
-    stmt = select(Checkpoint.storage_key).where(
+def get_checkpoint(session: Session, subject: AuthSubject, job_id: str, checkpoint_id: str) -> Checkpoint | None:
+    stmt = readable(Checkpoint, subject).where(Checkpoint.job_id == job_id, Checkpoint.id == checkpoint_id)
+    return session.scalars(stmt).one_or_none()
+
+
+def checkpoint_named(session: Session, project_id: str, model_name: str) -> Checkpoint | None:
+    """The project's checkpoint named `model_name` (a job's final model is one of them)."""
+    stmt = select(Checkpoint).where(
         Checkpoint.project_id == project_id, Checkpoint.fine_tuned_model_checkpoint == model_name
     )
     return session.scalars(stmt).first()

@@ -20,7 +20,7 @@ from service.auth.service import AuthSubject
 from service.core.errors import Conflict, InvalidRequest, InvalidTransition, NotFound
 from service.core.ids import new_id
 from service.core.queue import wake_training, wake_validation
-from service.core.tables import Job, now
+from service.core.tables import Checkpoint, Job, now
 from service.files import repository as files
 from service.graders.schemas import parse_grader
 from service.jobs import repository
@@ -36,6 +36,27 @@ def get_job(session: Session, subject: AuthSubject, job_id: str) -> Job:
     if job is None:
         raise NotFound(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
     return job
+
+
+def get_checkpoint(session: Session, subject: AuthSubject, job_id: str, checkpoint_id: str) -> Checkpoint:
+    get_job(session, subject, job_id)
+    ckpt = repository.get_checkpoint(session, subject, job_id, checkpoint_id)
+    if ckpt is None:
+        raise NotFound(f"No such checkpoint of job {job_id}: {checkpoint_id}", param="checkpoint_id")
+    return ckpt
+
+
+def final_checkpoint(session: Session, subject: AuthSubject, job_id: str) -> Checkpoint:
+    """The checkpoint the job chose as its fine-tuned model."""
+    job = get_job(session, subject, job_id)
+    ckpt = repository.checkpoint_named(session, job.project_id, job.fine_tuned_model) if job.fine_tuned_model else None
+    if ckpt is None:
+        raise NotFound(
+            f"Job {job_id} has no downloadable fine-tuned model (status {job.status!r}); "
+            f"list its checkpoints with GET /v1/fine_tuning/jobs/{job_id}/checkpoints.",
+            param="fine_tuning_job_id",
+        )
+    return ckpt
 
 
 def _request_hash(body: JobCreate) -> str:

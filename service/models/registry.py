@@ -17,12 +17,16 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.core.errors import InvalidRequest
 from service.core.settings import Settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny-random-llama"
@@ -79,34 +83,46 @@ def known_models() -> list[str]:
     return [SMOLLM2, TINY] if _smollm2_gguf() else [TINY]
 
 
-_cache: dict[tuple[str, str, str | None], tuple[Any, Any]] = {}
+_cache: OrderedDict[tuple[str, str, str], tuple[Any, Any]] = OrderedDict()  # least recently used first
 _lock = threading.Lock()
 
 
-def resolve_for_project(name: str, settings: Settings, project_id: str | None) -> ModelSpec:
+def resolve_for_project(
+    name: str, settings: Settings, project_id: str | None, session: Session | None = None
+) -> ModelSpec:
     """Like `resolve`, and `ft:...` names of the project's fine-tuned models and checkpoints too."""
     if not name.startswith("ft:"):
         return resolve(name)
     from service.core.db import unit_of_work
     from service.core.storage import Storage
-    from service.jobs.repository import checkpoint_storage_key
+    from service.jobs.repository import checkpoint_named
 
     key = None
-    if project_id is not None:
-        with unit_of_work(settings) as session:
-            key = checkpoint_storage_key(session, project_id, name)
+    if project_id is not None and session is not None:
+        key = getattr(checkpoint_named(session, project_id, name), "storage_key", None)
+    elif project_id is not None:
+        with unit_of_work(settings) as own:
+            key = getattr(checkpoint_named(own, project_id, name), "storage_key", None)
     if key is None:
         raise InvalidRequest(f"No fine-tuned model or checkpoint named {name!r} in this project.", param="model")
     return ModelSpec(name, "local", str(Storage(settings.storage_dir).path(key)))
 
 
-def load(name: str, settings: Settings, device: str = "cpu", project_id: str | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) for inference, cached per process; the model is in eval mode."""
-    key = (name, device, project_id if name.startswith("ft:") else None)
+def load(
+    name: str, settings: Settings, device: str = "cpu", project_id: str | None = None, spec: ModelSpec | None = None
+) -> tuple[Any, Any]:
+    """(model, tokenizer) for inference, in eval mode. At most `settings.max_loaded_models` stay
+    loaded per process; the least recently used one is dropped to make room."""
+    spec = spec or resolve_for_project(name, settings, project_id)
+    key = (spec.kind, spec.location or spec.name, device)
     with _lock:
-        if key not in _cache:
-            model, tokenizer = load_fresh(resolve_for_project(name, settings, project_id), settings)
-            _cache[key] = (model.to(device).eval(), tokenizer)
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+        while len(_cache) >= max(1, settings.max_loaded_models):
+            _cache.popitem(last=False)
+        model, tokenizer = load_fresh(spec, settings)
+        _cache[key] = (model.to(device).eval(), tokenizer)
         return _cache[key]
 
 
@@ -120,13 +136,13 @@ def load_fresh(spec: ModelSpec, settings: Settings) -> tuple[Any, Any]:
         return _converted_gguf(spec, settings)
     adapter = Path(spec.location) / "adapter_config.json"
     if spec.kind == "local" and adapter.exists():
-        return _merged_adapter(Path(spec.location), settings)
+        return merged_adapter(Path(spec.location), settings)
     model = AutoModelForCausalLM.from_pretrained(spec.location)
     tokenizer = AutoTokenizer.from_pretrained(spec.location)
     return model, _with_pad(tokenizer)
 
 
-def _merged_adapter(folder: Path, settings: Settings) -> tuple[Any, Any]:
+def merged_adapter(folder: Path, settings: Settings) -> tuple[Any, Any]:
     """A LoRA checkpoint: its base model (by our registry name) with the adapter merged in."""
     import json
 

@@ -1,0 +1,155 @@
+"""Checkpoint downloads: a tar of a Hugging Face directory that transformers/peft load with no extra
+step and that gives the service's own outputs; resumable with Range, checksummed, owner-only."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from service.core.settings import Settings
+from service.models import registry
+from tests.conftest import make_key
+from tests.test_rl import job, run_job
+
+TOKENS = torch.tensor([[5, 70, 80, 90, 100, 33, 44]])
+
+
+def download(client: TestClient, auth: dict[str, str], url: str, **params: Any) -> bytes:
+    response = client.get(url, headers=auth, params=params)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/x-tar"
+    body = response.content
+    digest = hashlib.sha256(body).hexdigest()
+    assert response.headers["x-checksum-sha256"] == digest
+    assert response.headers["etag"] == f'"{digest}"'
+    assert response.headers["accept-ranges"] == "bytes"
+    return body
+
+
+def unpack(body: bytes, into: Path) -> Path:
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        tar.extractall(into, filter="data")
+    return into
+
+
+def service_logits(settings: Settings, job_id: str) -> torch.Tensor:
+    row = job(settings, job_id)
+    assert row.fine_tuned_model is not None
+    model, _ = registry.load(row.fine_tuned_model, settings, project_id=row.project_id)
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def test_full_model_download_loads_with_transformers_and_matches_the_service(
+    live_client: TestClient, live_auth: dict[str, str], live_settings: Settings, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    job_id = run_job(live_client, live_auth, live_settings, n_epochs=2)
+    body = download(live_client, live_auth, f"/v1/fine_tuning/jobs/{job_id}/content")
+    names = tarfile.open(fileobj=io.BytesIO(body)).getnames()
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= set(names)
+    assert "trainer_state.pt" not in names and not any("/" in n for n in names)
+
+    folder = unpack(body, tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    with torch.no_grad():
+        assert torch.equal(model(TOKENS).logits, service_logits(live_settings, job_id))
+    # The same bytes again: the archive is built once and its checksum is stable.
+    assert download(live_client, live_auth, f"/v1/fine_tuning/jobs/{job_id}/content") == body
+
+
+def test_lora_download_is_an_adapter_peft_loads_and_merged_is_full_weights(
+    live_client: TestClient, live_auth: dict[str, str], live_settings: Settings, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    job_id = run_job(live_client, live_auth, live_settings, n_epochs=2, lora_rank=4)
+    expected = service_logits(live_settings, job_id)
+    body = download(live_client, live_auth, f"/v1/fine_tuning/jobs/{job_id}/content")
+    names = set(tarfile.open(fileobj=io.BytesIO(body)).getnames())
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= names and "model.safetensors" not in names
+    base, _ = registry.load_fresh(registry.resolve("tiny-random-llama"), live_settings)
+    adapted = PeftModel.from_pretrained(base, unpack(body, tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(TOKENS).logits, expected, rtol=1e-4, atol=1e-5)
+
+    merged = download(live_client, live_auth, f"/v1/fine_tuning/jobs/{job_id}/content", merged="true")
+    assert "model.safetensors" in tarfile.open(fileobj=io.BytesIO(merged)).getnames()
+    model = AutoModelForCausalLM.from_pretrained(unpack(merged, tmp_path / "merged")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_range_requests_resume_a_broken_download(
+    live_client: TestClient, live_auth: dict[str, str], live_settings: Settings
+) -> None:
+    job_id = run_job(live_client, live_auth, live_settings, n_epochs=1)
+    ckpts = live_client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", headers=live_auth).json()["data"]
+    url = f"/v1/fine_tuning/jobs/{job_id}/checkpoints/{ckpts[0]['id']}/content"
+    full = download(live_client, live_auth, url)
+    etag = f'"{hashlib.sha256(full).hexdigest()}"'
+
+    part = live_client.get(url, headers={**live_auth, "Range": "bytes=1000-", "If-Range": etag})
+    assert part.status_code == 206
+    assert part.headers["content-range"] == f"bytes 1000-{len(full) - 1}/{len(full)}"
+    assert full[:1000] + part.content == full
+
+    stale = live_client.get(url, headers={**live_auth, "Range": "bytes=1000-", "If-Range": '"other"'})
+    assert stale.status_code == 200 and stale.content == full  # the file changed: start over
+    beyond = live_client.get(url, headers={**live_auth, "Range": f"bytes={len(full) + 5}-"})
+    assert beyond.status_code == 416
+
+
+def test_downloads_are_for_the_owning_project_only_and_ids_are_not_paths(
+    live_client: TestClient, live_auth: dict[str, str], live_settings: Settings
+) -> None:
+    from service.core import db
+
+    job_id = run_job(live_client, live_auth, live_settings, n_epochs=1)
+    ckpt = live_client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", headers=live_auth).json()["data"][0]["id"]
+    with db.unit_of_work(live_settings) as session:
+        other = make_key(session, live_settings, "intruder")
+    for url in (f"/v1/fine_tuning/jobs/{job_id}/content", f"/v1/fine_tuning/jobs/{job_id}/checkpoints/{ckpt}/content"):
+        response = live_client.get(url, headers=other)
+        assert response.status_code == 404, response.text
+        assert "ftjob" in response.json()["error"]["message"]
+    # (a bare ".." is resolved by the client itself, to the job's own /content)
+    for evil in ("..%2F..%2F..%2Fetc%2Fpasswd", "%2e%2e", f"{ckpt}%2F..%2F..", "step-000001"):
+        response = live_client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints/{evil}/content", headers=live_auth)
+        assert response.status_code == 404, (evil, response.text)
+
+
+def test_final_model_of_a_job_without_one_is_a_clear_404(
+    client: TestClient, auth: dict[str, str], files: tuple[str, str]
+) -> None:
+    from tests.conftest import job_body
+
+    job_id = client.post("/v1/fine_tuning/jobs", headers=auth, json=job_body(*files)).json()["id"]
+    response = client.get(f"/v1/fine_tuning/jobs/{job_id}/content", headers=auth)
+    assert response.status_code == 404
+    assert "no downloadable fine-tuned model" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_archive_bytes_are_deterministic(tmp_path: Path, live_settings: Settings, merged: bool) -> None:
+    from service.models.archive import archive_of
+
+    model, tokenizer = registry.load_fresh(registry.resolve("tiny-random-llama"), live_settings)
+    digests = []
+    for copy in ("a", "b"):
+        folder = tmp_path / copy
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        digests.append(archive_of(folder, live_settings, merged=merged, name="x").sha256)
+    assert digests[0] == digests[1]
