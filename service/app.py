@@ -17,6 +17,7 @@ from service.core.storage import Storage
 from service.files.endpoints import router as files_router
 from service.graders.endpoints import router as graders_router
 from service.jobs.endpoints import router as jobs_router
+from service.models.endpoints import router as models_router
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(files_router)
     app.include_router(jobs_router)
     app.include_router(graders_router)
+    app.include_router(models_router)
     app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]

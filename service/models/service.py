@@ -1,0 +1,136 @@
+"""Listing models and answering chat completions with base, fine-tuned and checkpoint models."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from service.auth.service import AuthSubject
+from service.core.errors import InvalidRequest, NotFound
+from service.core.ids import new_id
+from service.core.settings import Settings
+from service.models import inference, registry, repository
+from service.models.schemas import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionCreate,
+    Choice,
+    ModelObject,
+    Usage,
+)
+
+STARTED = int(time.time())
+DEFAULT_MAX_TOKENS = 512
+
+
+def list_models(session: Session, subject: AuthSubject) -> list[ModelObject]:
+    base = [ModelObject(id=name, created=STARTED, owned_by="rft") for name in registry.known_models()]
+    tuned = repository.fine_tuned_models(session, subject)
+    return base + [ModelObject(id=name, created=created, owned_by=subject.project_id) for name, created in tuned]
+
+
+def get_model(session: Session, subject: AuthSubject, model: str) -> ModelObject:
+    for candidate in list_models(session, subject):
+        if candidate.id == model:
+            return candidate
+    raise NotFound(f"The model {model!r} does not exist or you do not have access to it.", param="model")
+
+
+class Prepared:
+    """A request whose model is loaded and whose prompt fits: ready to generate."""
+
+    def __init__(self, body: ChatCompletionCreate, model: Any, tokenizer: Any, prompt: list[int]) -> None:
+        self.body, self.model, self.tokenizer, self.prompt = body, model, tokenizer, prompt
+        context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or len(prompt) + DEFAULT_MAX_TOKENS
+        room = context - len(prompt)
+        if room <= 0:
+            raise InvalidRequest(
+                f"The messages take {len(prompt)} tokens; this model's context holds {context}.", param="messages"
+            )
+        limit = body.completion_limit
+        if limit is not None and limit > room:
+            raise InvalidRequest(
+                f"max_tokens is {limit}, but only {room} tokens fit after the {len(prompt)}-token prompt "
+                f"(context {context}).",
+                param="max_completion_tokens" if body.max_completion_tokens else "max_tokens",
+            )
+        self.params = inference.Params(
+            max_tokens=limit or min(DEFAULT_MAX_TOKENS, room),
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=body.top_p or 1.0,
+            n=body.n or 1,
+            seed=body.seed,
+            stop=tuple(body.stop or ()),
+        )
+        self.completion = ChatCompletion(
+            id=new_id("chatcmpl-"),
+            created=int(time.time()),
+            model=body.model,
+            choices=[],
+            usage=Usage(prompt_tokens=len(prompt), completion_tokens=0, total_tokens=len(prompt)),
+        )
+
+    def deltas(self) -> Iterator[list[inference.Delta]]:
+        return inference.stream(self.model, self.tokenizer, self.prompt, self.params)
+
+
+def prepare(
+    transaction: AbstractContextManager[Session], subject: AuthSubject, settings: Settings, body: ChatCompletionCreate
+) -> Prepared:
+    """Resolve (in a short transaction) and load the model, and tokenize the prompt."""
+    with transaction as session:
+        spec = registry.resolve_for_project(body.model, settings, subject.project_id, session)
+    model, tokenizer = registry.load(body.model, settings, device=_device(), spec=spec)
+    messages = [m.as_template_input() for m in body.messages]
+    return Prepared(body, model, tokenizer, inference.prompt_ids(tokenizer, messages))
+
+
+def complete(prepared: Prepared) -> ChatCompletion:
+    texts, reasons, tokens = [""] * prepared.params.n, ["length"] * prepared.params.n, [0] * prepared.params.n
+    for deltas in prepared.deltas():
+        for delta in deltas:
+            texts[delta.index] += delta.text
+            if delta.finish_reason:
+                reasons[delta.index], tokens[delta.index] = delta.finish_reason, delta.completion_tokens
+    result = prepared.completion
+    result.choices = [
+        Choice(index=i, message=AssistantMessage(content=text), finish_reason=reason)
+        for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))
+    ]
+    result.usage = _usage(len(prepared.prompt), sum(tokens))
+    return result
+
+
+def stream_chunks(prepared: Prepared) -> Iterator[dict[str, Any]]:
+    """OpenAI's chunk sequence: a role delta per choice, content deltas, finish reasons, usage."""
+    result, n = prepared.completion, prepared.params.n
+    yield result.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}} for i in range(n)])
+    generated = 0
+    for deltas in prepared.deltas():
+        choices = []
+        for delta in deltas:
+            generated += delta.completion_tokens
+            content = {"content": delta.text} if delta.text else {}
+            choices.append({"index": delta.index, "delta": content, "finish_reason": delta.finish_reason})
+        yield result.chunk(choices)
+    options = prepared.body.stream_options
+    if options is not None and options.include_usage:
+        yield result.chunk([], usage=_usage(len(prepared.prompt), generated))
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
