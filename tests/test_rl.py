@@ -356,3 +356,20 @@ def test_groups_without_reward_variance_are_refilled_with_fresh_prompts(
     assert sum(m["refilled_groups"] for m in history) > 0
     assert all(m["frac_zero_std_groups_after_refill"] <= m["frac_zero_std_groups"] for m in history)
     assert any(m["frac_zero_std_groups_after_refill"] < m["frac_zero_std_groups"] for m in history)
+    # The reported train reward is the step's own prompts'; what was trained on after refill is apart.
+    assert all(m["trained_reward_mean"] == m["train_reward_mean"] for m in history if not m["refilled_groups"])
+    assert any(m["trained_reward_mean"] != m["train_reward_mean"] for m in history if m["refilled_groups"])
+
+
+def test_greedy_validation_gives_one_answer_per_prompt(
+    live_client: TestClient, live_auth: dict[str, str], live_settings: Settings
+) -> None:
+    job_id = run_job(live_client, live_auth, live_settings, n_epochs=1, eval_samples=2, eval_temperature=0)
+    assert job(live_settings, job_id).method["reinforcement"]["hyperparameters"]["eval_temperature"] == 0
+    evaluated = [m for m in metrics(live_settings, job_id) if m.get("valid_samples")]
+    assert evaluated
+    for m in evaluated:
+        samples = m["valid_samples"]
+        pairs = [(samples[i], samples[i + 1]) for i in range(0, len(samples) - 1, 2)]
+        assert pairs and all(a["prompt"] == b["prompt"] and a["completion"] == b["completion"] for a, b in pairs)
+        assert all(set(s["scores"]) == {"lower"} for s in samples)

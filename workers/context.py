@@ -17,7 +17,8 @@ from service.core.db import unit_of_work
 from service.core.ids import new_id
 from service.core.settings import Settings
 from service.core.storage import Storage
-from service.core.tables import Checkpoint, File, Job
+from service.core.tables import Checkpoint, Job
+from service.files.repository import files_of_job
 from service.jobs import repository
 from service.jobs.service import fine_tuned_model_name
 from workers.lease import Heartbeat
@@ -49,12 +50,7 @@ class JobContext:
             row = repository.get_unscoped(session, job_id)
             assert row is not None
             snapshot = {c.key: getattr(row, c.key) for c in Job.__mapper__.column_attrs}
-            ids = [row.training_file] + ([row.validation_file] if row.validation_file else [])
-            keys = dict(
-                session.execute(
-                    select(File.id, File.storage_key).where(File.project_id == row.project_id, File.id.in_(ids))
-                ).all()
-            )
+            keys = {i: f.storage_key for i, f in files_of_job(session, row).items()}
         snapshot["training_path"] = storage.path(keys[row.training_file])
         if row.validation_file:
             snapshot["validation_path"] = storage.path(keys[row.validation_file])

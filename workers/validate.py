@@ -5,13 +5,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import select
-
 from service.core.db import unit_of_work
 from service.core.queue import wake_training
 from service.core.settings import Settings
 from service.core.storage import Storage
-from service.core.tables import File, now
+from service.core.tables import now
+from service.files.repository import files_of_job
 from service.files.validation import FileReport, validate_jsonl
 from service.jobs import repository
 from workers.lease import claim, worker_identity
@@ -23,11 +22,7 @@ def validate_job(job_id: str, settings: Settings) -> None:
             return
         job = repository.get_unscoped(session, job_id)
         assert job is not None
-        ids = [job.training_file] + ([job.validation_file] if job.validation_file else [])
-        files = {
-            f.id: (f.filename, f.sha256, f.storage_key)
-            for f in session.scalars(select(File).where(File.project_id == job.project_id, File.id.in_(ids)))
-        }
+        files = {i: (f.filename, f.sha256, f.storage_key) for i, f in files_of_job(session, job).items()}
         training_file, validation_file = job.training_file, job.validation_file
     error, notes = check_files(settings, files, training_file, validation_file)
     with unit_of_work(settings) as session:

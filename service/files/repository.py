@@ -3,11 +3,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.auth.service import AuthSubject, readable
 from service.core.pagination import paginate
-from service.core.tables import File
+from service.core.tables import File, Job
 
 
 def get(session: Session, subject: AuthSubject, file_id: str) -> File | None:
@@ -27,3 +28,10 @@ def page(
     if purpose:
         stmt = stmt.where(File.purpose == purpose)
     return paginate(session, stmt, File, after=after, limit=limit, order=order)
+
+
+def files_of_job(session: Session, job: Job) -> dict[str, File]:
+    """The job's training and validation file rows by id (for workers, which act on a job id)."""
+    ids = [job.training_file] + ([job.validation_file] if job.validation_file else [])
+    stmt = select(File).where(File.project_id == job.project_id, File.id.in_(ids))
+    return {f.id: f for f in session.scalars(stmt)}

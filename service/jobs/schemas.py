@@ -53,6 +53,7 @@ class RftHyperparameters(Strict):
     max_completion_tokens: Annotated[int, Field(ge=1, le=4096)] = 64
     temperature: Annotated[float, Field(gt=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    eval_temperature: Annotated[float, Field(ge=0, le=2)] | None = None  # None: `temperature`; 0: greedy
     warmup_steps: Annotated[int, Field(ge=0)] = 0
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
     micro_batch_size: auto_or(int, low=1, high=1024) = "auto"  # type: ignore[valid-type]

@@ -42,6 +42,7 @@ class RLConfig:
     max_completion_tokens: int
     temperature: float
     top_p: float
+    eval_temperature: float  # 0: greedy validation
     warmup_steps: int
     max_grad_norm: float
     kl_limit: float
@@ -60,6 +61,10 @@ class RLConfig:
 
 def _pick(value: Any, default: Any) -> Any:
     return default if value == "auto" else value
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 def resolve(hp: dict[str, Any], n_train: int) -> RLConfig:
@@ -93,6 +98,7 @@ def resolve(hp: dict[str, Any], n_train: int) -> RLConfig:
         max_completion_tokens=int(hp.get("max_completion_tokens", 64)),
         temperature=float(hp.get("temperature", 1.0)),
         top_p=float(hp.get("top_p", 1.0)),
+        eval_temperature=float(_or(hp.get("eval_temperature"), hp.get("temperature", 1.0))),
         warmup_steps=int(hp.get("warmup_steps", 0)),
         max_grad_norm=float(hp.get("max_grad_norm", 1.0)),
         kl_limit=float(hp.get("kl_limit", 0.5)),

@@ -171,29 +171,31 @@ class Loop:
         cfg, t0 = self.cfg, time.perf_counter()
         self.timing = {"sampling": 0.0, "scoring": 0.0}
         indexes = batch_for_step(len(self.train), cfg.batch_size, step - 1, self.seed)
-        rollout, grades = self.sample_and_grade(indexes, step_seed(self.seed, step))
-        zero_before = self.zero_std_groups(grades)
-        rollout, grades, refilled = self.refill(step, rollout, grades, zero_before)
+        rollout, sampled = self.sample_and_grade(indexes, step_seed(self.seed, step))
+        zero_before = self.zero_std_groups(sampled)
+        # Rewards are reported for the step's own prompts; refill only changes what is trained on.
+        rollout, grades, refilled = self.refill(step, rollout, sampled, zero_before)
         t_grade = time.perf_counter()  # sampling and scoring were timed inside sample_and_grade
         rewards = torch.tensor(grades.rewards, dtype=torch.float32)  # (B*G,)
         adv, zero_std = advantages(rewards, cfg.group_size, cfg.advantage_std)
         stats = self.update(step, rollout, adv.to(self.model.device))
         t_train = time.perf_counter()
         graders = [
-            {"name": n, "type": t, "train_reward_mean": grades.grader_means()[n]}
-            for n, t in grades.grader_types.items()
+            {"name": n, "type": t, "train_reward_mean": sampled.grader_means()[n]}
+            for n, t in sampled.grader_types.items()
         ]
         return {
             "step": step,
             "total_steps": cfg.total_steps,
-            "train_reward_mean": float(rewards.mean()),
+            "train_reward_mean": float(torch.tensor(sampled.rewards).mean()),
+            "trained_reward_mean": float(rewards.mean()),  # after refill
             "completion_tokens_mean": rollout.completion_tokens / len(rollout.texts),
             "frac_zero_std_groups": len(zero_before) / cfg.batch_size,
             "frac_zero_std_groups_after_refill": float(zero_std.float().mean()),
             "refilled_groups": refilled,
             "frac_truncated": float(rollout.truncated.float().mean()),
             "scores": {"graders": graders},
-            **grades.error_rates(),
+            **sampled.error_rates(),
             **stats,
             "tokens_per_second": rollout.completion_tokens / max(t_train - t0, 1e-9),
             "timing": {
@@ -314,9 +316,10 @@ class Loop:
             [e.messages for e in self.valid],
             cfg.eval_samples,
             max_new_tokens=cfg.max_completion_tokens,
-            temperature=cfg.temperature,
+            temperature=cfg.eval_temperature,
             top_p=cfg.top_p,
             seed=step_seed(self.seed, EVAL_SEED_SALT),
+            greedy=cfg.eval_temperature == 0,
         )
         items = [e.item for e in self.valid for _ in range(cfg.eval_samples)]
         grades = grade_batch(self.grader, [Sample.from_text(t) for t in rollout.texts], items)
@@ -332,7 +335,9 @@ class Loop:
                 "prompt": self.valid[i // cfg.eval_samples].messages[-1].get("content"),
                 "completion": text,
                 "reward": grade.reward,
+                "scores": grade.scores,  # per grader, for multi graders
                 "errors": sorted(grade.errors),
+                "grader_errors": grade.grader_errors,
             }
             for i, (text, grade) in enumerate(zip(rollout.texts, grades.grades, strict=True))
         ][:5]
