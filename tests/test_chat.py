@@ -4,7 +4,9 @@ models, greedy answers equal to transformers' own, streaming, stop strings, seed
 from __future__ import annotations
 
 import io
+import re
 import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from service.core import db
 from service.core.settings import Settings
 from service.models import registry
 from tests.conftest import make_key
+from tests.support.procs import Proc, free_port, wait_healthy
 from tests.test_rl import job, run_job
 
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello"}]
@@ -194,3 +197,33 @@ def _saved_tiny(root: Path) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def test_streamed_chat_over_http_leaves_the_server_responsive(tmp_path: Path) -> None:
+    """A long generation runs in the thread pool: /health answers at once while tokens stream."""
+    import httpx
+
+    port = free_port()
+    env = {"RFT_DATA_DIR": str(tmp_path / "data"), "RFT_DATABASE_URL": "", "RFT_BROKER_URL": ""}
+    serve = Proc(["serve", "--port", str(port), "--no-workers"], env, tmp_path / "serve.log")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(base, serve)
+        key = re.search(r"API key:\s+(\S+)", serve.output())
+        assert key, serve.output()
+        api = openai.OpenAI(base_url=f"{base}/v1", api_key=key.group(1), max_retries=0)
+        stream = api.chat.completions.create(
+            model="tiny-random-llama", messages=HELLO, max_tokens=900, temperature=0, stream=True
+        )
+        chunks = iter(stream)
+        next(chunks)
+        waits = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            assert httpx.get(f"{base}/health", timeout=5).status_code == 200
+            waits.append(time.perf_counter() - t0)
+        rest = list(chunks)
+        assert rest and rest[-1].choices[0].finish_reason in ("stop", "length")
+        assert max(waits) < 0.5, waits
+    finally:
+        serve.stop()

@@ -10,11 +10,13 @@ is settled.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -48,20 +50,23 @@ def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-@torch.inference_mode()
 def stream(model: Any, tokenizer: Any, prompt: list[int], params: Params) -> Iterator[list[Delta]]:
     """Yield, after each decoding step, the new text of every choice that has some."""
+    import torch  # here, not at import: the API answers job requests without loading torch
+
     device = model.device
     generator = torch.Generator(device=device)
-    generator.manual_seed(params.seed if params.seed is not None else int(torch.seed() % 2**63))
+    generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
     eos = _eos_ids(model, tokenizer)
     choices = [_Choice() for _ in range(params.n)]
     cache: Any = None
     step_input = torch.tensor([prompt] * params.n, device=device)  # (n, P), then (n, 1)
     for _ in range(params.max_tokens):
-        out = model(input_ids=step_input, cache=cache, use_cache=True, logits_to_keep=1)
-        cache = out.cache
-        next_ids = _pick(out.logits[:, -1, :].float(), params, generator)  # (n,)
+        # Grad mode is per thread and a streamed answer resumes on any pool thread: set it per step.
+        with torch.no_grad():
+            out = model(input_ids=step_input, cache=cache, use_cache=True, logits_to_keep=1)
+            cache = out.cache
+            next_ids = _pick(out.logits[:, -1, :].float(), params, generator)  # (n,)
         deltas = []
         for index, (choice, token) in enumerate(zip(choices, next_ids.tolist(), strict=True)):
             if choice.finish_reason is not None:
@@ -89,6 +94,8 @@ def stream(model: Any, tokenizer: Any, prompt: list[int], params: Params) -> Ite
 
 def _pick(logits: torch.Tensor, params: Params, generator: torch.Generator) -> torch.Tensor:
     """(n, V) logits -> (n,) token ids."""
+    import torch
+
     if params.temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / params.temperature, dim=-1)
