@@ -1,4 +1,5 @@
-"""`rft`: serve the API (with embedded workers by default), run workers, migrate, manage keys."""
+"""`rft`: serve the API (with embedded workers by default), run workers, migrate, manage keys; and the
+client commands of `service.cli_client` (files, jobs, checkpoints, chat) against any server."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 
+from service import cli_client
 from service.core.settings import Settings, get_settings
 
 DEFAULT_PROJECT = "default"
@@ -30,7 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="create an API key for a project (created if new)")
     create.add_argument("--project", required=True)
+    cli_client.register(sub)
     args = parser.parse_args(argv)
+    if hasattr(args, "client_handler"):  # a client command: talks HTTP, needs no server settings
+        return cli_client.run(args)
 
     settings = get_settings()
     if args.command == "migrate":
