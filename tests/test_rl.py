@@ -373,3 +373,5 @@ def test_greedy_validation_gives_one_answer_per_prompt(
         pairs = [(samples[i], samples[i + 1]) for i in range(0, len(samples) - 1, 2)]
         assert pairs and all(a["prompt"] == b["prompt"] and a["completion"] == b["completion"] for a, b in pairs)
         assert all(set(s["scores"]) == {"lower"} for s in samples)
+        (grader,) = m["scores"]["graders"]
+        assert grader["valid_reward_mean"] == pytest.approx(m["valid_reward_mean"])

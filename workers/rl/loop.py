@@ -112,6 +112,8 @@ class Loop:
                 metrics["valid_reward_mean"] = result["reward"]
                 metrics["valid_kl"] = result["kl"]
                 metrics["valid_samples"] = result["samples"]
+                for grader in metrics["scores"]["graders"]:
+                    grader["valid_reward_mean"] = result["graders"].get(grader["name"])
                 metrics["timing"]["step"]["eval"] = time.perf_counter() - t0
                 if step == self.cfg.total_steps:
                     metrics["full_valid_mean_reward"] = result["reward"]

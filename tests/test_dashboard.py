@@ -1,0 +1,353 @@
+"""The web dashboard in a real browser (headless Chromium driven by Playwright) against a real
+`rft serve` (API + workers on SQLite and the filesystem broker) whose jobs run a scripted trainer
+that writes the metrics, evaluations, checkpoints and final-model event the RL loop writes.
+
+The run also writes `build/dashboard.png`, a screenshot of the job page (the README shows a copy).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import jsonl
+from tests.support.procs import Proc, free_port, pids_with_env, wait_healthy
+
+try:
+    from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
+except ImportError:  # pragma: no cover - the dev extra installs it
+    pytest.skip("playwright is not installed: pip install -e '.[dev]'", allow_module_level=True)
+
+LAUNCH_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking"]
+# Written on every run under build/ (ignored by git); docs/dashboard.png, which the README shows, is a copy.
+SCREENSHOT = Path(__file__).resolve().parent.parent / "build" / "dashboard.png"
+TERMINAL = {"succeeded", "failed", "cancelled"}
+EXACT = {
+    "type": "string_check",
+    "name": "exact",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.answer}}",
+    "operation": "eq",
+}
+FUZZY = {**EXACT, "type": "text_similarity", "name": "close", "evaluation_metric": "fuzzy_match"}
+del FUZZY["operation"]
+MULTI = {
+    "type": "multi",
+    "name": "blend",
+    "graders": {"exact": EXACT, "close": FUZZY},
+    "calculate_output": "0.7 * exact + 0.3 * close",
+}
+LINES = [
+    {
+        "messages": [{"role": "user", "content": f"What is {i} + {i + 3}? Answer with just the number."}],
+        "answer": str(2 * i + 3),
+    }
+    for i in range(1, 10)
+]
+
+
+def chromium() -> str | None:
+    """Debian's chromium; installed here when missing, if this process may (root, apt-get)."""
+    found = shutil.which("chromium")
+    if found or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return found
+    install = ["apt-get", "install", "-y", "-q", "chromium"]
+    if subprocess.run(install, capture_output=True, timeout=900, check=False).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=900, check=False)
+        subprocess.run(install, capture_output=True, timeout=900, check=False)
+    return shutil.which("chromium")
+
+
+@dataclass
+class Server:
+    url: str
+    key: str
+    client: openai.OpenAI
+    files: tuple[str, str]
+
+    def create_job(self, grader: dict[str, Any], seed: int = 7, **metadata: str) -> str:
+        method: Any = {"type": "reinforcement", "reinforcement": {"grader": grader}}
+        return self.client.fine_tuning.jobs.create(
+            model="tiny-random-llama",
+            training_file=self.files[0],
+            validation_file=self.files[1],
+            method=method,
+            suffix="adder",
+            seed=seed,
+            metadata=metadata,
+        ).id
+
+    def wait(self, job_id: str, until: set[str], timeout: float = 120) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            status = self.client.fine_tuning.jobs.retrieve(job_id).status
+            if status in until:
+                return status
+            time.sleep(0.2)
+        raise AssertionError(f"job {job_id} still {status} after {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    path = chromium()
+    if path is None:
+        pytest.skip("chromium is not installed and cannot be installed here (needs root and apt-get)")
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=path, args=LAUNCH_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("dashboard")
+    port = free_port()
+    env = {
+        "RFT_DATA_DIR": str(tmp / "data"),
+        "RFT_DATABASE_URL": "",
+        "RFT_BROKER_URL": "",
+        "RFT_TRAINER": "tests.support.dashboard_trainer:scripted",
+    }
+    serve = Proc(["serve", "--port", str(port)], env, tmp / "serve.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, serve)
+        key = re.search(r"API key:\s+(\S+)", serve.output())
+        assert key, serve.output()
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=key.group(1), max_retries=0)
+        train = client.files.create(file=("train.jsonl", jsonl(LINES[:6])), purpose="fine-tune").id
+        valid = client.files.create(file=("valid.jsonl", jsonl(LINES[4:])), purpose="fine-tune").id
+        yield Server(url, key.group(1), client, (train, valid))
+    finally:
+        serve.stop()
+        deadline = time.time() + 15
+        while pids_with_env("RFT_DATA_DIR", env["RFT_DATA_DIR"]) and time.time() < deadline:
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def finished_job(server: Server) -> str:
+    """A job that ran to the end: 12 steps, an evaluation every 3, with a multi grader."""
+    job_id = server.create_job(MULTI, steps="12", step_seconds="0.1", eval_interval="3")
+    assert server.wait(job_id, TERMINAL) == "succeeded"
+    return job_id
+
+
+class Watched:
+    """A page whose console errors and uncaught exceptions are collected."""
+
+    def __init__(self, browser: Browser, server: Server, *, key: bool = True, width: int = 1280, height: int = 900):
+        self.context = browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True)
+        if key:  # as if the user had pasted it once before
+            self.context.add_init_script(f"localStorage.setItem('rft.apiKey', {server.key!r})")
+        self.page: Page = self.context.new_page()
+        self.errors: list[str] = []
+        self.requests: list[str] = []
+        self.page.on("console", self._console)
+        self.page.on("pageerror", lambda exc: self.errors.append(f"pageerror: {exc}"))
+        self.page.on("request", lambda request: self.requests.append(request.url))
+        self.server = server
+
+    def _console(self, message: ConsoleMessage) -> None:
+        if message.type == "error":
+            self.errors.append(message.text)
+
+    def open(self, route: str) -> Page:
+        self.page.goto(f"{self.server.url}/{route}")
+        return self.page
+
+    def count(self, selector: str) -> int:
+        return int(self.page.evaluate("s => document.querySelectorAll(s).length", selector))
+
+    def wait_count(self, selector: str, at_least: int, timeout: float = 20_000) -> None:
+        self.page.wait_for_function(
+            "([s, n]) => document.querySelectorAll(s).length >= n", arg=[selector, at_least], timeout=timeout
+        )
+
+    def no_horizontal_overflow(self) -> bool:
+        return bool(self.page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"))
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def watched(browser: Browser, server: Server) -> Iterator[Watched]:
+    page = Watched(browser, server)
+    yield page
+    page.close()
+
+
+def test_job_page_draws_the_curves_checkpoints_final_model_and_events(
+    watched: Watched, server: Server, finished_job: str
+) -> None:
+    page = watched.open(f"#/jobs/{finished_job}")
+    # 12 train points + the baseline and 4 evaluations on the validation curve.
+    watched.wait_count('[data-chart="reward"] circle.pt', 17)
+    assert watched.count('[data-chart="reward"] path[data-series="train"]') == 1
+    assert watched.count('[data-chart="reward"] line[data-ref="baseline"]') == 1
+    for chart in ("graders", "kl", "entropy", "length", "time"):
+        assert watched.count(f'[data-chart="{chart}"] circle.pt') >= 12, chart
+        assert watched.count(f'[data-chart="{chart}"] text.tick') >= 4, f"{chart} has axes with ticks"
+    assert page.inner_text('[data-chart="kl"] figcaption') == "KL to the initial policy (nats / token)"
+    assert watched.count('[data-chart="graders"] path.series') == 4  # exact and close, train and valid
+    assert watched.count("#checkpoints tbody tr") == 4
+    final_row = page.locator("#checkpoints tr.final")
+    assert final_row.count() == 1 and "final" in final_row.inner_text()
+    assert "Final model: the checkpoint at step" in page.inner_text("#final-model")
+    assert "kl_limit" in page.inner_text("#hyperparameters")
+    page.check('[data-filter="metrics"]')
+    assert "Step 12/12" in page.inner_text("#events")
+    assert "The job has successfully completed." in page.inner_text("#events")
+
+    with page.expect_download() as download:
+        page.click("#final-model button")
+    with tarfile.open(download.value.path()) as tar:
+        assert "config.json" in [Path(n).name for n in tar.getnames()]
+
+    page.set_viewport_size({"width": 1280, "height": 1280})
+    page.evaluate("window.scrollTo(0, 0)")
+    page.wait_for_timeout(500)  # the charts redraw at the new size
+    page.hover('[data-chart="reward"] svg', position={"x": 380, "y": 90})
+    assert page.inner_text('[data-chart="reward"] .readout').startswith("step ")
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT))
+    assert SCREENSHOT.stat().st_size > 20_000
+    assert watched.errors == []
+
+
+def test_rollout_browser_shows_completions_and_follows_a_prompt_across_steps(
+    watched: Watched, finished_job: str
+) -> None:
+    page = watched.open(f"#/jobs/{finished_job}/rollouts")
+    watched.wait_count(".pill", 5)  # the baseline and 4 evaluations
+    assert page.inner_text(".pill.active").startswith("step 12")
+    completions = page.locator("pre.completion").all_inner_texts()
+    assert len(completions) == 5 and all(text.strip() for text in completions)
+    assert "exact:" in page.inner_text(".sample .scores")  # per-grader scores
+    page.click('.pill[data-step="0"]')
+    assert page.inner_text(".pill.active").startswith("baseline")
+    page.click('[data-mode="compare"]')
+    page.wait_for_selector("#prompt-select")
+    assert watched.count("table.compare tbody tr") == 5  # the same prompt at each evaluation
+    assert watched.errors == []
+
+
+def test_grader_playground_runs_a_grader_and_shows_reward_sub_scores_and_errors(watched: Watched) -> None:
+    page = watched.open("#/playground")
+    page.select_option("#preset", label="multi (exact + fuzzy)")
+    page.fill("#model-sample", "12")
+    page.click("#run-grader")
+    page.wait_for_selector("#reward-value")
+    assert page.inner_text("#reward-value") == "1"
+    assert "exact" in page.inner_text("#grader-result") and page.is_visible("#no-errors")
+
+    page.fill("#item-json", '{"question": "no answer key"}')
+    page.click("#run-grader")
+    page.wait_for_selector("#grader-result .error-list")
+    assert page.inner_text("#reward-value") == "0"
+    assert "invalid_variable_error" in page.inner_text("#grader-result .error-list")
+
+    page.fill("#item-json", "{not json")
+    page.click("#run-grader")
+    assert "is not valid JSON" in page.inner_text("#playground-output")
+    assert watched.errors == []
+
+
+def test_live_job_updates_while_running_and_pause_resume_cancel_work(watched: Watched, server: Server) -> None:
+    job_id = server.create_job(EXACT, steps="400", step_seconds="0.3", eval_interval="5")
+    server.wait(job_id, {"running"})
+    page = watched.open(f"#/jobs/{job_id}")
+    watched.wait_count('[data-chart="entropy"] circle.pt', 1)
+    before = watched.count('[data-chart="entropy"] circle.pt')
+    watched.wait_count('[data-chart="entropy"] circle.pt', before + 3)  # new points without a reload
+
+    page.click('[data-action="pause"]')
+    page.wait_for_selector(".badge.status-paused", timeout=30_000)
+    page.click('[data-action="resume"]')
+    page.wait_for_selector(".badge.status-running", timeout=30_000)
+    page.click('[data-action="cancel"]')
+    assert page.inner_text('[data-action="cancel"]') == "Really cancel?"
+    page.click('[data-action="cancel"]')
+    page.wait_for_selector(".badge.status-cancelled", timeout=30_000)
+    assert server.client.fine_tuning.jobs.retrieve(job_id).status == "cancelled"
+    assert page.is_disabled('[data-action="cancel"]')
+    assert watched.errors == []
+
+
+def test_jobs_list_shows_new_jobs_without_reload_and_filters_by_status(
+    watched: Watched, server: Server, finished_job: str
+) -> None:
+    page = watched.open("#/jobs")
+    page.wait_for_selector(f'tr[data-job="{finished_job}"] .progress-text')  # progress fills in after the list
+    row = page.inner_text(f'tr[data-job="{finished_job}"]')
+    assert "succeeded" in row and "12/12" in row and "tiny-random-llama" in row
+    new_job = server.create_job(EXACT, steps="100", step_seconds="0.2")
+    page.wait_for_selector(f'tr[data-job="{new_job}"]', timeout=15_000)
+    page.select_option("#status-filter", "succeeded")
+    shown = page.locator("tbody tr").evaluate_all("rows => rows.map(r => r.dataset.job)")
+    assert finished_job in shown and new_job not in shown
+    assert all("succeeded" in text for text in page.locator("tbody tr").all_inner_texts())
+    server.client.fine_tuning.jobs.cancel(new_job)
+    assert watched.errors == []
+
+
+def test_phone_viewport_has_no_horizontal_overflow(browser: Browser, server: Server, finished_job: str) -> None:
+    phone = Watched(browser, server, width=390, height=844)
+    try:
+        for route, ready in [
+            ("#/jobs", f'tr[data-job="{finished_job}"]'),
+            (f"#/jobs/{finished_job}", '[data-chart="reward"] circle.pt'),
+            (f"#/jobs/{finished_job}/rollouts", "pre.completion"),
+            ("#/playground", "#grader-json"),
+        ]:
+            phone.open(route).wait_for_selector(ready)
+            assert phone.no_horizontal_overflow(), f"{route} is wider than a phone screen"
+            if "circle" in ready:  # the charts are drawn at the phone's width, not scaled down
+                assert 300 <= phone.page.locator('[data-chart="reward"] svg').bounding_box()["width"] <= 390  # type: ignore[index]
+        assert phone.errors == []
+    finally:
+        phone.close()
+
+
+def test_without_a_key_nothing_is_fetched_and_a_pasted_key_unlocks_the_jobs(
+    browser: Browser, server: Server, finished_job: str
+) -> None:
+    fresh = Watched(browser, server, key=False)
+    try:
+        page = fresh.open("")
+        page.wait_for_selector("#api-key")
+        assert not [url for url in fresh.requests if "/v1/" in url], "no key, no data"
+        page.fill("#api-key", "rft-not-a-key")
+        page.click("form button")
+        page.wait_for_selector("#key-message .error-box")
+        assert "refused" in page.inner_text("#key-message")
+        assert all("401" in e for e in fresh.errors)  # the browser logs the refused request itself
+        page.fill("#api-key", server.key)
+        page.click("form button")
+        page.wait_for_selector(f'tr[data-job="{finished_job}"]')
+        assert page.evaluate("localStorage.getItem('rft.apiKey')") == server.key
+        assert all(server.key not in url for url in fresh.requests), "the key never travels in a URL"
+    finally:
+        fresh.close()
+
+
+def test_dashboard_is_static_outside_the_api_schema(server: Server) -> None:
+    page = httpx.get(f"{server.url}/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert httpx.get(f"{server.url}/dashboard/app.js").status_code == 200
+    paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    assert "/" not in paths and not [p for p in paths if p.startswith("/dashboard")]
