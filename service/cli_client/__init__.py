@@ -9,6 +9,7 @@ keeps in its data dir. Results go to stdout, progress and messages to stderr; a 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -121,6 +122,9 @@ def run(args: argparse.Namespace, http: httpx2.Client | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `rft jobs get J | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:
         message = describe(exc)
         if message is None:
