@@ -375,3 +375,32 @@ def test_greedy_validation_gives_one_answer_per_prompt(
         assert all(set(s["scores"]) == {"lower"} for s in samples)
         (grader,) = m["scores"]["graders"]
         assert grader["valid_reward_mean"] == pytest.approx(m["valid_reward_mean"])
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(settings: Settings, lora: bool) -> None:
+    from workers.rl import loss
+    from workers.rl.config import resolve
+    from workers.rl.policy import build_policy
+    from workers.rl.rollout import sample
+
+    cfg = resolve({"lora_rank": 4 if lora else 0, "compute_multiplier": 1}, 3)
+    model, tokenizer = build_policy("tiny-random-llama", cfg, settings, "cpu")
+    prompts = [[{"role": "user", "content": text}] for text in ("hi", "a longer prompt here", "x")]
+    r = sample(model, tokenizer, prompts, 4, max_new_tokens=8, temperature=1.0, top_p=1.0, seed=1)
+    assert loss._prompts_shared(r.input_ids, r.attention_mask, r.prompt_len, 4)
+    results = []
+    for group in (1, 4):
+        model.zero_grad()
+        logp, entropy = loss.token_logprobs(model, r.input_ids, r.attention_mask, r.prompt_len, group)
+        (logp * r.completion_mask).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results.append((logp * r.completion_mask, entropy * r.completion_mask, grads))
+    (logp1, ent1, grads1), (logp4, ent4, grads4) = results
+    torch.testing.assert_close(logp4, logp1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent4, ent1, rtol=1e-5, atol=1e-5)
+    assert grads1 and len(grads1) == len(grads4)
+    for a, b in zip(grads1, grads4, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    # Rows whose group prompts differ are not shared: the plain pass is used.
+    assert not loss._prompts_shared(r.input_ids[1:9], r.attention_mask[1:9], r.prompt_len, 4)

@@ -6,7 +6,8 @@ Rules (n = training examples):
 - learning_rate = 1e-5 (full fine-tuning) or 1e-4 (LoRA) * learning_rate_multiplier (auto = 1),
   AdamW, linear warmup.
 - eval_interval = max(1, total_steps // 5); eval_samples = 1.
-- micro_batch_size (sequences per forward/backward) = min(group_size * batch_size, 16).
+- micro_batch_size (sequences per forward/backward) = min(group_size * batch_size, whole groups of at most
+  16 sequences, at least one group), so a group's shared prompt is computed once.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def resolve(hp: dict[str, Any], n_train: int) -> RLConfig:
     total = epochs * steps_per_epoch
     multiplier = float(_pick(hp.get("learning_rate_multiplier", "auto"), 1.0))
     lora_rank = int(hp.get("lora_rank", 0))
+    whole_groups = max(group, 16 // group * group)  # so each group's prompt is computed once per micro-batch
     return RLConfig(
         n_epochs=epochs,
         batch_size=batch,
@@ -85,7 +87,7 @@ def resolve(hp: dict[str, Any], n_train: int) -> RLConfig:
         compute_multiplier=compute,
         eval_interval=int(_pick(hp.get("eval_interval", "auto"), max(1, total // 5))),
         eval_samples=int(_pick(hp.get("eval_samples", "auto"), 1)),
-        micro_batch_size=int(_pick(hp.get("micro_batch_size", "auto"), min(group * batch, 16))),
+        micro_batch_size=int(_pick(hp.get("micro_batch_size", "auto"), min(group * batch, whole_groups))),
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
         beta=float(hp.get("beta", 0.04)),

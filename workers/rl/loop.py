@@ -279,11 +279,11 @@ class Loop:
                 part = slice(i, i + cfg.micro_batch_size)
                 ids, attn, m = rollout.input_ids[part], rollout.attention_mask[part], mask[part].float()
                 with self.precision():
-                    logp, entropy = token_logprobs(self.model, ids, attn, rollout.prompt_len)  # (n, C) each
+                    logp, entropy = token_logprobs(self.model, ids, attn, rollout.prompt_len, cfg.group_size)
                 ref_logp = None
                 if self.reference.enabled:
                     with self.precision():
-                        ref_logp = self.reference.logprobs(ids, attn, rollout.prompt_len)
+                        ref_logp = self.reference.logprobs(ids, attn, rollout.prompt_len, cfg.group_size)
                 parts = policy_loss(logp, ref_logp, adv[part], m, cfg, normaliser)
                 parts.loss.backward()
                 loss_total += float(parts.loss.detach())

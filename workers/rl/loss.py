@@ -19,17 +19,73 @@ import torch.nn.functional as F
 
 
 def token_logprobs(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, group: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities and entropies of the completion tokens: both (N, C)."""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at 0
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-    logits = logits[:, prompt_len - 1 : -1].float()  # (N, C, V) predicts completion tokens
+    """Log-probabilities and entropies (the latter without gradient) of the completion tokens, (N, C).
+
+    Rows come group by group (`group` samples of one prompt each). When every group's prompt rows
+    are identical, each prompt runs through the model once and its KV cache is shared by the group's
+    completions: the prompt is most of a sequence here, so this removes about half of the forward and
+    backward work, with the same result (gradients from all completions flow into the one prompt pass).
+    """
+    completion_len = input_ids.shape[1] - prompt_len
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at 0
+    if group > 1 and _prompts_shared(input_ids, attention_mask, prompt_len, group):
+        logits = _shared_prompt_logits(model, input_ids, attention_mask, positions, prompt_len, group)
+    else:
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            logits_to_keep=completion_len + 1,  # the lm_head only where completion tokens are predicted
+        ).logits[:, :-1]
+    logits = logits.float()  # (N, C, V) predicts the completion tokens
     targets = input_ids[:, prompt_len:]  # (N, C)
     log_probs = F.log_softmax(logits, dim=-1)
     logp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N, C)
-    entropy = -(log_probs.exp() * log_probs).sum(-1)  # (N, C)
+    with torch.no_grad():  # a diagnostic, never part of the loss
+        entropy = -(log_probs.exp() * log_probs).sum(-1)  # (N, C)
     return logp, entropy
+
+
+def _prompts_shared(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, group: int) -> bool:
+    n = input_ids.shape[0]
+    if n % group:
+        return False
+    ids = input_ids[:, :prompt_len].view(n // group, group, prompt_len)  # (B, G, P)
+    mask = attention_mask[:, :prompt_len].view(n // group, group, prompt_len)
+    return bool((ids == ids[:, :1]).all() and (mask == mask[:, :1]).all())
+
+
+def _shared_prompt_logits(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+    prompt_len: int,
+    group: int,
+) -> torch.Tensor:
+    """(N, C, V) logits, each group's prompt computed once; see `token_logprobs`."""
+    first = model(
+        input_ids=input_ids[::group, :prompt_len],  # (B, P)
+        attention_mask=attention_mask[::group, :prompt_len],
+        position_ids=positions[::group, :prompt_len],
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    head = first.logits[:, -1:].repeat_interleave(group, dim=0)  # (N, 1, V): the first completion token
+    if input_ids.shape[1] - prompt_len == 1:
+        return head
+    cache = first.cache
+    cache.batch_repeat_interleave(group)  # (B, ...) -> (N, ...), differentiable
+    rest = model(
+        input_ids=input_ids[:, prompt_len:-1],  # (N, C - 1)
+        attention_mask=attention_mask[:, :-1],
+        position_ids=positions[:, prompt_len:-1],
+        cache=cache,
+        use_cache=True,
+    ).logits  # (N, C - 1, V)
+    return torch.cat([head, rest], dim=1)
 
 
 def advantages(rewards: torch.Tensor, group_size: int, std_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
