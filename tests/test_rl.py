@@ -404,3 +404,31 @@ def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(settings: Sett
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     # Rows whose group prompts differ are not shared: the plain pass is used.
     assert not loss._prompts_shared(r.input_ids[1:9], r.attention_mask[1:9], r.prompt_len, 4)
+
+
+def test_sampling_with_a_shared_prompt_cache_gives_the_tokens_plain_generate_gives(settings: Settings) -> None:
+    from service.models import registry
+    from workers.rl.rollout import sample
+
+    model, tokenizer = registry.load_fresh(registry.resolve("tiny-random-llama"), settings)
+    prompts = [[{"role": "user", "content": text}] for text in ("hi", "a longer prompt here", "x")]
+    shared = sample(model, tokenizer, prompts, 4, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
+    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+    enc = tokenizer([t for t in texts for _ in range(4)], return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(3)
+    plain = model.generate(
+        **enc,
+        do_sample=True,
+        max_new_tokens=8,
+        temperature=1.0,
+        top_p=0.9,
+        top_k=0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    completions = plain[:, enc["input_ids"].shape[1] :]
+    assert completions.shape == shared.completion_mask.shape
+    assert torch.equal(
+        completions[shared.completion_mask.bool()],
+        shared.input_ids[:, shared.prompt_len :][shared.completion_mask.bool()],
+    )

@@ -55,6 +55,8 @@ def sample(
     }
     if not greedy:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    if n_per_prompt > 1 and enc["input_ids"].shape[1] > 1:
+        kwargs["cache"] = shared_prefix_cache(model, enc["input_ids"], enc["attention_mask"], n_per_prompt)
     out = model.generate(**enc, **kwargs)  # (N, P + C')
     model.train(was_training)
     prompt_len = enc["input_ids"].shape[1]
@@ -80,6 +82,24 @@ def sample(
         texts=texts,
         truncated=~has_eos,
     )
+
+
+def shared_prefix_cache(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, group: int) -> Any:
+    """The KV cache of each prompt but its last token, computed once and repeated for its `group` rows.
+
+    `generate` then prefills only the last prompt token per row instead of the whole prompt: the
+    same tokens come out (tested), for about a third less sampling time here.
+    """
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (N, P)
+    prefix = model(
+        input_ids=input_ids[::group, :-1],  # (B, P - 1): rows come `group` copies per prompt
+        attention_mask=attention_mask[::group, :-1],
+        position_ids=positions[::group, :-1],
+        use_cache=True,
+        logits_to_keep=1,
+    ).cache
+    prefix.batch_repeat_interleave(group)  # (B, ...) -> (N, ...)
+    return prefix
 
 
 def select_rows(rollout: Rollout, rows: list[int]) -> Rollout:
