@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -151,5 +152,7 @@ def test_archive_bytes_are_deterministic(tmp_path: Path, live_settings: Settings
         folder = tmp_path / copy
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+        for file in folder.iterdir():  # the same checkpoint, written at the same time
+            os.utime(file, (1_700_000_000, 1_700_000_000))
         digests.append(archive_of(folder, live_settings, merged=merged, name="x").sha256)
     assert digests[0] == digests[1]

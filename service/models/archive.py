@@ -3,8 +3,9 @@
 An archive is built once per checkpoint (and once more for a LoRA checkpoint merged into full
 weights), written to a temporary name, fsynced and renamed inside the checkpoint's own folder, so it
 disappears with the checkpoint when that is pruned. The tar is byte-for-byte deterministic (sorted
-names, zero mtimes and owners), so its sha256 is a stable ETag and a broken download can be resumed
-with `Range` against the same bytes. Trainer state (optimizer, RNG) is never shipped.
+names, the checkpoint's own write time on every member, no owners), so its sha256 is a stable ETag
+and a broken download can be resumed with `Range` against the same bytes. Trainer state (optimizer,
+RNG) is never shipped.
 """
 
 from __future__ import annotations
@@ -52,11 +53,16 @@ def archive_of(folder: Path, settings: Settings, *, merged: bool, name: str) -> 
         if not digest.exists():
             source = _merged_dir(folder, settings) if merged else folder
             try:
-                _write_archive(source, target, digest)
+                _write_archive(source, target, digest, mtime=_written_at(folder))
             finally:
                 if merged:
                     shutil.rmtree(source, ignore_errors=True)
     return Archive(target, digest.read_text().strip(), f"{name}{'-merged' if merged else ''}.tar")
+
+
+def _written_at(folder: Path) -> int:
+    """When the checkpoint was written (its files never change after that), for the tar members."""
+    return int(max(f.stat().st_mtime for f in folder.iterdir() if f.is_file()))
 
 
 def _merged_dir(folder: Path, settings: Settings) -> Path:
@@ -70,7 +76,7 @@ def _merged_dir(folder: Path, settings: Settings) -> Path:
     return out
 
 
-def _write_archive(source: Path, target: Path, digest: Path) -> None:
+def _write_archive(source: Path, target: Path, digest: Path, mtime: int) -> None:
     target.parent.mkdir(exist_ok=True)
     partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}.partial")
     try:
@@ -78,7 +84,7 @@ def _write_archive(source: Path, target: Path, digest: Path) -> None:
             hashing = _HashingWriter(raw)
             with tarfile.open(fileobj=hashing, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
                 for file in sorted(p for p in source.iterdir() if p.name not in SKIPPED and p.is_file()):
-                    _add(tar, file)
+                    _add(tar, file, mtime)
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(partial, target)
@@ -87,9 +93,9 @@ def _write_archive(source: Path, target: Path, digest: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
-def _add(tar: tarfile.TarFile, file: Path) -> None:
+def _add(tar: tarfile.TarFile, file: Path, mtime: int) -> None:
     info = tarfile.TarInfo(file.name)
-    info.mode, info.mtime, info.uid, info.gid, info.uname, info.gname = 0o644, 0, 0, 0, "", ""
+    info.mode, info.mtime, info.uid, info.gid, info.uname, info.gname = 0o644, mtime, 0, 0, "", ""
     if file.name == "adapter_config.json":
         data = _public_adapter_config(file)
         info.size = len(data)
