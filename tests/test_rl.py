@@ -388,22 +388,36 @@ def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(settings: Sett
     model, tokenizer = build_policy("tiny-random-llama", cfg, settings, "cpu")
     prompts = [[{"role": "user", "content": text}] for text in ("hi", "a longer prompt here", "x")]
     r = sample(model, tokenizer, prompts, 4, max_new_tokens=8, temperature=1.0, top_p=1.0, seed=1)
-    assert loss._prompts_shared(r.input_ids, r.attention_mask, r.prompt_len, 4)
-    results = []
-    for group in (1, 4):
+    rows = torch.tensor([1, 2, 3, 4, 5, 8, 11])  # runs of 3, 2 and 2 rows sharing a prompt
+    ids, attn, mask = r.input_ids[rows], r.attention_mask[rows], r.completion_mask[rows]
+    firsts, owner = loss._prompt_owners(ids, attn, r.prompt_len)
+    assert firsts.tolist() == [0, 3, 5] and owner.tolist() == [0, 0, 0, 1, 1, 2, 2]
+
+    def run(batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         model.zero_grad()
-        logp, entropy = loss.token_logprobs(model, r.input_ids, r.attention_mask, r.prompt_len, group)
-        (logp * r.completion_mask).sum().backward()
-        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-        results.append((logp * r.completion_mask, entropy * r.completion_mask, grads))
-    (logp1, ent1, grads1), (logp4, ent4, grads4) = results
-    torch.testing.assert_close(logp4, logp1, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ent4, ent1, rtol=1e-5, atol=1e-5)
-    assert grads1 and len(grads1) == len(grads4)
-    for a, b in zip(grads1, grads4, strict=True):
+        outs = [loss.token_logprobs(model, ids[b], attn[b], r.prompt_len) for b in batches]
+        logp, entropy = torch.cat([o[0] for o in outs]) * mask, torch.cat([o[1] for o in outs]) * mask
+        logp.sum().backward()
+        return logp, entropy, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    shared = run([torch.arange(len(rows))])
+    alone = run([torch.tensor([i]) for i in range(len(rows))])  # one row a pass: nothing shared
+    torch.testing.assert_close(shared[0], alone[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared[1], alone[1], rtol=1e-5, atol=1e-5)
+    assert shared[2] and len(shared[2]) == len(alone[2])
+    for a, b in zip(alone[2], shared[2], strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
-    # Rows whose group prompts differ are not shared: the plain pass is used.
-    assert not loss._prompts_shared(r.input_ids[1:9], r.attention_mask[1:9], r.prompt_len, 4)
+
+
+def test_update_skips_rows_and_columns_that_carry_no_loss() -> None:
+    from workers.rl.loop import live_part
+
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0], [1, 0, 0, 0]])
+    rows, width = live_part(mask, 0, 4)
+    assert rows.tolist() == [0, 2] and width == 3
+    rows, width = live_part(mask, 3, 4)
+    assert rows.tolist() == [4] and width == 1
+    assert live_part(mask, 1, 1)[0].numel() == 0
 
 
 def test_sampling_with_a_shared_prompt_cache_gives_the_tokens_plain_generate_gives(settings: Settings) -> None:

@@ -277,15 +277,19 @@ class Loop:
         loss_total, kl_sum, clipped, entropy_sum = 0.0, 0.0, 0.0, 0.0
         if normaliser > 0:
             for i in range(0, n, cfg.micro_batch_size):
-                part = slice(i, i + cfg.micro_batch_size)
-                ids, attn, m = rollout.input_ids[part], rollout.attention_mask[part], mask[part].float()
+                rows, width = live_part(mask, i, cfg.micro_batch_size)
+                if rows.numel() == 0:
+                    continue
+                end = rollout.prompt_len + width
+                ids, attn = rollout.input_ids[rows, :end], rollout.attention_mask[rows, :end]
+                m = mask[rows, :width].float()
                 with self.precision():
-                    logp, entropy = token_logprobs(self.model, ids, attn, rollout.prompt_len, cfg.group_size)
+                    logp, entropy = token_logprobs(self.model, ids, attn, rollout.prompt_len)  # (n, C) each
                 ref_logp = None
                 if self.reference.enabled:
                     with self.precision():
-                        ref_logp = self.reference.logprobs(ids, attn, rollout.prompt_len, cfg.group_size)
-                parts = policy_loss(logp, ref_logp, adv[part], m, cfg, normaliser)
+                        ref_logp = self.reference.logprobs(ids, attn, rollout.prompt_len)
+                parts = policy_loss(logp, ref_logp, adv[rows], m, cfg, normaliser)
                 parts.loss.backward()
                 loss_total += float(parts.loss.detach())
                 kl_sum, clipped = kl_sum + parts.kl_sum, clipped + parts.clipped_tokens
@@ -352,6 +356,17 @@ class Loop:
             "graders": per_grader,
             "samples": samples,
         }
+
+
+def live_part(mask: torch.Tensor, start: int, size: int) -> tuple[torch.Tensor, int]:
+    """The rows of micro-batch [start, start + size) that carry loss (others, such as masked
+    truncated completions, would add exactly zero), and how many completion columns they use."""
+    part = mask[start : start + size]  # (n, C)
+    rows = (part.sum(dim=1) > 0).nonzero().flatten()
+    if rows.numel() == 0:
+        return rows, 0
+    used = part[rows].sum(dim=0).nonzero().flatten()
+    return rows + start, int(used.max()) + 1
 
 
 def clip_gradients(model: Any, max_norm: float) -> float:

@@ -19,19 +19,20 @@ import torch.nn.functional as F
 
 
 def token_logprobs(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, group: int = 1
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities and entropies (the latter without gradient) of the completion tokens, (N, C).
 
-    Rows come group by group (`group` samples of one prompt each). When every group's prompt rows
-    are identical, each prompt runs through the model once and its KV cache is shared by the group's
-    completions: the prompt is most of a sequence here, so this removes about half of the forward and
-    backward work, with the same result (gradients from all completions flow into the one prompt pass).
+    Rows whose prompt equals the previous row's (a group's samples, laid out together) share one
+    prompt pass: each distinct prompt runs through the model once and its KV cache serves its rows'
+    completions. The prompt is most of a sequence here, so this removes about half of the forward
+    and backward work, with the same result (the gradients of every row flow into its prompt pass).
     """
     completion_len = input_ids.shape[1] - prompt_len
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at 0
-    if group > 1 and _prompts_shared(input_ids, attention_mask, prompt_len, group):
-        logits = _shared_prompt_logits(model, input_ids, attention_mask, positions, prompt_len, group)
+    firsts, owner = _prompt_owners(input_ids, attention_mask, prompt_len)
+    if len(firsts) < input_ids.shape[0]:
+        logits = _shared_prompt_logits(model, input_ids, attention_mask, positions, prompt_len, firsts, owner)
     else:
         logits = model(
             input_ids=input_ids,
@@ -48,13 +49,14 @@ def token_logprobs(
     return logp, entropy
 
 
-def _prompts_shared(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, group: int) -> bool:
-    n = input_ids.shape[0]
-    if n % group:
-        return False
-    ids = input_ids[:, :prompt_len].view(n // group, group, prompt_len)  # (B, G, P)
-    mask = attention_mask[:, :prompt_len].view(n // group, group, prompt_len)
-    return bool((ids == ids[:, :1]).all() and (mask == mask[:, :1]).all())
+def _prompt_owners(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows that start a run of equal prompts (U,), the run each row belongs to (N,))."""
+    ids, mask = input_ids[:, :prompt_len], attention_mask[:, :prompt_len]
+    same = ((ids[1:] == ids[:-1]) & (mask[1:] == mask[:-1])).all(dim=1)  # (N - 1,)
+    new_run = torch.cat([torch.ones(1, dtype=torch.bool, device=ids.device), ~same])  # (N,)
+    return new_run.nonzero().flatten(), new_run.long().cumsum(0) - 1
 
 
 def _shared_prompt_logits(
@@ -63,21 +65,22 @@ def _shared_prompt_logits(
     attention_mask: torch.Tensor,
     positions: torch.Tensor,
     prompt_len: int,
-    group: int,
+    firsts: torch.Tensor,
+    owner: torch.Tensor,
 ) -> torch.Tensor:
-    """(N, C, V) logits, each group's prompt computed once; see `token_logprobs`."""
+    """(N, C, V) logits, each distinct prompt computed once; see `token_logprobs`."""
     first = model(
-        input_ids=input_ids[::group, :prompt_len],  # (B, P)
-        attention_mask=attention_mask[::group, :prompt_len],
-        position_ids=positions[::group, :prompt_len],
+        input_ids=input_ids[firsts, :prompt_len],  # (U, P)
+        attention_mask=attention_mask[firsts, :prompt_len],
+        position_ids=positions[firsts, :prompt_len],
         use_cache=True,
         logits_to_keep=1,
     )
-    head = first.logits[:, -1:].repeat_interleave(group, dim=0)  # (N, 1, V): the first completion token
+    head = first.logits[owner, -1:]  # (N, 1, V): predicts the first completion token
     if input_ids.shape[1] - prompt_len == 1:
         return head
     cache = first.cache
-    cache.batch_repeat_interleave(group)  # (B, ...) -> (N, ...), differentiable
+    cache.batch_select_indices(owner)  # (U, ...) -> (N, ...), differentiable
     rest = model(
         input_ids=input_ids[:, prompt_len:-1],  # (N, C - 1)
         attention_mask=attention_mask[:, :-1],

@@ -46,10 +46,8 @@ class Reference:
         self.copy = copy.deepcopy(model).eval().requires_grad_(False) if self.enabled and not self.lora else None
 
     @torch.no_grad()
-    def logprobs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, group: int = 1
-    ) -> torch.Tensor:
+    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
         if self.lora:
             with self.model.disable_adapter():
-                return token_logprobs(self.model, input_ids, attention_mask, prompt_len, group)[0]
-        return token_logprobs(self.copy, input_ids, attention_mask, prompt_len, group)[0]
+                return token_logprobs(self.model, input_ids, attention_mask, prompt_len)[0]
+        return token_logprobs(self.copy, input_ids, attention_mask, prompt_len)[0]
