@@ -4,7 +4,6 @@ models, greedy answers equal to transformers' own, streaming, stop strings, seed
 from __future__ import annotations
 
 import io
-import re
 import tarfile
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from service.core import db
 from service.core.settings import Settings
 from service.models import registry
 from tests.conftest import make_key
-from tests.support.procs import Proc, free_port, wait_healthy
+from tests.support.procs import Proc, free_port, printed_api_key, wait_healthy
 from tests.test_rl import job, run_job
 
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello"}]
@@ -209,9 +208,8 @@ def test_streamed_chat_over_http_leaves_the_server_responsive(tmp_path: Path) ->
     try:
         base = f"http://127.0.0.1:{port}"
         wait_healthy(base, serve)
-        key = re.search(r"API key:\s+(\S+)", serve.output())
-        assert key, serve.output()
-        api = openai.OpenAI(base_url=f"{base}/v1", api_key=key.group(1), max_retries=0)
+        key = printed_api_key(serve)
+        api = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
         stream = api.chat.completions.create(
             model="tiny-random-llama", messages=HELLO, max_tokens=900, temperature=0, stream=True
         )

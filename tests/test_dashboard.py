@@ -8,7 +8,6 @@ The run also writes `build/dashboard.png`, a screenshot of the job page (the REA
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import tarfile
@@ -23,7 +22,7 @@ import openai
 import pytest
 
 from tests.conftest import jsonl
-from tests.support.procs import Proc, free_port, pids_with_env, wait_healthy
+from tests.support.procs import Proc, free_port, pids_with_env, printed_api_key, wait_healthy
 
 try:
     from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
@@ -124,12 +123,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, serve)
-        key = re.search(r"API key:\s+(\S+)", serve.output())
-        assert key, serve.output()
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key=key.group(1), max_retries=0)
+        key = printed_api_key(serve)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
         train = client.files.create(file=("train.jsonl", jsonl(LINES[:6])), purpose="fine-tune").id
         valid = client.files.create(file=("valid.jsonl", jsonl(LINES[4:])), purpose="fine-tune").id
-        yield Server(url, key.group(1), client, (train, valid))
+        yield Server(url, key, client, (train, valid))
     finally:
         serve.stop()
         deadline = time.time() + 15

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from celery import Celery
 
 from tests.conftest import GOOD_LINES, GRADER, jsonl
 from tests.support import services
-from tests.support.procs import Proc, free_port, pids_with_env, wait_healthy
+from tests.support.procs import Proc, free_port, pids_with_env, printed_api_key, wait_healthy
 
 QUEUES = {"workers.tasks.run_job": "training", "workers.tasks.validate_job": "light"}
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -182,9 +181,8 @@ def test_embedded_rft_serve_runs_the_flow_with_no_external_service(tmp_path: Pat
     serve = Proc(["serve", "--port", str(port)], env, tmp_path / "serve.log")
     try:
         wait_healthy(f"http://127.0.0.1:{port}", serve)
-        key = re.search(r"API key:\s+(\S+)", serve.output())
-        assert key, serve.output()
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key.group(1), max_retries=0)
+        key = printed_api_key(serve)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
         train, valid = upload_pair(client, tmp_path)
         job = client.fine_tuning.jobs.create(
             model="tiny-random-llama", training_file=train, validation_file=valid, method=METHOD, seed=5

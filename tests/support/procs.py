@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -62,6 +63,14 @@ def wait_healthy(base_url: str, proc: Proc, timeout: float = 60) -> None:
             pass
         time.sleep(0.2)
     raise RuntimeError(f"server not healthy after {timeout}s:\n{proc.output()[-3000:]}")
+
+
+def printed_api_key(proc: Proc) -> str:
+    """The API key `rft serve` printed at start-up."""
+    found = re.search(r"API key:\s+(\S+)", proc.output())
+    if found is None:
+        raise AssertionError(f"rft serve printed no API key:\n{proc.output()[-3000:]}")
+    return found.group(1)
 
 
 def pids_with_env(name: str, value: str) -> list[int]:
