@@ -382,7 +382,7 @@ def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(settings: Sett
     from workers.rl import loss
     from workers.rl.config import resolve
     from workers.rl.policy import build_policy
-    from workers.rl.rollout import sample
+    from workers.rl.rollout import prompt_owners, sample
 
     cfg = resolve({"lora_rank": 4 if lora else 0, "compute_multiplier": 1}, 3)
     model, tokenizer = build_policy("tiny-random-llama", cfg, settings, "cpu")
@@ -390,7 +390,7 @@ def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(settings: Sett
     r = sample(model, tokenizer, prompts, 4, max_new_tokens=8, temperature=1.0, top_p=1.0, seed=1)
     rows = torch.tensor([1, 2, 3, 4, 5, 8, 11])  # runs of 3, 2 and 2 rows sharing a prompt
     ids, attn, mask = r.input_ids[rows], r.attention_mask[rows], r.completion_mask[rows]
-    firsts, owner = loss._prompt_owners(ids, attn, r.prompt_len)
+    firsts, owner = prompt_owners(ids, attn, r.prompt_len)
     assert firsts.tolist() == [0, 3, 5] and owner.tolist() == [0, 0, 0, 1, 1, 2, 2]
 
     def run(batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:

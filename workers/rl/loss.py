@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from workers.rl.rollout import shared_prefix
+
 
 def token_logprobs(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int
@@ -24,22 +26,30 @@ def token_logprobs(
     """Log-probabilities and entropies (the latter without gradient) of the completion tokens, (N, C).
 
     Rows whose prompt equals the previous row's (a group's samples, laid out together) share one
-    prompt pass: each distinct prompt runs through the model once and its KV cache serves its rows'
-    completions. The prompt is most of a sequence here, so this removes about half of the forward
-    and backward work, with the same result (the gradients of every row flow into its prompt pass).
+    prompt pass (`rollout.shared_prefix`). The prompt is most of a sequence here, so this removes
+    about half of the forward and backward work, with the same result.
     """
-    completion_len = input_ids.shape[1] - prompt_len
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at 0
-    firsts, owner = _prompt_owners(input_ids, attention_mask, prompt_len)
-    if len(firsts) < input_ids.shape[0]:
-        logits = _shared_prompt_logits(model, input_ids, attention_mask, positions, prompt_len, firsts, owner)
-    else:
+    shared = shared_prefix(model, input_ids, attention_mask, prompt_len)
+    if shared is None:
         logits = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions,
-            logits_to_keep=completion_len + 1,  # the lm_head only where completion tokens are predicted
+            logits_to_keep=input_ids.shape[1] - prompt_len + 1,  # the lm_head only where completions are predicted
         ).logits[:, :-1]
+    elif input_ids.shape[1] - prompt_len == 1:
+        logits = shared[1]
+    else:
+        cache, head = shared  # head (N, 1, V) predicts the first completion token
+        rest = model(
+            input_ids=input_ids[:, prompt_len:-1],  # (N, C - 1)
+            attention_mask=attention_mask[:, :-1],
+            position_ids=positions[:, prompt_len:-1],
+            cache=cache,
+            use_cache=True,
+        ).logits  # (N, C - 1, V)
+        logits = torch.cat([head, rest], dim=1)
     logits = logits.float()  # (N, C, V) predicts the completion tokens
     targets = input_ids[:, prompt_len:]  # (N, C)
     log_probs = F.log_softmax(logits, dim=-1)
@@ -47,48 +57,6 @@ def token_logprobs(
     with torch.no_grad():  # a diagnostic, never part of the loss
         entropy = -(log_probs.exp() * log_probs).sum(-1)  # (N, C)
     return logp, entropy
-
-
-def _prompt_owners(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows that start a run of equal prompts (U,), the run each row belongs to (N,))."""
-    ids, mask = input_ids[:, :prompt_len], attention_mask[:, :prompt_len]
-    same = ((ids[1:] == ids[:-1]) & (mask[1:] == mask[:-1])).all(dim=1)  # (N - 1,)
-    new_run = torch.cat([torch.ones(1, dtype=torch.bool, device=ids.device), ~same])  # (N,)
-    return new_run.nonzero().flatten(), new_run.long().cumsum(0) - 1
-
-
-def _shared_prompt_logits(
-    model: Any,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    positions: torch.Tensor,
-    prompt_len: int,
-    firsts: torch.Tensor,
-    owner: torch.Tensor,
-) -> torch.Tensor:
-    """(N, C, V) logits, each distinct prompt computed once; see `token_logprobs`."""
-    first = model(
-        input_ids=input_ids[firsts, :prompt_len],  # (U, P)
-        attention_mask=attention_mask[firsts, :prompt_len],
-        position_ids=positions[firsts, :prompt_len],
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    head = first.logits[owner, -1:]  # (N, 1, V): predicts the first completion token
-    if input_ids.shape[1] - prompt_len == 1:
-        return head
-    cache = first.cache
-    cache.batch_select_indices(owner)  # (U, ...) -> (N, ...), differentiable
-    rest = model(
-        input_ids=input_ids[:, prompt_len:-1],  # (N, C - 1)
-        attention_mask=attention_mask[:, :-1],
-        position_ids=positions[:, prompt_len:-1],
-        cache=cache,
-        use_cache=True,
-    ).logits  # (N, C - 1, V)
-    return torch.cat([head, rest], dim=1)
 
 
 def advantages(rewards: torch.Tensor, group_size: int, std_mode: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,11 +55,12 @@ def sample(
     }
     if not greedy:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-    if n_per_prompt > 1 and enc["input_ids"].shape[1] > 1:
-        kwargs["cache"] = shared_prefix_cache(model, enc["input_ids"], enc["attention_mask"], n_per_prompt)
+    prompt_len = enc["input_ids"].shape[1]
+    shared = shared_prefix(model, enc["input_ids"], enc["attention_mask"], prompt_len - 1) if prompt_len > 1 else None
+    if shared is not None:
+        kwargs["cache"] = shared[0]
     out = model.generate(**enc, **kwargs)  # (N, P + C')
     model.train(was_training)
-    prompt_len = enc["input_ids"].shape[1]
     completions = out[:, prompt_len:]  # (N, C')
     is_eos = completions == tokenizer.eos_token_id
     has_eos = is_eos.any(dim=1)
@@ -84,22 +85,42 @@ def sample(
     )
 
 
-def shared_prefix_cache(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, group: int) -> Any:
-    """The KV cache of each prompt but its last token, computed once and repeated for its `group` rows.
+def shared_prefix(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int
+) -> tuple[Any, torch.Tensor] | None:
+    """One model pass over each distinct prefix `[:length]` (rows equal to the previous row's share
+    it, as a group's samples do), its KV cache repeated for its rows: (cache, each row's logits at
+    the prefix's last position (N, 1, V)); None when no two neighbouring rows share a prefix.
 
-    `generate` then prefills only the last prompt token per row instead of the whole prompt: the
-    same tokens come out (tested), for about a third less sampling time here.
+    Sampling gives `generate` the cache of all but the last prompt token, so it prefills one token
+    per row; the update runs each prompt once and its completions over the cache. Both give the
+    same tokens, log-probs and gradients as the plain pass (tested); gradients of every row flow
+    into the one prefix pass.
     """
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (N, P)
-    prefix = model(
-        input_ids=input_ids[::group, :-1],  # (B, P - 1): rows come `group` copies per prompt
-        attention_mask=attention_mask[::group, :-1],
-        position_ids=positions[::group, :-1],
+    firsts, owner = prompt_owners(input_ids, attention_mask, length)
+    if len(firsts) == input_ids.shape[0]:
+        return None
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (N, T), left padding
+    out = model(
+        input_ids=input_ids[firsts, :length],  # (U, length)
+        attention_mask=attention_mask[firsts, :length],
+        position_ids=positions[firsts, :length],
         use_cache=True,
         logits_to_keep=1,
-    ).cache
-    prefix.batch_repeat_interleave(group)  # (B, ...) -> (N, ...)
-    return prefix
+    )
+    cache = out.cache
+    cache.batch_select_indices(owner)  # (U, ...) -> (N, ...), differentiable
+    return cache, out.logits[owner, -1:]
+
+
+def prompt_owners(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows that start a run of equal prefixes (U,), the run each row belongs to (N,))."""
+    ids, mask = input_ids[:, :length], attention_mask[:, :length]
+    same = ((ids[1:] == ids[:-1]) & (mask[1:] == mask[:-1])).all(dim=1)  # (N - 1,)
+    new_run = torch.cat([torch.ones(1, dtype=torch.bool, device=ids.device), ~same])  # (N,)
+    return new_run.nonzero().flatten(), new_run.long().cumsum(0) - 1
 
 
 def select_rows(rollout: Rollout, rows: list[int]) -> Rollout:
