@@ -8,6 +8,8 @@ from fastapi.responses import FileResponse
 from service.core.errors import NotFound
 from service.core.http import SessionDep, SettingsDep, StorageDep, SubjectDep, request_transaction
 from service.core.pagination import list_body
+from service.core.settings import Settings
+from service.core.storage import Storage
 from service.core.tables import Checkpoint
 from service.jobs import repository, service
 from service.jobs.schemas import CheckpointList, CheckpointObject, EventList, EventObject, JobCreate, JobList, JobObject
@@ -136,7 +138,7 @@ def download_model(
     return _archive_response(ckpt, settings, storage, merged)
 
 
-def _archive_response(ckpt: Checkpoint, settings: SettingsDep, storage: StorageDep, merged: bool) -> FileResponse:
+def _archive_response(ckpt: Checkpoint, settings: Settings, storage: Storage, merged: bool) -> FileResponse:
     name = f"{ckpt.job_id}-step-{ckpt.step_number}"
     try:
         archive = archive_of(storage.path(ckpt.storage_key), settings, merged=merged, name=name)

@@ -18,6 +18,7 @@ import importlib.util
 import shutil
 import threading
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,11 +99,9 @@ def resolve_for_project(
     from service.jobs.repository import checkpoint_named
 
     key = None
-    if project_id is not None and session is not None:
-        key = getattr(checkpoint_named(session, project_id, name), "storage_key", None)
-    elif project_id is not None:
-        with unit_of_work(settings) as own:
-            key = getattr(checkpoint_named(own, project_id, name), "storage_key", None)
+    if project_id is not None:
+        with nullcontext(session) if session is not None else unit_of_work(settings) as active:
+            key = getattr(checkpoint_named(active, project_id, name), "storage_key", None)
     if key is None:
         raise InvalidRequest(f"No fine-tuned model or checkpoint named {name!r} in this project.", param="model")
     return ModelSpec(name, "local", str(Storage(settings.storage_dir).path(key)))
