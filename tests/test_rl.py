@@ -420,29 +420,60 @@ def test_update_skips_rows_and_columns_that_carry_no_loss() -> None:
     assert live_part(mask, 1, 1)[0].numel() == 0
 
 
-def test_sampling_with_a_shared_prompt_cache_gives_the_tokens_plain_generate_gives(settings: Settings) -> None:
+def test_greedy_rollouts_give_the_tokens_plain_generate_gives(settings: Settings) -> None:
+    """Our decode loop (shared prompt cache, one token per row a step, pad after EOS) against
+    transformers' `generate`, on prompts of different lengths."""
     from service.models import registry
     from workers.rl.rollout import sample
 
     model, tokenizer = registry.load_fresh(registry.resolve("tiny-random-llama"), settings)
     prompts = [[{"role": "user", "content": text}] for text in ("hi", "a longer prompt here", "x")]
-    shared = sample(model, tokenizer, prompts, 4, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
+    ours = sample(model, tokenizer, prompts, 2, max_new_tokens=8, temperature=1.0, top_p=1.0, seed=3, greedy=True)
     texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
-    enc = tokenizer([t for t in texts for _ in range(4)], return_tensors="pt", padding=True, add_special_tokens=False)
-    torch.manual_seed(3)
+    enc = tokenizer([t for t in texts for _ in range(2)], return_tensors="pt", padding=True, add_special_tokens=False)
     plain = model.generate(
         **enc,
-        do_sample=True,
+        do_sample=False,
         max_new_tokens=8,
-        temperature=1.0,
-        top_p=0.9,
-        top_k=0,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
     completions = plain[:, enc["input_ids"].shape[1] :]
-    assert completions.shape == shared.completion_mask.shape
+    assert completions.shape == ours.completion_mask.shape
     assert torch.equal(
-        completions[shared.completion_mask.bool()],
-        shared.input_ids[:, shared.prompt_len :][shared.completion_mask.bool()],
+        completions[ours.completion_mask.bool()],
+        ours.input_ids[:, ours.prompt_len :][ours.completion_mask.bool()],
     )
+
+
+def test_sampled_rollouts_follow_the_seed(settings: Settings) -> None:
+    from service.models import registry
+    from workers.rl.rollout import sample
+
+    model, tokenizer = registry.load_fresh(registry.resolve("tiny-random-llama"), settings)
+    prompts = [[{"role": "user", "content": text}] for text in ("hi", "a longer prompt here")]
+
+    def draw(seed: int) -> torch.Tensor:
+        return sample(model, tokenizer, prompts, 4, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=seed).input_ids
+
+    assert torch.equal(draw(3), draw(3))
+    assert not torch.equal(draw(3), draw(4))
+
+
+def test_token_draws_follow_temperature_and_the_top_p_nucleus() -> None:
+    """The inverse-CDF draw against the distribution it must sample, 200,000 rows at a time."""
+    from service.models.sampling import pick
+
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3])
+    logits = probs.log().expand(200_000, 4).contiguous()
+    generator = torch.Generator().manual_seed(0)
+
+    def frequencies(temperature: float, top_p: float) -> torch.Tensor:
+        return torch.bincount(pick(logits, temperature, top_p, generator), minlength=4) / logits.shape[0]
+
+    torch.testing.assert_close(frequencies(1.0, 1.0), probs, atol=5e-3, rtol=0)
+    sharpened = probs**2 / (probs**2).sum()  # temperature 0.5
+    torch.testing.assert_close(frequencies(0.5, 1.0), sharpened, atol=5e-3, rtol=0)
+    nucleus = torch.tensor([0.0, 0.0, 2 / 3, 1 / 3])  # 0.6 + 0.3 is the smallest set reaching 0.65
+    torch.testing.assert_close(frequencies(1.0, 0.65), nucleus, atol=5e-3, rtol=0)
+    assert pick(logits[:3], 0.0, 1.0, generator).tolist() == [2, 2, 2]  # temperature 0: greedy

@@ -2,10 +2,10 @@
 text as it is decoded, so the same code serves plain and streamed answers.
 
 The `n` choices of one request are one batch (the prompt repeated, so no padding is needed).
-`temperature=0` is greedy decoding; otherwise softmax sampling with nucleus (`top_p`) filtering,
-drawn from a generator seeded by `seed` when given. Stop strings end a choice and are not returned;
-text that could be the start of a stop string, or half of a UTF-8 character, is held back until it
-is settled.
+`temperature=0` is greedy decoding; otherwise softmax sampling with nucleus (`top_p`) filtering
+(`sampling.pick`, shared with training rollouts), drawn from a generator seeded by `seed` when
+given. Stop strings end a choice and are not returned; text that could be the start of a stop
+string, or half of a UTF-8 character, is held back until it is settled.
 """
 
 from __future__ import annotations
@@ -13,10 +13,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    import torch
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -54,6 +51,8 @@ def stream(model: Any, tokenizer: Any, prompt: list[int], params: Params) -> Ite
     """Yield, after each decoding step, the new text of every choice that has some."""
     import torch  # here, not at import: the API answers job requests without loading torch
 
+    from service.models.sampling import pick
+
     device = model.device
     generator = torch.Generator(device=device)
     generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
@@ -66,7 +65,7 @@ def stream(model: Any, tokenizer: Any, prompt: list[int], params: Params) -> Ite
         with torch.no_grad():
             out = model(input_ids=step_input, cache=cache, use_cache=True, logits_to_keep=1)
             cache = out.cache
-            next_ids = _pick(out.logits[:, -1, :].float(), params, generator)  # (n,)
+            next_ids = pick(out.logits[:, -1, :], params.temperature, params.top_p, generator)  # (n,)
         deltas = []
         for index, (choice, token) in enumerate(zip(choices, next_ids.tolist(), strict=True)):
             if choice.finish_reason is not None:
@@ -90,21 +89,6 @@ def stream(model: Any, tokenizer: Any, prompt: list[int], params: Params) -> Ite
             last.append(_advance(index, choice, tokenizer, params.stop) or Delta(index, "", "length", choice.generated))
     if last:
         yield last
-
-
-def _pick(logits: torch.Tensor, params: Params, generator: torch.Generator) -> torch.Tensor:
-    """(n, V) logits -> (n,) token ids."""
-    import torch
-
-    if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > params.top_p  # keep the smallest nucleus
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 def _advance(index: int, choice: _Choice, tokenizer: Any, stops: tuple[str, ...]) -> Delta | None:

@@ -1,4 +1,4 @@
-"""Sampling completions with the KV cache (transformers `generate`), as padded tensors.
+"""Sampling completions with the KV cache (our own decode loop), as padded tensors.
 
 Prompts are left-padded so every completion starts at the same column; completions are cut at the
 first EOS (kept, so the model learns to stop) and right-padded. A completion that hit
@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from service.models.sampling import pick
 
 
 @dataclass
@@ -44,24 +46,21 @@ def sample(
     prompts = [p for p in prompts for _ in range(n_per_prompt)]
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    torch.manual_seed(seed)
     was_training = model.training
     model.eval()
-    kwargs: dict[str, Any] = {
-        "do_sample": not greedy,
-        "max_new_tokens": max_new_tokens,
-        "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
-    if not greedy:
-        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-    prompt_len = enc["input_ids"].shape[1]
-    shared = shared_prefix(model, enc["input_ids"], enc["attention_mask"], prompt_len - 1) if prompt_len > 1 else None
-    if shared is not None:
-        kwargs["cache"] = shared[0]
-    out = model.generate(**enc, **kwargs)  # (N, P + C')
+    completions = decode(
+        model,
+        enc["input_ids"],
+        enc["attention_mask"],
+        max_new_tokens=max_new_tokens,
+        temperature=0.0 if greedy else temperature,
+        top_p=top_p,
+        seed=seed,
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+    )  # (N, C')
     model.train(was_training)
-    completions = out[:, prompt_len:]  # (N, C')
+    prompt_len = enc["input_ids"].shape[1]
     is_eos = completions == tokenizer.eos_token_id
     has_eos = is_eos.any(dim=1)
     first_eos = torch.where(
@@ -83,6 +82,56 @@ def sample(
         texts=texts,
         truncated=~has_eos,
     )
+
+
+def decode(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    eos_id: int,
+    pad_id: int,
+) -> torch.Tensor:
+    """Up to `max_new_tokens` tokens for each left-padded row, (N, C'): pad after a row's EOS, and
+    C' < max_new_tokens when every row has ended.
+
+    The prompts go through `shared_prefix` (each distinct prompt once, all but its last token), then
+    one token per row per step over the KV cache. Tokens are drawn by `service.models.sampling.pick`
+    from a generator seeded with `seed`, so the same seed gives the same tokens.
+    """
+    generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (N, P)
+    prompt_len = input_ids.shape[1]
+    shared = shared_prefix(model, input_ids, attention_mask, prompt_len - 1) if prompt_len > 1 else None
+    cache, step_ids, step_positions = None, input_ids, positions
+    if shared is not None:
+        cache, step_ids, step_positions = shared[0], input_ids[:, -1:], positions[:, -1:]
+    mask, ended, tokens = attention_mask, torch.zeros_like(input_ids[:, 0], dtype=torch.bool), []
+    for _ in range(max_new_tokens):
+        out = model(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=step_positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = out.cache
+        chosen = pick(out.logits[:, -1], temperature, top_p, generator)  # (N,)
+        chosen = torch.where(ended, torch.full_like(chosen, pad_id), chosen)
+        tokens.append(chosen)
+        ended |= chosen == eos_id
+        if bool(ended.all()):
+            break
+        step_ids, step_positions = chosen.unsqueeze(1), step_positions[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    if not tokens:
+        return input_ids[:, :0]
+    return torch.stack(tokens, dim=1)
 
 
 def shared_prefix(

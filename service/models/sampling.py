@@ -1,0 +1,32 @@
+"""Choosing the next token from a row of logits: the one rule that chat and training rollouts share.
+
+`temperature=0` is greedy. Otherwise the token is drawn from softmax(logits / temperature), cut to
+the smallest nucleus whose probability reaches `top_p`. The draw inverts the cumulative
+distribution with one uniform number per row. `torch.multinomial` draws an exponential for every
+vocabulary entry instead, which on a CPU costs more than the rest of a decode step's sampling:
+40 ms for 32 rows x 49,152 entries on two cores, against 2 ms this way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """(n, V) logits -> (n,) token ids."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (n, V)
+    order = None
+    if top_p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True)
+        outside = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest nucleus; the top token always stays
+        probs = probs.masked_fill(outside, 0.0)
+    cdf = probs.cumsum(dim=-1)  # (n, V)
+    total = cdf[:, -1:].contiguous()  # (n, 1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * total
+    # The first entry whose cumulative mass exceeds u: zero-probability entries (equal cdf) are never chosen.
+    chosen = torch.searchsorted(cdf, u, right=True)  # (n, 1)
+    # u rounded up to the total mass would run past the end: take the last entry with mass instead.
+    chosen = torch.minimum(chosen, torch.searchsorted(cdf, total))
+    return (chosen if order is None else order.gather(-1, chosen)).squeeze(1)
