@@ -250,14 +250,16 @@ def run_ours(bench: Bench, lora: bool) -> dict[str, Any]:
     from workers.context import JobContext
     from workers.rl.checkpoint import fresh_state
     from workers.rl.loop import Loop
+    from workers.rl.memory import keep_freed_memory
     from workers.rl.policy import Reference, build_policy, trainable
 
+    keep_freed_memory()  # as run_training does
     train, valid, grader = arithmetic(bench)
     cfg = resolved(bench, lora, len(train))
     torch.manual_seed(bench.seed)
     model, tokenizer = build_policy(bench.model, cfg, settings(), "cpu")
     reference = Reference(model, cfg)
-    optimizer = torch.optim.AdamW(trainable(model), lr=cfg.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable(model), lr=cfg.learning_rate, weight_decay=0.0, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     with grader:
         before = evaluate(model, tokenizer, valid, grader, cfg.max_completion_tokens)

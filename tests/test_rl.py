@@ -4,6 +4,8 @@ paused-and-resumed run ends with exactly the weights and metrics of an uninterru
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -477,3 +479,26 @@ def test_token_draws_follow_temperature_and_the_top_p_nucleus() -> None:
     nucleus = torch.tensor([0.0, 0.0, 2 / 3, 1 / 3])  # 0.6 + 0.3 is the smallest set reaching 0.65
     torch.testing.assert_close(frequencies(1.0, 0.65), nucleus, atol=5e-3, rtol=0)
     assert pick(logits[:3], 0.0, 1.0, generator).tolist() == [2, 2, 2]  # temperature 0: greedy
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
+def test_training_process_takes_large_tensors_from_the_reusable_heap() -> None:
+    """By default glibc maps a 128 MiB tensor afresh and unmaps it on free, so the kernel zero-fills
+    its pages again at every step; the training process takes it from the heap, which keeps them."""
+    script = """
+import sys, torch
+from workers.rl.memory import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+t = torch.empty(32 << 20)
+maps = [line.split() for line in open("/proc/self/maps")]
+heap = [tuple(int(x, 16) for x in m[0].split("-")) for m in maps if m[-1] == "[heap]"]
+print(any(lo <= t.data_ptr() < hi for lo, hi in heap))
+"""
+
+    def in_heap(mode: str) -> bool:
+        done = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True)
+        return done.stdout.strip() == "True"
+
+    assert not in_heap("default")
+    assert in_heap("keep")

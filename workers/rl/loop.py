@@ -28,6 +28,7 @@ from workers.rl.config import RLConfig
 from workers.rl.config import resolve as resolve_config
 from workers.rl.data import Example, batch_for_step, load_examples
 from workers.rl.loss import advantages, policy_loss, token_logprobs
+from workers.rl.memory import keep_freed_memory
 from workers.rl.policy import Reference, build_policy, trainable
 from workers.rl.rollout import Rollout, concat, sample, select_rows
 
@@ -56,6 +57,7 @@ def run_training(ctx: JobContext) -> TrainingResult:
             },
         }
     )
+    keep_freed_memory()  # this process runs one job and exits: reuse freed pages instead of faulting them in
     torch.manual_seed(job["seed"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = build_policy(job["model"], cfg, ctx.settings, device)
