@@ -411,6 +411,63 @@ def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(settings: Sett
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_update_over_samplings_prompt_pass_gives_the_gradients_of_running_the_prompts_again(
+    settings: Settings, lora: bool
+) -> None:
+    """Sampling keeps its prompt pass; the update runs only the completions over it, in micro-batches
+    that split a group, after a refill-like concat (prompts re-padded) and row selection."""
+    from workers.rl import loss
+    from workers.rl.config import resolve
+    from workers.rl.loop import has_dropout
+    from workers.rl.policy import build_policy
+    from workers.rl.rollout import PrefixGrads, concat, sample, select_rows
+
+    cfg = resolve({"lora_rank": 4 if lora else 0, "compute_multiplier": 1}, 3)
+    model, tokenizer = build_policy("tiny-random-llama", cfg, settings, "cpu")
+    assert not has_dropout(model)
+
+    def draw(texts: tuple[str, ...], seed: int) -> Any:
+        prompts = [[{"role": "user", "content": text}] for text in texts]
+        return sample(
+            model, tokenizer, prompts, 4, max_new_tokens=6, temperature=1.0, top_p=1.0, seed=seed, keep_prefix=True
+        )
+
+    first, extra = draw(("hi", "a much longer prompt than the others"), 1), draw(("x",), 2)
+    assert first.prompt_len > extra.prompt_len  # the extra prefix is padded on the left by concat
+    r = select_rows(concat(first, extra, tokenizer.pad_token_id), [0, 1, 2, 3, 8, 9, 10, 11])
+    assert r.prefix is not None and r.prefix.owner.tolist() == [0, 0, 0, 0, 2, 2, 2, 2]
+    batches = [torch.arange(0, 6), torch.arange(6, 8)]
+
+    def run(reuse: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        prefix = PrefixGrads(r.prefix) if reuse and r.prefix is not None else None
+        logps = []
+        for b in batches:
+            shared = prefix.rows(b) if prefix is not None else None
+            logp, _ = loss.token_logprobs(model, r.input_ids[b], r.attention_mask[b], r.prompt_len, shared)
+            (logp * r.completion_mask[b]).sum().backward()
+            logps.append(logp.detach() * r.completion_mask[b])
+        if prefix is not None:
+            prefix.backward()
+        return torch.cat(logps), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    reused, again = run(True), run(False)
+    torch.testing.assert_close(reused[0], again[0], rtol=1e-5, atol=1e-5)
+    assert reused[1] and len(reused[1]) == len(again[1])
+    for a, b in zip(again[1], reused[1], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_turns_off_reuse_of_samplings_prompt_pass(settings: Settings) -> None:
+    from workers.rl.config import resolve
+    from workers.rl.loop import has_dropout
+    from workers.rl.policy import build_policy
+
+    cfg = resolve({"lora_rank": 4, "lora_dropout": 0.1, "compute_multiplier": 1}, 3)
+    assert has_dropout(build_policy("tiny-random-llama", cfg, settings, "cpu")[0])
+
+
 def test_update_skips_rows_and_columns_that_carry_no_loss() -> None:
     from workers.rl.loop import live_part
 

@@ -30,7 +30,7 @@ from workers.rl.data import Example, batch_for_step, load_examples
 from workers.rl.loss import advantages, policy_loss, token_logprobs
 from workers.rl.memory import keep_freed_memory
 from workers.rl.policy import Reference, build_policy, trainable
-from workers.rl.rollout import Rollout, concat, sample, select_rows
+from workers.rl.rollout import PrefixGrads, Rollout, concat, sample, select_rows
 
 EVAL_SEED_SALT = 7919
 
@@ -93,6 +93,9 @@ class Loop:
         self.timing = {"sampling": 0.0, "scoring": 0.0}
         # What a rollback before the first checkpoint returns to (adapters only, under LoRA).
         self.initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        # Sampling runs in eval mode, the update in train mode: the update may reuse sampling's prompt
+        # pass only where the two are the same computation, that is where no dropout is active.
+        self.reuse_prefix = not has_dropout(model)
 
     def run(self) -> TrainingResult:
         if self.state["baseline"] is None:
@@ -227,6 +230,7 @@ class Loop:
                 temperature=cfg.temperature,
                 top_p=cfg.top_p,
                 seed=seed,
+                keep_prefix=self.reuse_prefix,
             )
         t1 = time.perf_counter()
         items = [e.item for e in chosen for _ in range(cfg.group_size)]
@@ -277,6 +281,7 @@ class Loop:
         normaliser = float(mask.sum()) if cfg.loss_aggregation == "token_mean" else float((mask.sum(1) > 0).sum())
         self.optimizer.zero_grad(set_to_none=True)
         loss_total, kl_sum, clipped, entropy_sum = 0.0, 0.0, 0.0, 0.0
+        prefix = PrefixGrads(rollout.prefix) if rollout.prefix is not None else None
         if normaliser > 0:
             for i in range(0, n, cfg.micro_batch_size):
                 rows, width = live_part(mask, i, cfg.micro_batch_size)
@@ -286,7 +291,8 @@ class Loop:
                 ids, attn = rollout.input_ids[rows, :end], rollout.attention_mask[rows, :end]
                 m = mask[rows, :width].float()
                 with self.precision():
-                    logp, entropy = token_logprobs(self.model, ids, attn, rollout.prompt_len)  # (n, C) each
+                    shared = prefix.rows(rows) if prefix is not None else None
+                    logp, entropy = token_logprobs(self.model, ids, attn, rollout.prompt_len, shared)  # (n, C) each
                 ref_logp = None
                 if self.reference.enabled:
                     with self.precision():
@@ -296,6 +302,8 @@ class Loop:
                 loss_total += float(parts.loss.detach())
                 kl_sum, clipped = kl_sum + parts.kl_sum, clipped + parts.clipped_tokens
                 entropy_sum += float((entropy.detach() * m).sum())
+            if prefix is not None:
+                prefix.backward()  # the prompts' share of the gradient, once for all micro-batches
         grad_norm = clip_gradients(self.model, cfg.max_grad_norm)
         reason = guards.refusal(self.state["guard"], loss_total, grad_norm, cfg.max_grad_norm)
         if reason:
@@ -369,6 +377,14 @@ def live_part(mask: torch.Tensor, start: int, size: int) -> tuple[torch.Tensor, 
         return rows, 0
     used = part[rows].sum(dim=0).nonzero().flatten()
     return rows + start, int(used.max()) + 1
+
+
+def has_dropout(model: Any) -> bool:
+    """Whether training mode changes the model's output: a dropout layer or a config dropout above 0."""
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    settings = getattr(getattr(model, "config", None), "__dict__", {})
+    return any("dropout" in name and isinstance(value, float) and value > 0 for name, value in settings.items())
 
 
 def clip_gradients(model: Any, max_norm: float) -> float:

@@ -16,20 +16,37 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from workers.rl.rollout import shared_prefix
 
 
 def token_logprobs(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_len: int,
+    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities and entropies (the latter without gradient) of the completion tokens, (N, C).
 
-    Rows whose prompt equals the previous row's (a group's samples, laid out together) share one
-    prompt pass (`rollout.shared_prefix`). The prompt is most of a sequence here, so this removes
-    about half of the forward and backward work, with the same result.
+    With `prefix` (per layer, the keys and values of these rows' prompts but their last token, from
+    `PrefixGrads.rows`) only the last prompt token and the completions run. Otherwise rows whose
+    prompt equals the previous row's (a group's samples, laid out together) share one prompt pass
+    (`rollout.shared_prefix`). The prompt is most of a sequence here, so either way removes about
+    half of the forward and backward work, with the same result.
     """
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at 0
+    if prefix is not None:
+        cache = DynamicCache(ddp_cache_data=prefix, config=model.config)
+        logits = model(
+            input_ids=input_ids[:, prompt_len - 1 : -1],  # (N, C): the last prompt token, then completions
+            attention_mask=attention_mask[:, :-1],
+            position_ids=positions[:, prompt_len - 1 : -1],
+            cache=cache,
+            use_cache=True,
+        ).logits
+        return _completion_logprobs(logits, input_ids[:, prompt_len:])
     shared = shared_prefix(model, input_ids, attention_mask, prompt_len)
     if shared is None:
         logits = model(
@@ -50,8 +67,12 @@ def token_logprobs(
             use_cache=True,
         ).logits  # (N, C - 1, V)
         logits = torch.cat([head, rest], dim=1)
-    logits = logits.float()  # (N, C, V) predicts the completion tokens
-    targets = input_ids[:, prompt_len:]  # (N, C)
+    return _completion_logprobs(logits, input_ids[:, prompt_len:])
+
+
+def _completion_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C, V) logits predicting (N, C) targets -> (log-probabilities, entropies), (N, C) each."""
+    logits = logits.float()
     log_probs = F.log_softmax(logits, dim=-1)
     logp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N, C)
     with torch.no_grad():  # a diagnostic, never part of the loss

@@ -16,6 +16,20 @@ from service.models.sampling import pick
 
 
 @dataclass
+class Prefix:
+    """The policy's pass over each distinct prompt but its last token, as sampling ran it, autograd
+    graph included: per layer, keys and values (U, heads, P - 1, head dim), and each row's prompt (N,).
+
+    The weights do not change between sampling and the optimizer step, so the update runs the
+    completions over these keys and values instead of running the prompts again, and sends their
+    gradients back through this one pass at the end (`PrefixGrads`)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    owner: torch.Tensor  # (N,) row -> index into the U distinct prompts
+
+
+@dataclass
 class Rollout:
     input_ids: torch.Tensor  # (N, P + C) prompt (left-padded) then completion (right-padded)
     attention_mask: torch.Tensor  # (N, P + C)
@@ -23,6 +37,7 @@ class Rollout:
     prompt_len: int
     texts: list[str]
     truncated: torch.Tensor  # (N,) bool
+    prefix: Prefix | None = None  # sampling's prompt pass, kept for the update (`sample(keep_prefix=True)`)
 
     @property
     def completion_tokens(self) -> int:
@@ -41,14 +56,17 @@ def sample(
     top_p: float,
     seed: int,
     greedy: bool = False,
+    keep_prefix: bool = False,
 ) -> Rollout:
+    """`n_per_prompt` completions of each conversation, laid out prompt by prompt. With `keep_prefix`
+    the prompt pass runs with autograd on and comes back as `Rollout.prefix`, for the update."""
     prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
     prompts = [p for p in prompts for _ in range(n_per_prompt)]
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     was_training = model.training
     model.eval()
-    completions = decode(
+    completions, prefix = decode(
         model,
         enc["input_ids"],
         enc["attention_mask"],
@@ -58,6 +76,7 @@ def sample(
         seed=seed,
         eos_id=tokenizer.eos_token_id,
         pad_id=tokenizer.pad_token_id,
+        keep_prefix=keep_prefix,
     )  # (N, C')
     model.train(was_training)
     prompt_len = enc["input_ids"].shape[1]
@@ -81,6 +100,7 @@ def sample(
         prompt_len=prompt_len,
         texts=texts,
         truncated=~has_eos,
+        prefix=prefix,
     )
 
 
@@ -95,21 +115,28 @@ def decode(
     seed: int,
     eos_id: int,
     pad_id: int,
-) -> torch.Tensor:
+    keep_prefix: bool = False,
+) -> tuple[torch.Tensor, Prefix | None]:
     """Up to `max_new_tokens` tokens for each left-padded row, (N, C'): pad after a row's EOS, and
-    C' < max_new_tokens when every row has ended.
+    C' < max_new_tokens when every row has ended; and the prompt pass when `keep_prefix` asks for it.
 
-    The prompts go through `shared_prefix` (each distinct prompt once, all but its last token), then
+    The prompts go through `prefix_pass` (each distinct prompt once, all but its last token), then
     one token per row per step over the KV cache. Tokens are drawn by `service.models.sampling.pick`
     from a generator seeded with `seed`, so the same seed gives the same tokens.
     """
     generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (N, P)
     prompt_len = input_ids.shape[1]
-    shared = shared_prefix(model, input_ids, attention_mask, prompt_len - 1) if prompt_len > 1 else None
-    cache, step_ids, step_positions = None, input_ids, positions
-    if shared is not None:
-        cache, step_ids, step_positions = shared[0], input_ids[:, -1:], positions[:, -1:]
+    cache, step_ids, step_positions, prefix = None, input_ids, positions, None
+    if prompt_len > 1:
+        with torch.set_grad_enabled(keep_prefix):
+            found = prefix_pass(model, input_ids, attention_mask, prompt_len - 1, always=keep_prefix)
+        if found is not None:
+            cache, owner, _ = found
+            if keep_prefix:
+                prefix = Prefix([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], owner)
+            cache.batch_select_indices(owner)  # new tensors for the decode; the prefix keeps its own
+            step_ids, step_positions = input_ids[:, -1:], positions[:, -1:]
     mask, ended, tokens = attention_mask, torch.zeros_like(input_ids[:, 0], dtype=torch.bool), []
     for _ in range(max_new_tokens):
         out = model(
@@ -129,25 +156,18 @@ def decode(
             break
         step_ids, step_positions = chosen.unsqueeze(1), step_positions[:, -1:] + 1
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    if not tokens:
-        return input_ids[:, :0]
-    return torch.stack(tokens, dim=1)
+    return (torch.stack(tokens, dim=1) if tokens else input_ids[:, :0]), prefix
 
 
-def shared_prefix(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int
-) -> tuple[Any, torch.Tensor] | None:
+def prefix_pass(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int, always: bool = False
+) -> tuple[Any, torch.Tensor, torch.Tensor] | None:
     """One model pass over each distinct prefix `[:length]` (rows equal to the previous row's share
-    it, as a group's samples do), its KV cache repeated for its rows: (cache, each row's logits at
-    the prefix's last position (N, 1, V)); None when no two neighbouring rows share a prefix.
-
-    Sampling gives `generate` the cache of all but the last prompt token, so it prefills one token
-    per row; the update runs each prompt once and its completions over the cache. Both give the
-    same tokens, log-probs and gradients as the plain pass (tested); gradients of every row flow
-    into the one prefix pass.
-    """
+    it, as a group's samples do): (its KV cache (U rows), the prefix each row belongs to (N,), the
+    logits at each prefix's last position (U, 1, V)). None, unless `always`, when no two
+    neighbouring rows share a prefix (the plain pass then costs the same)."""
     firsts, owner = prompt_owners(input_ids, attention_mask, length)
-    if len(firsts) == input_ids.shape[0]:
+    if len(firsts) == input_ids.shape[0] and not always:
         return None
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (N, T), left padding
     out = model(
@@ -157,9 +177,51 @@ def shared_prefix(
         use_cache=True,
         logits_to_keep=1,
     )
-    cache = out.cache
+    return out.cache, owner, out.logits
+
+
+def shared_prefix(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int
+) -> tuple[Any, torch.Tensor] | None:
+    """`prefix_pass` with its KV cache repeated for each row: (cache, each row's logits at the
+    prefix's last position (N, 1, V)), or None.
+
+    The update runs each prompt once and its completions over the cache (when sampling's pass is
+    not kept); sampling prefills all but the last prompt token this way. Both give the same
+    tokens, log-probs and gradients as the plain pass (tested); gradients of every row flow into
+    the one prefix pass.
+    """
+    found = prefix_pass(model, input_ids, attention_mask, length)
+    if found is None:
+        return None
+    cache, owner, logits = found
     cache.batch_select_indices(owner)  # (U, ...) -> (N, ...), differentiable
-    return cache, out.logits[owner, -1:]
+    return cache, logits[owner, -1:]
+
+
+class PrefixGrads:
+    """Leaves that stand in for a `Prefix` during the update. Each micro-batch takes its rows' keys
+    and values from them and their gradients add up; `backward()` then sends the sum through the
+    prompt pass once. By linearity that is the gradient of running the prompts in every micro-batch."""
+
+    def __init__(self, prefix: Prefix) -> None:
+        self.prefix = prefix
+        self.keys = [k.detach().requires_grad_(k.requires_grad) for k in prefix.keys]
+        self.values = [v.detach().requires_grad_(v.requires_grad) for v in prefix.values]
+
+    def rows(self, rows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values) of these rows' prompts, (n, heads, P - 1, head dim) each."""
+        owner = self.prefix.owner[rows]
+        return [(k[owner], v[owner]) for k, v in zip(self.keys, self.values, strict=True)]
+
+    def backward(self) -> None:
+        pairs = [
+            (kept, leaf.grad)
+            for kept, leaf in zip(self.prefix.keys + self.prefix.values, self.keys + self.values, strict=True)
+            if leaf.grad is not None and kept.requires_grad
+        ]
+        if pairs:
+            torch.autograd.backward([kept for kept, _ in pairs], [grad for _, grad in pairs])
 
 
 def prompt_owners(
@@ -181,6 +243,9 @@ def select_rows(rollout: Rollout, rows: list[int]) -> Rollout:
         rollout.prompt_len,
         [rollout.texts[i] for i in rows],
         rollout.truncated[index],
+        None
+        if rollout.prefix is None
+        else Prefix(rollout.prefix.keys, rollout.prefix.values, rollout.prefix.owner[index]),
     )
 
 
@@ -203,4 +268,21 @@ def concat(a: Rollout, b: Rollout, pad_id: int) -> Rollout:
         prompt_len,
         a.texts + b.texts,
         torch.cat([a.truncated, b.truncated]),
+        concat_prefixes(a, b, prompt_len),
+    )
+
+
+def concat_prefixes(a: Rollout, b: Rollout, prompt_len: int) -> Prefix | None:
+    """Both prompt passes, keys and values left-padded with zeros to the new prompt length like the
+    prompts (the attention mask hides them; positions come from the mask, so nothing else moves)."""
+    if a.prefix is None or b.prefix is None:
+        return None
+
+    def pad(tensors: list[torch.Tensor], r: Rollout) -> list[torch.Tensor]:
+        return [torch.nn.functional.pad(t, (0, 0, prompt_len - r.prompt_len, 0)) for t in tensors]
+
+    return Prefix(
+        [torch.cat(kv) for kv in zip(pad(a.prefix.keys, a), pad(b.prefix.keys, b), strict=True)],
+        [torch.cat(kv) for kv in zip(pad(a.prefix.values, a), pad(b.prefix.values, b), strict=True)],
+        torch.cat([a.prefix.owner, b.prefix.owner + a.prefix.keys[0].shape[0]]),
     )
