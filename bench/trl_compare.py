@@ -138,13 +138,15 @@ class Profile:
     """Wall time per phase, and the (sequences x positions) the update pushes through the transformer.
 
     A forward pre-hook on the backbone records every call made while counting is on, split by whether
-    autograd records it (policy forward, later also run backward) or not (reference, old policy)."""
+    autograd records it (policy forward, later also run backward) or not (reference, old policy).
+    Ours runs the policy's prompt pass while sampling and its backward in the update: while sampling,
+    only passes under autograd are counted, as "prefix" (backward only)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
-        self.positions = {"grad": 0, "no_grad": 0}  # sum of n * L over forward calls
-        self.attention = {"grad": 0, "no_grad": 0}  # sum of n * L * (L + cached positions)
-        self.counting = False
+        self.positions = {"grad": 0, "no_grad": 0, "prefix": 0}  # sum of n * L over forward calls
+        self.attention = {"grad": 0, "no_grad": 0, "prefix": 0}  # sum of n * L * (L + cached positions)
+        self.counting: str | None = None  # "all" | "prefix" (autograd passes only) | None
         self.machine: dict[str, float] = {}
 
     @contextmanager
@@ -164,8 +166,8 @@ class Profile:
         def on_forward(_: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             ids = kwargs.get("input_ids")
             ids = ids if ids is not None else (args[0] if args else kwargs["inputs_embeds"])
-            if self.counting:
-                key = "grad" if torch.is_grad_enabled() else "no_grad"
+            if self.counting == "all" or (self.counting == "prefix" and torch.is_grad_enabled()):
+                key = "prefix" if self.counting == "prefix" else "grad" if torch.is_grad_enabled() else "no_grad"
                 cache = kwargs.get("past_key_values", kwargs.get("cache"))  # a shared prompt's KV cache
                 seq_length = getattr(cache, "get_seq_length", None)
                 past = int(seq_length()) if callable(seq_length) else 0
@@ -175,8 +177,8 @@ class Profile:
 
         backbone.register_forward_pre_hook(on_forward, with_kwargs=True)
 
-    def wrap(self, owner: Any, method: str, phase: str, count: bool) -> None:
-        """Time `owner.method` as `phase`, counting forward passes inside it or not."""
+    def wrap(self, owner: Any, method: str, phase: str, count: str | None) -> None:
+        """Time `owner.method` as `phase`, counting forward passes inside it ("all", "prefix") or not."""
         inner: Callable[..., Any] = getattr(owner, method)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -204,6 +206,8 @@ def update_flops(model: Any, profile: Profile, lora: bool) -> float:
     full: 3F over the policy passes (forward, backward to activations, backward to weights) + F for the reference
     LoRA: 2F over the policy passes (the backward still runs through every frozen weight, but computes no weight
           gradient for them) + 6 * P_lora * positions + F for the reference (adapters off)
+    prefix (ours: the prompt pass sampling ran under autograd): its backward only, 2F (full) or F + 4 * P_lora *
+          positions (LoRA)
     """
     config = model.config
     d, layers = config.hidden_size, config.num_hidden_layers
@@ -214,8 +218,12 @@ def update_flops(model: Any, profile: Profile, lora: bool) -> float:
     def forward(key: str) -> float:
         return 2.0 * params * profile.positions[key] + 4.0 * d * layers * profile.attention[key]
 
-    policy = (2 * forward("grad") + 6.0 * lora_params * profile.positions["grad"]) if lora else 3 * forward("grad")
-    return policy + forward("no_grad")
+    if lora:
+        policy = 2 * forward("grad") + 6.0 * lora_params * profile.positions["grad"]
+        prefix = forward("prefix") + 4.0 * lora_params * profile.positions["prefix"]
+    else:
+        policy, prefix = 3 * forward("grad"), 2 * forward("prefix")
+    return policy + prefix + forward("no_grad")
 
 
 def peak_rss_mib() -> float:
@@ -269,7 +277,8 @@ def run_ours(bench: Bench, lora: bool) -> dict[str, Any]:
         for network in (model, reference.copy):  # the full-fine-tuning reference is a second network
             if network is not None:
                 profile.attach(backbone_of(network))
-        profile.wrap(loop, "update", "update", count=True)
+        profile.wrap(loop, "update", "update", count="all")
+        profile.wrap(loop, "sample_and_grade", "sampling", count="prefix")
         steps = []
         with profile.training():
             for step in range(1, bench.steps + 1):
@@ -353,12 +362,12 @@ def run_trl(bench: Bench, lora: bool) -> dict[str, Any]:
         for network in (trainer.model, trainer.ref_model):  # the full-fine-tuning reference is a second network
             if network is not None:
                 profile.attach(backbone_of(network))
-        profile.wrap(trainer, "_generate", "sampling", count=False)
-        profile.wrap(trainer, "_calculate_rewards", "scoring", count=False)
-        profile.counting = True  # everything in a step that is not sampling or scoring is the update
+        profile.wrap(trainer, "_generate", "sampling", count=None)
+        profile.wrap(trainer, "_calculate_rewards", "scoring", count=None)
+        profile.counting = "all"  # everything in a step that is not sampling or scoring is the update
         with profile.training():
             trainer.train()
-        profile.counting = False
+        profile.counting = None
         after = evaluate(trainer.model, tokenizer, valid, grader, cfg.max_completion_tokens)
     logs = [entry for entry in trainer.state.log_history if "reward" in entry]
     for step, log in zip(steps, logs, strict=True):
