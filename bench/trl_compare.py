@@ -66,7 +66,7 @@ class Bench:
     beta: float = 0.02
     lora_rank: int = 16
     refill_rounds: int = 0  # TRL has no refill of zero-variance groups, so ours runs without it
-    trl_bf16: bool = False  # TRL's own default; ours has no bf16 path on CPU, so the matched runs are fp32
+    trl_bf16: bool = False  # TRL autocasts to bf16 by default; matched runs are fp32 (ours: RFT_TRAINING_PRECISION)
     mask_truncated: bool = True
     valid_limit: int = 64
     seed: int = 42
@@ -241,6 +241,7 @@ class BenchContext:
 
     def __init__(self, bench: Bench) -> None:
         self.job = {"seed": bench.seed, "model": bench.model}
+        self.settings = settings()
         self.events: list[str] = []
 
     def event(self, message: str, **_: Any) -> None:

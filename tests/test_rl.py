@@ -19,7 +19,9 @@ from service.core.settings import Settings
 from service.core.tables import Checkpoint, Job, JobMetric
 from tests.conftest import set_job_flags, upload
 from workers import runner, validate
+from workers.rl import loop as loop_module
 from workers.rl.data import batch_for_step
+from workers.rl.loop import autocast_dtype
 from workers.rl.loss import advantages
 
 # Dense reward a random byte-level model can climb: the share of lowercase ASCII letters it writes.
@@ -123,6 +125,54 @@ def test_loop_learns_a_learnable_task_and_picks_the_best_checkpoint(
     assert row.fine_tuned_model is not None
     assert row.fine_tuned_model.endswith(f"ckpt-step-{final['data']['chosen_step']}")
     assert row.method["reinforcement"]["hyperparameters"]["n_epochs"] == 8
+
+
+@pytest.mark.parametrize(("precision", "lora_rank"), [("bf16", 0), ("bf16", 4), ("auto", 0)])
+def test_training_precision_sets_the_autocast_of_sampling_and_update(
+    live_client: TestClient,
+    live_auth: dict[str, str],
+    live_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    precision: str,
+    lora_rank: int,
+) -> None:
+    """bf16 is the CUDA default; RFT_TRAINING_PRECISION=bf16 runs the same autocast path on a CPU."""
+    seen: list[tuple[str, bool, torch.dtype]] = []
+
+    def spy(name: str) -> None:
+        original = getattr(loop_module, name)
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            seen.append((name, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(loop_module, name, wrapped)
+
+    spy("sample")
+    spy("token_logprobs")
+    chosen = live_settings.model_copy(update={"training_precision": precision})
+    job_id = run_job(live_client, live_auth, chosen, n_epochs=4 if lora_rank else 8, beta=0.05, lora_rank=lora_rank)
+    assert job(chosen, job_id).status == "succeeded", job(chosen, job_id).error
+    assert {name for name, _, _ in seen} == {"sample", "token_logprobs"}
+    if precision == "bf16":
+        assert all(enabled and dtype == torch.bfloat16 for _, enabled, dtype in seen)
+    else:  # auto on a CPU: full precision
+        assert not any(enabled for _, enabled, _ in seen)
+    history = metrics(chosen, job_id)
+    assert all(m["kl"] is not None and m["kl"] >= 0 and m["grad_norm"] is not None for m in history)
+    weights = final_weights(chosen, job_id)
+    assert all(t.dtype == torch.float32 for t in weights.values())  # master weights stay fp32
+    if lora_rank:  # the adapters' B matrices start at zero: the update moved them
+        assert any("lora_B" in name and bool(t.abs().sum() > 0) for name, t in weights.items())
+    else:
+        assert history[-1]["train_reward_mean"] > history[0]["train_reward_mean"] + 0.2
+
+
+def test_autocast_dtype_is_bf16_on_cuda_by_default_and_wherever_asked_for() -> None:
+    assert autocast_dtype("auto", "cuda") == torch.bfloat16
+    assert autocast_dtype("auto", "cpu") is None
+    assert autocast_dtype("bf16", "cpu") == torch.bfloat16
+    assert autocast_dtype("fp32", "cuda") is None
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     max_attempts: int = 3
     reaper_interval_seconds: float = 15.0
     stale_queued_seconds: float = 300.0
+    # Autocast of training's forward passes (weights and optimizer stay fp32): "auto" is bf16 on CUDA
+    # and fp32 on CPU; "bf16" autocasts on CPU too (fast where the CPU has AMX or AVX512-BF16).
+    training_precision: Literal["auto", "fp32", "bf16"] = "auto"
     # Import path of the training entry point; the workers call it with a JobContext.
     trainer: str = "workers.training:run_training"
 

@@ -35,6 +35,13 @@ from workers.rl.rollout import PrefixGrads, Rollout, concat, sample, select_rows
 EVAL_SEED_SALT = 7919
 
 
+def autocast_dtype(precision: str, device_type: str) -> torch.dtype | None:
+    """bf16 where asked for, or by default on CUDA; None (fp32) on CPU unless asked for."""
+    if precision == "bf16" or (precision == "auto" and device_type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 def step_seed(job_seed: int, step: int) -> int:
     return (job_seed * 1_000_003 + step) % (2**31)
 
@@ -165,10 +172,11 @@ class Loop:
         )
 
     def precision(self) -> Any:
-        """bf16 autocast on CUDA (weights and optimizer stay fp32); full precision on CPU."""
-        if self.model.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """The forward passes' autocast (`RFT_TRAINING_PRECISION`); weights and optimizer stay fp32."""
+        device = self.model.device.type
+        if autocast_dtype(self.ctx.settings.training_precision, device) is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device, dtype=torch.bfloat16)
 
     def save(self, step: int, metrics: dict[str, Any]) -> None:
         checkpoint.save(
