@@ -117,9 +117,12 @@ def settings() -> Settings:
     return Settings(data_dir=Path(os.environ.get("RFT_DATA_DIR", "~/.rft")).expanduser())
 
 
+def validation(bench: Bench) -> list[Example]:
+    return load_examples(EXAMPLE / "valid.jsonl")[: bench.valid_limit]
+
+
 def arithmetic(bench: Bench) -> tuple[list[Example], list[Example], Compiled]:
-    train = load_examples(EXAMPLE / "train.jsonl")
-    valid = load_examples(EXAMPLE / "valid.jsonl")[: bench.valid_limit]
+    train, valid = load_examples(EXAMPLE / "train.jsonl"), validation(bench)
     grader = compile_grader(parse_grader(json.loads((EXAMPLE / "grader.json").read_text())), settings())
     return train, valid, grader
 
@@ -252,10 +255,19 @@ class BenchContext:
         return None
 
 
-def run_ours(bench: Bench, lora: bool) -> dict[str, Any]:
-    """Build the loop's parts as `run_training` does, then call `Loop.train_step` for each step.
+@dataclass
+class Ours:
+    """Our loop's parts, built as `workers/rl/loop.py:run_training` builds them."""
 
-    Evaluation, checkpoints and database writes are left out: they are not training."""
+    cfg: RLConfig
+    loop: Any  # workers.rl.loop.Loop
+    model: Any
+    tokenizer: Any
+    valid: list[Example]
+    grader: Compiled
+
+
+def build_ours(bench: Bench, lora: bool) -> Ours:
     from workers.context import JobContext
     from workers.rl.checkpoint import fresh_state
     from workers.rl.loop import Loop
@@ -270,12 +282,21 @@ def run_ours(bench: Bench, lora: bool) -> dict[str, Any]:
     reference = Reference(model, cfg)
     optimizer = torch.optim.AdamW(trainable(model), lr=cfg.learning_rate, weight_decay=0.0, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
-    with grader:
-        before = evaluate(model, tokenizer, valid, grader, cfg.max_completion_tokens)
-        ctx = cast(JobContext, BenchContext(bench))
-        loop = Loop(ctx, cfg, model, reference, tokenizer, optimizer, scheduler, grader, train, valid, fresh_state())
+    ctx = cast(JobContext, BenchContext(bench))
+    loop = Loop(ctx, cfg, model, reference, tokenizer, optimizer, scheduler, grader, train, valid, fresh_state())
+    return Ours(cfg, loop, model, tokenizer, valid, grader)
+
+
+def run_ours(bench: Bench, lora: bool) -> dict[str, Any]:
+    """Build the loop's parts as `run_training` does, then call `Loop.train_step` for each step.
+
+    Evaluation, checkpoints and database writes are left out: they are not training."""
+    ours = build_ours(bench, lora)
+    cfg, loop, model, tokenizer = ours.cfg, ours.loop, ours.model, ours.tokenizer
+    with ours.grader as grader:
+        before = evaluate(model, tokenizer, ours.valid, grader, cfg.max_completion_tokens)
         profile = Profile()
-        for network in (model, reference.copy):  # the full-fine-tuning reference is a second network
+        for network in (model, loop.reference.copy):  # the full-fine-tuning reference is a second network
             if network is not None:
                 profile.attach(backbone_of(network))
         profile.wrap(loop, "update", "update", count="all")
@@ -286,7 +307,7 @@ def run_ours(bench: Bench, lora: bool) -> dict[str, Any]:
                 metrics = loop.train_step(step)
                 steps.append(step_record(metrics))
                 print(f"  ours step {step}: {json.dumps(steps[-1])}", flush=True)
-        after = evaluate(model, tokenizer, valid, grader, cfg.max_completion_tokens)
+        after = evaluate(model, tokenizer, ours.valid, grader, cfg.max_completion_tokens)
     return summary(bench, cfg, steps, profile, update_flops(model, profile, lora), before, after)
 
 
@@ -335,43 +356,56 @@ def summary(
     }
 
 
-def run_trl(bench: Bench, lora: bool) -> dict[str, Any]:
-    """TRL's GRPOTrainer on the same prompts in the same order, with our grader as its reward function."""
+def trl_trainer(bench: Bench, lora: bool, out: str, callbacks: list[Any]) -> tuple[Any, RLConfig, Any, Compiled]:
+    """TRL's GRPOTrainer on the same prompts in the same order, with our grader as its reward function.
+    Returns the trainer, the resolved config, the tokenizer and the grader (the caller enters it)."""
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback
     from trl import GRPOTrainer
 
-    train, valid, grader = arithmetic(bench)
+    train, _, grader = arithmetic(bench)
     cfg = resolved(bench, lora, len(train))
     order = [i for step in range(bench.steps) for i in batch_for_step(len(train), cfg.batch_size, step, bench.seed)]
     rows = [{"prompt": train[i].messages, "item": json.dumps(train[i].item)} for i in order]
     model, tokenizer = trl_model(bench)
+    torch.manual_seed(bench.seed)  # LoRA's A matrices are drawn when the trainer wraps the model
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward_function(grader),
+        args=trl_config(cfg, bench, out),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg) if lora else None,
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)  # our callbacks print what is needed
+    return trainer, cfg, tokenizer, grader
+
+
+def trl_logs(trainer: Any) -> list[dict[str, Any]]:
+    """TRL's per-step log entries (one per optimizer step with `logging_steps=1`)."""
+    return [entry for entry in trainer.state.log_history if "reward" in entry]
+
+
+def run_trl(bench: Bench, lora: bool) -> dict[str, Any]:
     profile, steps = Profile(), cast(list[dict[str, Any]], [])
-    with grader, tempfile.TemporaryDirectory() as out:
-        before = evaluate(model, tokenizer, valid, grader, cfg.max_completion_tokens)
-        torch.manual_seed(bench.seed)  # LoRA's A matrices are drawn when the trainer wraps the model
-        trainer = GRPOTrainer(
-            model=model,
-            reward_funcs=reward_function(grader),
-            args=trl_config(cfg, bench, out),
-            train_dataset=Dataset.from_list(rows),
-            processing_class=tokenizer,
-            peft_config=lora_config(cfg) if lora else None,
-            callbacks=[step_timer(profile, steps)],
-        )
-        trainer.remove_callback(PrinterCallback)  # our StepTimer prints one line a step
-        for network in (trainer.model, trainer.ref_model):  # the full-fine-tuning reference is a second network
-            if network is not None:
-                profile.attach(backbone_of(network))
-        profile.wrap(trainer, "_generate", "sampling", count=None)
-        profile.wrap(trainer, "_calculate_rewards", "scoring", count=None)
-        profile.counting = "all"  # everything in a step that is not sampling or scoring is the update
-        with profile.training():
-            trainer.train()
-        profile.counting = None
-        after = evaluate(trainer.model, tokenizer, valid, grader, cfg.max_completion_tokens)
-    logs = [entry for entry in trainer.state.log_history if "reward" in entry]
-    for step, log in zip(steps, logs, strict=True):
+    valid = validation(bench)
+    with tempfile.TemporaryDirectory() as out:
+        trainer, cfg, tokenizer, compiled = trl_trainer(bench, lora, out, [step_timer(profile, steps)])
+        with compiled as grader:
+            # The untouched model: LoRA's B matrices start at zero, so the wrapped model is the base model.
+            before = evaluate(trainer.model, tokenizer, valid, grader, cfg.max_completion_tokens)
+            for network in (trainer.model, trainer.ref_model):  # the full-fine-tuning reference is a second network
+                if network is not None:
+                    profile.attach(backbone_of(network))
+            profile.wrap(trainer, "_generate", "sampling", count=None)
+            profile.wrap(trainer, "_calculate_rewards", "scoring", count=None)
+            profile.counting = "all"  # everything in a step that is not sampling or scoring is the update
+            with profile.training():
+                trainer.train()
+            profile.counting = None
+            after = evaluate(trainer.model, tokenizer, valid, grader, cfg.max_completion_tokens)
+    for step, log in zip(steps, trl_logs(trainer), strict=True):
         step.update(train_reward=log["reward"], kl=log.get("kl"), completion_tokens_mean=log["completions/mean_length"])
         print(f"  trl step: {json.dumps(step)}", flush=True)
     # The rest of TRL's step (reference forward, advantages, policy passes, optimizer) is its update.
