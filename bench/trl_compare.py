@@ -70,6 +70,7 @@ class Bench:
     mask_truncated: bool = True
     valid_limit: int = 64
     seed: int = 42
+    micro_batch_size: int | str = "auto"  # ours: 16 here (whole groups); trl_replay.py's control run uses 8
 
 
 # A random model rarely ends an answer: keep truncated completions in the loss so the update runs.
@@ -104,6 +105,7 @@ def hyperparameters(bench: Bench, lora: bool) -> dict[str, Any]:
         "max_grad_norm": 1.0,
         "warmup_steps": 0,
         "lora_rank": bench.lora_rank if lora else 0,
+        "micro_batch_size": bench.micro_batch_size,
     }
 
 

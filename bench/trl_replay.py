@@ -12,10 +12,15 @@ generation replaced by a replay of our completions for the same prompts. Everyth
 TRL's own: grading through its reward function, advantages, reference and policy passes, loss,
 clipping, AdamW.
 
+A control run sets the scale: our loop again, with micro-batches of half the size (the same gradient,
+summed in another order, so the runs differ by float rounding alone), on its own sampled completions,
+which are compared with the first run's: the control holds only where rounding flipped no token.
+
 If the two trainers do the same thing, every step's train reward is the same (the same completions),
 the KL and gradient norm agree to float rounding, and the final weights agree: the report gives, per
 step, both frameworks' reward, KL and pre-clip gradient norm, and at the end the distance between the
-two final models relative to how far training moved them, and both models' greedy validation reward.
+two final models relative to how far training moved them (and the control's distance, on the same
+scale), and each model's greedy validation reward.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import torch
 from trl_compare import SMOKE, Bench, build_ours, code_version, evaluate, trl_logs, trl_trainer, validation
 
 import workers.rl.loop as loop_module
-from workers.rl.rollout import Rollout
+from workers.rl.rollout import Rollout, sample
 
 Completions = dict[tuple[int, ...], deque[list[int]]]
 
@@ -68,7 +73,7 @@ def run_ours(bench: Bench, lora: bool) -> dict[str, Any]:
     ours = build_ours(bench, lora)
     completions: Completions = defaultdict(deque)
     initial, base = trainable_state(ours.model), fingerprint(ours.model)
-    loop_module.sample = recording(loop_module.sample, completions)  # type: ignore[attr-defined]
+    loop_module.sample = recording(sample, completions)  # type: ignore[attr-defined]
     steps = []
     with ours.grader as grader:
         for step in range(1, bench.steps + 1):
@@ -79,6 +84,7 @@ def run_ours(bench: Bench, lora: bool) -> dict[str, Any]:
                 raise SystemExit(f"our loop skipped the update of step {step}; the runs cannot be compared")
         after = evaluate(ours.model, ours.tokenizer, ours.valid, grader, ours.cfg.max_completion_tokens)
     return {
+        "micro_batch_size": ours.cfg.micro_batch_size,
         "initial": initial,
         "base": base,
         "final": trainable_state(ours.model),
@@ -129,17 +135,27 @@ def run_trl(bench: Bench, lora: bool, ours: dict[str, Any]) -> dict[str, Any]:
     return {"final": trainable_state(trainer.model), "steps": steps, "valid_after": after}
 
 
+def control(bench: Bench, lora: bool, ours: dict[str, Any]) -> dict[str, Any]:
+    """Our loop again with micro-batches of 8, not 16: the same gradient, summed in another order. How far
+    apart two runs end that differ only in float rounding is the yardstick for the distance to TRL. Valid
+    only while rounding flips no sampled token, so the completions are compared too."""
+    half = bench.micro_batch_size if isinstance(bench.micro_batch_size, int) else ours["micro_batch_size"]
+    again = run_ours(replace(bench, micro_batch_size=max(1, half // 2)), lora)
+    same = {k: list(v) for k, v in again["completions"].items()} == {k: list(v) for k, v in ours["completions"].items()}
+    return {**again, "same_completions": same}
+
+
 def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return math.sqrt(sum(float((a[n] - b[n]).double().pow(2).sum()) for n in a))
 
 
-def compare(mode: str, ours: dict[str, Any], trl: dict[str, Any]) -> dict[str, Any]:
+def compare(mode: str, ours: dict[str, Any], trl: dict[str, Any], again: dict[str, Any] | None) -> dict[str, Any]:
     moved = distance(ours["final"], ours["initial"])
     apart = distance(ours["final"], trl["final"])
     rows = []
     for step, (o, t) in enumerate(zip(ours["steps"], trl["steps"], strict=True), start=1):
         rows.append({"step": step, "ours": o, "trl": t})
-    return {
+    result = {
         "mode": mode,
         "steps": rows,
         "ours_moved": moved,
@@ -148,6 +164,17 @@ def compare(mode: str, ours: dict[str, Any], trl: dict[str, Any]) -> dict[str, A
         "apart_relative": apart / moved if moved else float("nan"),
         "valid_after": {"ours": ours["valid_after"], "trl": trl["valid_after"]},
     }
+    if again is not None:
+        control = distance(ours["final"], again["final"])
+        result["control"] = {
+            "micro_batch_size": [ours["micro_batch_size"], again["micro_batch_size"]],
+            "same_completions": again["same_completions"],
+            "apart": control,
+            "apart_relative": control / moved if moved else float("nan"),
+            "valid_after": again["valid_after"],
+            "steps": again["steps"],
+        }
+    return result
 
 
 def report(result: dict[str, Any]) -> str:
@@ -172,6 +199,15 @@ def report(result: dict[str, Any]) -> str:
         f"the distance moved",
         f"{result['mode']}: greedy validation reward after: ours {v['ours']:.3f}, TRL {v['trl']:.3f}",
     ]
+    c = result.get("control")
+    if c is not None:
+        a, b = c["micro_batch_size"]
+        lines.append(
+            f"{result['mode']}: control, ours with micro-batches of {b} instead of {a}: "
+            f"{'the same' if c['same_completions'] else 'DIFFERENT (control not valid)'} completions, final model "
+            f"{c['apart']:.4g} from ours ({100 * c['apart_relative']:.2f}% of the distance moved), greedy "
+            f"validation reward {c['valid_after']:.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -182,14 +218,18 @@ def main() -> None:
     p.add_argument("--seed", type=int, help=f"seed of data order, sampling and LoRA init (default {Bench.seed})")
     p.add_argument("--smoke", action="store_true", help="tiny random Llama, 2 steps, small batches: seconds")
     p.add_argument("--json-out", type=Path, help="also write the comparison here")
+    p.add_argument(
+        "--no-control", action="store_true", help="skip the control run (ours again with half the micro-batch)"
+    )
     args = p.parse_args()
     bench = SMOKE if args.smoke else Bench()
     bench = replace(bench, **{k: v for k, v in {"steps": args.steps, "seed": args.seed}.items() if v is not None})
     lora = args.mode == "lora"
     print(f"rft {code_version()}: {args.mode}, {bench.steps} steps, seed {bench.seed}", flush=True)
     ours = run_ours(bench, lora)
+    again = None if args.no_control else control(bench, lora, ours)  # before TRL, which uses up the completions
     trl = run_trl(bench, lora, ours)
-    result = compare(args.mode, ours, trl)
+    result = compare(args.mode, ours, trl, again)
     print(report(result), flush=True)
     if args.json_out:
         args.json_out.write_text(json.dumps({"rft": code_version(), "bench": bench.__dict__, **result}, indent=2))
