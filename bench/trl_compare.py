@@ -280,7 +280,7 @@ def build_ours(bench: Bench, lora: bool) -> Ours:
     train, valid, grader = arithmetic(bench)
     cfg = resolved(bench, lora, len(train))
     torch.manual_seed(bench.seed)
-    model, tokenizer = build_policy(bench.model, cfg, settings(), "cpu")
+    model, tokenizer = build_policy(bench.model, cfg, settings(), "cpu", seed=bench.seed)
     reference = Reference(model, cfg)
     optimizer = torch.optim.AdamW(trainable(model), lr=cfg.learning_rate, weight_decay=0.0, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))

@@ -437,7 +437,7 @@ def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(settings: Sett
     from workers.rl.rollout import prompt_owners, sample
 
     cfg = resolve({"lora_rank": 4 if lora else 0, "compute_multiplier": 1}, 3)
-    model, tokenizer = build_policy("tiny-random-llama", cfg, settings, "cpu")
+    model, tokenizer = build_policy("tiny-random-llama", cfg, settings, "cpu", seed=0)
     prompts = [[{"role": "user", "content": text}] for text in ("hi", "a longer prompt here", "x")]
     r = sample(model, tokenizer, prompts, 4, max_new_tokens=8, temperature=1.0, top_p=1.0, seed=1)
     rows = torch.tensor([1, 2, 3, 4, 5, 8, 11])  # runs of 3, 2 and 2 rows sharing a prompt
@@ -474,7 +474,7 @@ def test_update_over_samplings_prompt_pass_gives_the_gradients_of_running_the_pr
     from workers.rl.rollout import PrefixGrads, concat, sample, select_rows
 
     cfg = resolve({"lora_rank": 4 if lora else 0, "compute_multiplier": 1}, 3)
-    model, tokenizer = build_policy("tiny-random-llama", cfg, settings, "cpu")
+    model, tokenizer = build_policy("tiny-random-llama", cfg, settings, "cpu", seed=0)
     assert not has_dropout(model)
 
     def draw(texts: tuple[str, ...], seed: int) -> Any:
@@ -515,7 +515,35 @@ def test_dropout_turns_off_reuse_of_samplings_prompt_pass(settings: Settings) ->
     from workers.rl.policy import build_policy
 
     cfg = resolve({"lora_rank": 4, "lora_dropout": 0.1, "compute_multiplier": 1}, 3)
-    assert has_dropout(build_policy("tiny-random-llama", cfg, settings, "cpu")[0])
+    assert has_dropout(build_policy("tiny-random-llama", cfg, settings, "cpu", seed=0)[0])
+
+
+def test_lora_adapters_depend_on_the_seed_not_on_what_loading_drew(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first load of the GGUF model converts it and draws random numbers; a cached load does not.
+    The same job seed must give the same adapters either way."""
+    from workers.rl import policy
+    from workers.rl.config import resolve
+
+    cfg = resolve({"lora_rank": 4, "compute_multiplier": 1}, 3)
+
+    def adapters(seed: int) -> dict[str, torch.Tensor]:
+        model = policy.build_policy("tiny-random-llama", cfg, settings, "cpu", seed=seed)[0]
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+    plain = adapters(1)
+    load = policy.load_fresh
+
+    def converting_load(*args: object) -> tuple[object, object]:
+        torch.rand(1000)  # as a first-time conversion does
+        return load(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(policy, "load_fresh", converting_load)
+    after_draws = adapters(1)
+    assert plain and plain.keys() == after_draws.keys()
+    assert all(torch.equal(plain[n], after_draws[n]) for n in plain)
+    assert not torch.equal(next(iter(adapters(2).values())), next(iter(plain.values())))
 
 
 def test_update_skips_rows_and_columns_that_carry_no_loss() -> None:

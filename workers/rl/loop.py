@@ -67,7 +67,7 @@ def run_training(ctx: JobContext) -> TrainingResult:
     keep_freed_memory()  # this process runs one job and exits: reuse freed pages instead of faulting them in
     torch.manual_seed(job["seed"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = build_policy(job["model"], cfg, ctx.settings, device)
+    model, tokenizer = build_policy(job["model"], cfg, ctx.settings, device, seed=job["seed"])
     reference = Reference(model, cfg)
     # fused: one kernel over all parameters (on CPU too); a quarter of a second a step at 135M.
     optimizer = torch.optim.AdamW(trainable(model), lr=cfg.learning_rate, weight_decay=0.0, fused=True)

@@ -18,7 +18,12 @@ from workers.rl.config import RLConfig
 from workers.rl.loss import token_logprobs
 
 
-def build_policy(model_name: str, cfg: RLConfig, settings: Settings, device: str) -> tuple[Any, Any]:
+def build_policy(model_name: str, cfg: RLConfig, settings: Settings, device: str, *, seed: int) -> tuple[Any, Any]:
+    """The model to train: the base model, wrapped in fresh LoRA adapters when `cfg.lora_rank` > 0.
+
+    The adapters' random A matrices are drawn right after seeding with `seed`, not from whatever state
+    loading left the global RNG in: the first load of a GGUF model converts it and consumes random
+    numbers, later loads read the cached copy and do not, and the same seed must give the same job."""
     model, tokenizer = load_fresh(resolve(model_name), settings)
     if cfg.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
@@ -31,6 +36,7 @@ def build_policy(model_name: str, cfg: RLConfig, settings: Settings, device: str
             task_type="CAUSAL_LM",
             base_model_name_or_path=model_name,
         )
+        torch.manual_seed(seed)
         model = get_peft_model(model, lora)
     return model.to(device).train(), tokenizer
 
