@@ -13,7 +13,8 @@ the transformer (forward hooks) and set against the machine's fp32 GEMM peak, me
 What is matched: model and tokenizer (our registry), the training prompts of every step (TRL gets
 our `batch_for_step` order with shuffling off), the grader (our engine, sandboxed python grader),
 group size, prompts per step, micro-batch, completion length, sampling temperature, learning rate
-(constant, AdamW, no weight decay), gradient clipping, beta with the k3 KL estimator, token-mean
+(constant, AdamW, no weight decay), gradient clipping, beta with the k3 KL estimator (TRL without its
+`use_bias_correction_kl`, which changes the KL gradient), token-mean
 loss aggregation over the whole step (TRL `loss_type="dapo"`), clip range 0.2/0.28, group-std
 advantages with +1e-4, masking of truncated completions, fp32, no gradient checkpointing, LoRA
 shape and targets. What differs is listed in bench/README.md.
@@ -486,6 +487,9 @@ def trl_config(cfg: RLConfig, bench: Bench, out: str) -> Any:
         weight_decay=0.0,
         max_grad_norm=cfg.max_grad_norm,
         beta=cfg.beta,
+        # TRL 1.16 multiplies the k3 term by the (value-1, differentiable) importance ratio by default, which adds
+        # kl * grad(logp) to the KL gradient once the policy has left the reference; ours takes k3's own gradient.
+        use_bias_correction_kl=False,
         loss_type="dapo",  # token mean over the whole step = our token_mean
         epsilon=cfg.epsilon_low,
         epsilon_high=cfg.epsilon_high,

@@ -216,6 +216,7 @@ def main() -> None:
     p.add_argument("--mode", choices=["lora", "full"], default="lora")
     p.add_argument("--steps", type=int, help=f"training steps (default {Bench.steps})")
     p.add_argument("--seed", type=int, help=f"seed of data order, sampling and LoRA init (default {Bench.seed})")
+    p.add_argument("--beta", type=float, help=f"KL coefficient (default {Bench.beta}; 0 leaves the KL term out)")
     p.add_argument("--smoke", action="store_true", help="tiny random Llama, 2 steps, small batches: seconds")
     p.add_argument("--json-out", type=Path, help="also write the comparison here")
     p.add_argument(
@@ -223,7 +224,9 @@ def main() -> None:
     )
     args = p.parse_args()
     bench = SMOKE if args.smoke else Bench()
-    bench = replace(bench, **{k: v for k, v in {"steps": args.steps, "seed": args.seed}.items() if v is not None})
+    bench = replace(
+        bench, **{k: v for k, v in {"steps": args.steps, "seed": args.seed, "beta": args.beta}.items() if v is not None}
+    )
     lora = args.mode == "lora"
     print(f"rft {code_version()}: {args.mode}, {bench.steps} steps, seed {bench.seed}", flush=True)
     ours = run_ours(bench, lora)
