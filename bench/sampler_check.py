@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from trl_compare import EXAMPLE, SMOKE, Bench, code_version, trl_trainer
+from seeds_summary import mean_and_se
+from trl_compare import EXAMPLE, SMOKE, Bench, code_version, completion_ids, trl_trainer
 
 from service.graders.engine import Compiled, grade_batch
 from service.graders.templates import Sample
@@ -51,7 +51,7 @@ def per_prompt(
 
 
 def ours(model: Any, tokenizer: Any, examples: list[Example], bench: Bench, k: int) -> list[list[int]]:
-    completions = []
+    completions: list[list[int]] = []
     for start in range(0, len(examples), CHUNK):
         chunk = examples[start : start + CHUNK]
         rollout = sample(
@@ -64,9 +64,7 @@ def ours(model: Any, tokenizer: Any, examples: list[Example], bench: Bench, k: i
             top_p=1.0,
             seed=bench.seed + start,
         )
-        p = rollout.prompt_len
-        for row in range(rollout.input_ids.shape[0]):
-            completions.append(rollout.input_ids[row, p:][rollout.completion_mask[row].bool()].tolist())
+        completions += completion_ids(rollout)
     return completions
 
 
@@ -79,12 +77,6 @@ def trl(trainer: Any, examples: list[Example], bench: Bench, k: int) -> list[lis
         ids, _ = trainer._generate_single_turn(prompt_ids, images, fields, k)
         completions += ids
     return completions
-
-
-def stats(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
 def main() -> None:
@@ -113,8 +105,8 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: |")
     summary: dict[str, Any] = {}
     for key in ("reward", "eos", "length"):
-        o, t = stats(results["ours"][key]), stats(results["trl"][key])
-        d = stats([a - b for a, b in zip(results["ours"][key], results["trl"][key], strict=True)])
+        o, t = mean_and_se(results["ours"][key]), mean_and_se(results["trl"][key])
+        d = mean_and_se([a - b for a, b in zip(results["ours"][key], results["trl"][key], strict=True)])
         summary[key] = {"ours": o, "trl": t, "difference": d}
         print(f"| {key} | {o[0]:.3f} ± {o[1]:.3f} | {t[0]:.3f} ± {t[1]:.3f} | {d[0]:+.3f} ± {d[1]:.3f} |")
     if args.json_out:

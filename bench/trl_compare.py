@@ -49,7 +49,7 @@ from service.models.registry import load_fresh, resolve
 from workers.rl.config import RLConfig
 from workers.rl.config import resolve as resolve_config
 from workers.rl.data import Example, batch_for_step, load_examples
-from workers.rl.rollout import sample
+from workers.rl.rollout import Rollout, sample
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "arithmetic"
@@ -128,6 +128,12 @@ def arithmetic(bench: Bench) -> tuple[list[Example], list[Example], Compiled]:
     train, valid = load_examples(EXAMPLE / "train.jsonl"), validation(bench)
     grader = compile_grader(parse_grader(json.loads((EXAMPLE / "grader.json").read_text())), settings())
     return train, valid, grader
+
+
+def completion_ids(rollout: Rollout) -> list[list[int]]:
+    """Each row's completion tokens, through EOS (what the loop trains on and TRL's generation returns)."""
+    p = rollout.prompt_len
+    return [ids[p:][mask.bool()].tolist() for ids, mask in zip(rollout.input_ids, rollout.completion_mask, strict=True)]
 
 
 def evaluate(model: Any, tokenizer: Any, valid: list[Example], grader: Compiled, max_tokens: int) -> float:

@@ -36,7 +36,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from trl_compare import SMOKE, Bench, build_ours, code_version, evaluate, trl_logs, trl_trainer, validation
+from trl_compare import (
+    SMOKE,
+    Bench,
+    build_ours,
+    code_version,
+    completion_ids,
+    evaluate,
+    trl_logs,
+    trl_trainer,
+    validation,
+)
 
 import workers.rl.loop as loop_module
 from workers.rl.rollout import Rollout, sample
@@ -60,10 +70,9 @@ def recording(sample: Callable[..., Rollout], into: Completions) -> Callable[...
     def recorded(*args: Any, **kwargs: Any) -> Rollout:
         rollout = sample(*args, **kwargs)
         p = rollout.prompt_len
-        for row in range(rollout.input_ids.shape[0]):
+        for row, completion in enumerate(completion_ids(rollout)):
             prompt = rollout.input_ids[row, :p][rollout.attention_mask[row, :p].bool()]
-            completion = rollout.input_ids[row, p:][rollout.completion_mask[row].bool()]
-            into[tuple(prompt.tolist())].append(completion.tolist())
+            into[tuple(prompt.tolist())].append(completion)
         return rollout
 
     return recorded
@@ -139,8 +148,7 @@ def control(bench: Bench, lora: bool, ours: dict[str, Any]) -> dict[str, Any]:
     """Our loop again with micro-batches of 8, not 16: the same gradient, summed in another order. How far
     apart two runs end that differ only in float rounding is the yardstick for the distance to TRL. Valid
     only while rounding flips no sampled token, so the completions are compared too."""
-    half = bench.micro_batch_size if isinstance(bench.micro_batch_size, int) else ours["micro_batch_size"]
-    again = run_ours(replace(bench, micro_batch_size=max(1, half // 2)), lora)
+    again = run_ours(replace(bench, micro_batch_size=max(1, ours["micro_batch_size"] // 2)), lora)
     same = {k: list(v) for k, v in again["completions"].items()} == {k: list(v) for k, v in ours["completions"].items()}
     return {**again, "same_completions": same}
 
