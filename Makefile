@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Python graders import from an environment of their own, never the service's (service/graders/isolation.py).
+GRADER_VENV ?= .venv-grader
+GRADER_STAMP := $(GRADER_VENV)/.installed
+export RFT_GRADER_PYTHON ?= $(abspath $(GRADER_VENV))/bin/python
 
 .PHONY: install serve test lint clean
 
@@ -18,7 +22,14 @@ $(STAMP): pyproject.toml
 	command -v chromium >/dev/null || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get install -y -q chromium) || true
 	touch $(STAMP)
 
-install: $(STAMP)
+$(GRADER_STAMP): service/graders/grader-requirements.txt
+	test -x $(GRADER_VENV)/bin/python || $(PYTHON) -m venv $(GRADER_VENV)
+	$(GRADER_VENV)/bin/python -m pip install -q -r service/graders/grader-requirements.txt
+	# bubblewrap builds each python grader's sandbox; without it python graders are refused with a clear error.
+	command -v bwrap >/dev/null || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get install -y -q bubblewrap) || true
+	touch $(GRADER_STAMP)
+
+install: $(STAMP) $(GRADER_STAMP)
 
 serve: install
 	$(BIN)/rft serve

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     # Autocast of training's forward passes (weights and optimizer stay fp32): "auto" is bf16 on CUDA
     # and fp32 on CPU; "bf16" autocasts on CPU too (fast where the CPU has AMX or AVX512-BF16).
     training_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Python graders: the interpreter of their own environment (None: `.venv-grader` beside the service's
+    # venv, which `make install` creates) and the bubblewrap binary that builds their sandboxes.
+    grader_python: Path | None = None
+    sandbox_bwrap: str = "bwrap"
     # Import path of the training entry point; the workers call it with a JobContext.
     trainer: str = "workers.training:run_training"
 

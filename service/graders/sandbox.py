@@ -1,16 +1,17 @@
 """Run user-supplied `python` graders in sandbox processes, never in the API or worker process.
 
 A `PythonGraderPool` keeps warm sandbox processes (sandbox_worker.py) that all run ONE grader source, so a
-grader that corrupts its own process can only spoil its own rewards. The parent enforces the wall-time
-limit, treats every byte from a sandbox as hostile (bounded frames, strict JSON, type-checked replies), and
-kills and replaces a sandbox after any timeout, death or protocol violation.
+grader that corrupts its own process can only spoil its own rewards. What a sandbox can see and do is
+isolation.py's: a fresh allowlisted root from bubblewrap, its own namespaces, a seccomp filter. The parent
+enforces the wall-time limit, treats every byte from a sandbox as hostile (bounded frames, strict JSON,
+type-checked replies), and kills and replaces a sandbox after any timeout, death or protocol violation.
 
 Uids (when the service runs as root): every sandbox process gets a uid of its own, never reused while it
 lives: SANDBOX_UID_BASE + blake2b(parent pid, pool serial, slot, incarnation) mod SANDBOX_UID_SPAN, skipping
 uids that any live process holds (gid = uid, no supplementary groups, no passwd entry). Owning its uid alone
 is what makes RLIMIT_NPROC contain fork bombs, keeps other processes' /proc/<pid>/environ unreadable, and
 makes "kill every process of this uid" (kill(-1) run as that uid) exactly "kill what this grader started".
-Without root the sandbox shares the service's uid: see the warning the pool logs for what is then missing.
+Without root, a user namespace of its own does the same for RLIMIT_NPROC, and its PID namespace for kill(-1).
 """
 
 from __future__ import annotations
@@ -24,11 +25,8 @@ import logging
 import math
 import os
 import select
-import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 import weakref
@@ -38,6 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from service.core.settings import get_settings
+from service.graders.isolation import Isolation, isolation_for
 from service.graders.sandbox_worker import HEADER, encode_frame
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,11 @@ SANDBOX_UID_BASE = 2**30
 SANDBOX_UID_SPAN = 2**29
 RUNTIME_ERROR = "python_grader_runtime_error"
 SERVER_ERROR = "python_grader_server_error"
-WORKER_ARGV = [sys.executable, "-I", "-m", "service.graders.sandbox_worker"]
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 _pool_serials = itertools.count()
 _live_uids: set[int] = set()
 _uid_lock = threading.Lock()
-_warned: set[tuple[str, ...]] = set()
 
 
 @dataclass(frozen=True)
@@ -67,6 +65,7 @@ class SandboxLimits:
     max_processes: int = 8  # RLIMIT_NPROC for the sandbox uid
     max_file_bytes: int = 64 * 1024**2  # RLIMIT_FSIZE
     max_open_files: int = 64  # RLIMIT_NOFILE
+    tmp_bytes: int = 64 * 1024**2  # the private tmpfs /tmp (its pages are memory, outside RLIMIT_AS)
 
 
 @dataclass(frozen=True)
@@ -156,6 +155,13 @@ def pids_of_uid(uid: int) -> list[int]:
     return [pid for pid, uids, state in _proc_statuses() if uid in uids and state != "Z"]
 
 
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
 def _sandbox_uid(pool_serial: int, slot: int, incarnation: int) -> int:
     in_use = {u for _, uids, _ in _proc_statuses() for u in uids}
     with _uid_lock:
@@ -209,44 +215,45 @@ def _how_it_ended(returncode: int | None) -> str:
 class _Worker:
     """One sandbox process seen from the parent: its pipes, where it is in the protocol, what to kill."""
 
-    def __init__(self, slot: int, uid: int | None, spawner: ThreadPoolExecutor) -> None:
+    def __init__(self, slot: int, uid: int | None, argv: list[str], seccomp: bytes, spawner: ThreadPoolExecutor):
         self.slot, self.uid = slot, uid
         self.state = "starting"  # -> loading -> idle <-> busy
         self.deadline: float | None = time.monotonic() + START_TIMEOUT_S
         self.call: int | None = None
         self.call_id = -1
         self.out, self.out_pos, self.inbuf = b"", 0, bytearray()
-        self.tmpdir = tempfile.mkdtemp(prefix="rft-grader-")
         fds: list[int] = []
         try:
-            if uid is not None:
-                os.chown(self.tmpdir, uid, uid)
             req_r, self.to_fd = os.pipe()
             self.from_fd, rep_w = os.pipe()
             self.err_fd, err_w = os.pipe()
-            fds = [req_r, self.to_fd, self.from_fd, rep_w, self.err_fd, err_w]
-            env = {v: "1" for v in THREAD_VARS} | {"HOME": self.tmpdir, "TMPDIR": self.tmpdir, "LANG": "C.UTF-8"}
+            filter_r, filter_w = os.pipe()
+            fds = [req_r, self.to_fd, self.from_fd, rep_w, self.err_fd, err_w, filter_r, filter_w]
+            os.write(filter_w, seccomp)  # a few hundred bytes: far below a pipe's buffer
+            os.close(filter_w)
+            fds.remove(filter_w)
+            env = {v: "1" for v in THREAD_VARS} | {"HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
             env["PATH"] = "/usr/local/bin:/usr/bin:/bin"
-            # Popen runs on the pool's long-lived thread: PR_SET_PDEATHSIG fires when the *thread* that
-            # forked the sandbox ends, so it must be one that lives exactly as long as the pool.
+            # Popen runs on the pool's long-lived thread: PR_SET_PDEATHSIG (bwrap's --die-with-parent) fires
+            # when the *thread* that forked the sandbox ends, so it must be one that lives as long as the pool.
             self.popen = spawner.submit(
                 lambda: subprocess.Popen(
-                    WORKER_ARGV,
+                    [arg.replace("{seccomp_fd}", str(filter_r)) for arg in argv],
                     stdin=req_r,
                     stdout=rep_w,
                     stderr=err_w,
                     env=env,
-                    cwd=self.tmpdir,
+                    cwd="/",
                     close_fds=True,
+                    pass_fds=(filter_r,),
                     start_new_session=True,
                 )
             ).result()
         except BaseException:
             for fd in fds:
                 os.close(fd)
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
             raise
-        for fd in (req_r, rep_w, err_w):
+        for fd in (req_r, rep_w, err_w, filter_r):
             os.close(fd)
         for fd in (self.to_fd, self.from_fd, self.err_fd):
             os.set_blocking(fd, False)
@@ -292,7 +299,7 @@ class _Worker:
         return ""
 
     def kill(self) -> str:
-        """Kill the sandbox, everything it started and its files; say how it ended."""
+        """Kill the sandbox and everything it started (its tmpfs goes with it); say how it ended."""
         tail = self.stderr_tail()
         with contextlib.suppress(OSError):
             os.killpg(self.popen.pid, signal.SIGKILL)
@@ -307,7 +314,6 @@ class _Worker:
         for fd in (self.to_fd, self.from_fd, self.err_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
         return _how_it_ended(self.popen.returncode) + (f"; its stderr: {tail}" if tail else "")
 
 
@@ -342,13 +348,12 @@ def _result(frame: Any, call_id: int) -> tuple[GradeOutcome, bool]:
     return GradeOutcome(value), recycle
 
 
-def _warn_missing(missing: Any) -> None:
+def _check_ready(frame: dict[str, Any]) -> None:
+    missing = frame.get("missing")
     if not isinstance(missing, list) or not all(isinstance(m, str) for m in missing):
         raise _Broken("it sent a `ready` frame without a list of missing protections")
-    key = tuple(missing)
-    if missing and key not in _warned:
-        _warned.add(key)
-        log.warning("python grader sandboxes run WITHOUT these protections: %s", "; ".join(m[:300] for m in key))
+    if missing:  # never run a grader with less than the whole sandbox
+        raise _Broken("it lacks protections a python grader never runs without: " + "; ".join(m[:300] for m in missing))
 
 
 def _shutdown(owner_pid: int, slots: list[_Worker | None], spawner: ThreadPoolExecutor) -> None:
@@ -368,14 +373,22 @@ class PythonGraderPool:
     out, dies or breaks the protocol is killed with everything it started and replaced on the next call.
     Thread-safe (calls serialize); use it in the process that created it, not in a fork of it."""
 
-    def __init__(self, source: str, size: int | None = None, limits: SandboxLimits = SandboxLimits()) -> None:
+    def __init__(
+        self,
+        source: str,
+        size: int | None = None,
+        limits: SandboxLimits = SandboxLimits(),
+        isolation: Isolation | None = None,
+    ) -> None:
+        """`isolation` defaults to the one the global settings describe; SandboxUnavailable if there is none."""
         validate_source(source)
         self.size = size if size is not None else min(4, os.cpu_count() or 1)
         if self.size < 1:
             raise ValueError(f"size must be at least 1, got {size}")
         self.limits = limits
+        self.isolation = isolation or isolation_for(get_settings())
+        self._argv = self.isolation.command(limits.tmp_bytes, "{seccomp_fd}")
         self._load_frame = encode_frame({"type": "load", "source": source})
-        self._privileged = os.geteuid() == 0
         self._serial, self._incarnations, self._ids = next(_pool_serials), itertools.count(), itertools.count()
         self._owner_pid = os.getpid()
         self._lock = threading.Lock()
@@ -401,6 +414,17 @@ class PythonGraderPool:
             self._start_errors.clear()
             return self._run(requests)
 
+    def sandbox_pids(self) -> list[int]:
+        """Host pids of every process of this pool's sandboxes (each bwrap launcher and what runs under it)."""
+        found, todo = [], [w.popen.pid for w in self._slots if w is not None]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            for task in _listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/task/{task}/children") as f:
+                    todo += [int(child) for child in f.read().split()]
+        return found
+
     def close(self) -> None:
         """Kill every sandbox process and remove its files. Idempotent."""
         with self._lock:
@@ -421,13 +445,12 @@ class PythonGraderPool:
             raise TypeError(f"call {index}: sample and item must be JSON-serializable: {exc}") from None
 
     def _spawn(self, slot: int) -> _Worker | None:
-        uid = _sandbox_uid(self._serial, slot, next(self._incarnations)) if self._privileged else None
+        privileged = self.isolation.privileged
+        uid = _sandbox_uid(self._serial, slot, next(self._incarnations)) if privileged else None
         try:
-            worker = _Worker(slot, uid, self._spawner)
-            config = {k: v for k, v in asdict(self.limits).items() if k != "timeout_s"}
-            worker.send(
-                encode_frame({"type": "config", "uid": uid, "gid": uid, "parent_pid": os.getpid(), "limits": config})
-            )
+            worker = _Worker(slot, uid, self._argv, self.isolation.seccomp, self._spawner)
+            config = {k: v for k, v in asdict(self.limits).items() if k not in ("timeout_s", "tmp_bytes")}
+            worker.send(encode_frame({"type": "config", "uid": uid, "gid": uid, "limits": config}))
         except (OSError, subprocess.SubprocessError, _Broken, RuntimeError) as exc:
             if uid is not None:
                 with _uid_lock:
@@ -508,7 +531,7 @@ class PythonGraderPool:
             return
         kind = frame.get("type") if isinstance(frame, dict) else None
         if worker.state == "starting" and kind == "ready":
-            _warn_missing(frame.get("missing"))
+            _check_ready(frame)
             worker.state, worker.deadline = "loading", time.monotonic() + START_TIMEOUT_S
             worker.send(self._load_frame)
         elif worker.state == "loading" and kind == "loaded" and len(frame) == 1:

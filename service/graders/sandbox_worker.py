@@ -1,19 +1,20 @@
 """The sandbox process that runs one user-supplied `python` grader (sandbox.py starts and drives it).
 
-Lifecycle: read a `config` frame; confine this process (network namespace, private mount namespace,
-resource limits, its own unprivileged uid) BEFORE anything of the user is read; answer `ready` naming any
-protection that could not be applied; read the `load` frame, point fds 0-2 at /dev/null, compile and exec
-the source once; then answer `grade` frames until the parent closes the pipe. After every grade() it kills
-every other process of its uid, so nothing a grader starts outlives its call.
+It starts inside the root bubblewrap built for it (isolation.py): its own mount, PID, network, IPC and UTS
+namespaces, under the seccomp filter. It is PID 2 there, under bwrap's init (PID 1), which stays root (or
+the service's uid) so that the kernel's parent-death signal can reach it when the service dies: the
+namespace, this process and whatever the grader started go with it. Lifecycle: read a `config` frame; set resource
+limits and, when the service is root, switch to the sandbox's own unprivileged uid, BEFORE anything of the
+user is read; check that every protection holds and answer `ready` naming any that does not (the parent
+then refuses to use this sandbox); read the `load` frame, point fds 0-2 at /dev/null, compile and exec the
+source once; then answer `grade` frames until the parent closes the pipe. After every grade() it kills
+every other process in its PID namespace, so nothing a grader starts outlives its call.
 
 Frames are a 4-byte big-endian length and UTF-8 JSON, on the pipes that arrived as stdin and stdout (moved
 to other fds before user code runs). This side trusts the parent; the parent trusts nothing from here: user
 code owns this process and can rewrite any of it, so the checks here exist for clear messages only.
 
-The mount namespace hides /run, /tmp and /dev/shm behind fresh tmpfs (their unix sockets, e.g. PostgreSQL's,
-would otherwise bypass the network namespace), mounts a /proc whose other-uid entries are unreadable, and,
-when the Python installation sits under a directory others cannot enter (a pyenv in a 0700 /root), covers
-that directory with a tmpfs that shows only the path to Python.
+Only the standard library: this file is bound alone into the sandbox, where rft itself is not importable.
 """
 
 from __future__ import annotations
@@ -25,12 +26,11 @@ import math
 import os
 import resource
 import signal
-import stat
 import struct
 import sys
 import time
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 HEADER = struct.Struct(">I")
@@ -38,27 +38,9 @@ MAX_REQUEST_BYTES = 512 * 1024**2
 GRADER_FILENAME = "grader.py"
 MAX_TEXT = 2000
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWNET = 0x40000000
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
-MNT_DETACH = 2
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 4, 36, 38
-HIDDEN_DIRS = {"/run": "mode=0755,size=64k", "/tmp": "mode=1777", "/dev/shm": "mode=1777"}
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
-
-
-_own_uid: int | None = None  # set once this process runs as a uid of its own; then kill(-1) is safe
 
 
 def encode_frame(message: dict[str, Any], allow_nan: bool = False) -> bytes:
@@ -97,102 +79,20 @@ def _check(result: int, what: str) -> None:
         raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
 
 
-def _mount(source: str | None, target: str, fstype: str | None, flags: int, options: str | None = None) -> None:
-    def arg(text: str | None) -> bytes | None:
-        return None if text is None else text.encode()
-
-    _check(_libc.mount(arg(source), arg(target), arg(fstype), flags, arg(options)), f"mount {target}")
-
-
 def _prctl(option: int, value: int) -> None:
     _check(_libc.prctl(option, value, 0, 0, 0), f"prctl({option})")
 
 
-def _is_under(path: str, directory: str) -> bool:
-    return path != directory and path.startswith(directory.rstrip("/") + "/")
-
-
-def _overmount(directory: str, keep: Iterable[str], options: str) -> None:
-    """Cover `directory` with an empty tmpfs, then bind back the entries of it that lead to each kept path."""
-    names = {os.path.relpath(p, directory).split("/")[0] for p in keep if _is_under(p, directory)}
-    originals = {name: os.path.join(directory, name) for name in names}
-    links = {name: os.readlink(path) for name, path in originals.items() if os.path.islink(path)}
-    fds = {name: os.open(path, os.O_PATH) for name, path in originals.items() if name not in links}
-    try:
-        _mount("tmpfs", directory, "tmpfs", MS_NOSUID | MS_NODEV, options)
-    except OSError:
-        _close_all(fds.values())
-        raise
-    try:
-        for name, target in links.items():
-            os.symlink(target, os.path.join(directory, name))
-        for name, fd in fds.items():
-            path = os.path.join(directory, name)
-            if stat.S_ISDIR(os.fstat(fd).st_mode):
-                os.mkdir(path)
-            else:
-                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-            _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
-    except OSError:
-        _libc.umount2(directory.encode(), MNT_DETACH)  # all or nothing: never leave a half-covered directory
-        raise
-    finally:
-        _close_all(fds.values())
-
-
-def _close_all(fds: Iterable[int]) -> None:
-    for fd in fds:
-        os.close(fd)
-
-
-def _python_paths() -> list[str]:
-    paths = [p for p in sys.path if p and os.path.exists(p)]
-    paths += [os.path.dirname(os.path.realpath(sys.executable)), sys.base_prefix, sys.base_exec_prefix]
-    return sorted({os.path.realpath(p) for p in paths} | {os.path.abspath(p) for p in paths})
-
-
-def _first_closed_ancestor(paths: Iterable[str]) -> str | None:
-    """The shallowest directory on the way to a path that a stranger (not owner, not group) cannot enter."""
-    for path in paths:
-        parts = path.strip("/").split("/")
-        for depth in range(len(parts)):
-            ancestor = "/" + "/".join(parts[:depth])
-            if not os.stat(ancestor).st_mode & stat.S_IXOTH:
-                return ancestor
-    return None
-
-
-def _private_mounts(privileged: bool, limits: dict[str, int]) -> None:
-    """Runs in a fresh mount namespace: nothing mounted here is seen by the host."""
-    _mount(None, "/", None, MS_REC | MS_PRIVATE)  # never propagate a mount below back to the host
-    keep = [os.getcwd(), *_python_paths()]
-    for directory, options in HIDDEN_DIRS.items():  # tmpfs pages escape RLIMIT_AS, hence the size cap
-        if os.path.isdir(directory) and not os.path.islink(directory):
-            _overmount(directory, keep, options if "size" in options else f"{options},size={limits['max_file_bytes']}")
-    if not privileged:
-        return  # the same uid as the service: whatever it can enter, the sandbox can enter
-    for _ in range(16):
-        closed = _first_closed_ancestor(keep)
-        if closed is None:
-            break
-        if closed == "/":
-            raise OSError(f"/ is not searchable by others (mode {os.stat('/').st_mode & 0o777:o})")
-        _overmount(closed, keep, "mode=0755,size=64k")
-    release = tuple(int(x) for x in os.uname().release.split(".")[:2] if x.isdigit())
-    if release >= (5, 8):  # before 5.8 proc options were shared with the host's /proc
-        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=1")
-
-
-def _set_limits(limits: dict[str, int], with_nproc: bool) -> list[str]:
+def _set_limits(limits: dict[str, int]) -> list[str]:
     wanted = {
         "RLIMIT_AS": limits["memory_bytes"],
         "RLIMIT_CPU": limits["cpu_s"],
         "RLIMIT_FSIZE": limits["max_file_bytes"],
         "RLIMIT_NOFILE": limits["max_open_files"],
         "RLIMIT_CORE": 0,
+        # Counted per uid in a user namespace: a uid of its own (root mode), or a user namespace of its own.
+        "RLIMIT_NPROC": limits["max_processes"],
     }
-    if with_nproc:  # counted per uid: without a uid (or user namespace) of its own it would count the service's
-        wanted["RLIMIT_NPROC"] = limits["max_processes"]
     missing = []
     for name, value in wanted.items():
         which = getattr(resource, name)
@@ -206,7 +106,6 @@ def _set_limits(limits: dict[str, int], with_nproc: bool) -> list[str]:
 
 
 def _drop_privileges(uid: int, gid: int) -> None:
-    global _own_uid
     os.setgroups([])
     os.setgid(gid)
     os.setuid(uid)
@@ -215,59 +114,53 @@ def _drop_privileges(uid: int, gid: int) -> None:
     try:
         os.setuid(0)
     except PermissionError:
-        _own_uid = uid
         return
     raise OSError("root could be regained after the uid switch")
 
 
-def _enter_namespaces(privileged: bool, limits: dict[str, int]) -> tuple[bool, list[str]]:
-    """New network and mount namespaces; without root, inside a new user namespace that maps our own ids."""
-    uid, gid = os.getuid(), os.getgid()
-    if _libc.unshare(CLONE_NEWNET | CLONE_NEWNS | (0 if privileged else CLONE_NEWUSER)) != 0:
-        reason = os.strerror(ctypes.get_errno())
-        return False, [f"network isolation and hidden /run, /tmp and /dev/shm (unshare failed: {reason})"]
-    missing = []
-    try:
-        if not privileged:
-            for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
-                with open(f"/proc/self/{name}", "w") as f:
-                    f.write(text)
-        _private_mounts(privileged, limits)
-    except OSError as exc:
-        if privileged:
-            raise  # half-done mounts could leave Python unreachable; fail the start instead
-        missing.append(f"hidden /run, /tmp and /dev/shm ({exc.strerror})")
-    if not privileged:  # the user namespace gave us every capability in it: keep none (umount would undo the above)
-        header, data = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0), (_CapData * 2)()
-        if _libc.capset(ctypes.byref(header), data) != 0:
-            missing.append(f"dropping capabilities ({os.strerror(ctypes.get_errno())})")
-    return True, missing
+def _status() -> dict[str, str]:
+    with open("/proc/self/status") as f:
+        return dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+
+
+def unconfined() -> list[str]:
+    """The protections this process lacks, read back from the kernel rather than assumed."""
+    status, missing = _status(), []
+    if (os.getpid(), os.getppid()) != (2, 1):
+        missing.append(f"a PID namespace of its own (it is pid {os.getpid()}, child of {os.getppid()})")
+    if status.get("Seccomp", "0").strip() != "2":
+        missing.append("the seccomp filter")
+    if status.get("NoNewPrivs", "0").strip() != "1":
+        missing.append("no_new_privs")
+    if int(status.get("CapEff", "1").strip(), 16) or int(status.get("CapPrm", "1").strip(), 16):
+        missing.append(f"dropping every capability (CapEff {status.get('CapEff', '?').strip()})")
+    if os.getuid() == 0 or os.geteuid() == 0:
+        missing.append("an unprivileged uid")
+    with open("/proc/net/dev") as f:
+        interfaces = {line.split(":")[0].strip() for line in f.read().splitlines()[2:]}
+    if interfaces - {"lo"}:
+        missing.append(f"a network namespace of its own (it sees {', '.join(sorted(interfaces))})")
+    return missing
 
 
 def confine(config: dict[str, Any]) -> list[str]:
-    """Apply every protection this process can get; return the ones it could not, in words."""
+    """Apply the limits and the uid switch; return, in words, every protection that does not hold."""
     uid, gid, limits = config["uid"], config["gid"], config["limits"]
-    privileged = uid is not None
-    namespaced, missing = _enter_namespaces(privileged, limits)
-    missing += _set_limits(limits, with_nproc=privileged or namespaced)
+    missing = _set_limits(limits)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write raises OSError instead of killing us
-    for option in (PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER):  # no setuid binaries; orphans reparent to us
-        try:
-            _prctl(option, 1)
-        except OSError as exc:
-            missing.append(str(exc))
-    if privileged:
-        _drop_privileges(uid, gid)  # never run user code as root: a failure here fails the start
-        # The uid switch made us non-dumpable, which makes our own /proc/self/* root-owned and unreadable to
-        # the grader. Only this uid's processes (the grader's own) could ptrace us; RLIMIT_CORE is 0.
-        _prctl(PR_SET_DUMPABLE, 1)
-    else:
-        missing.append("a dedicated uid (the service is not root): the grader can read what the service can")
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # set after the uid switch, which clears it
-    if os.getppid() != config["parent_pid"]:
-        os._exit(1)  # the parent died before PDEATHSIG was armed
+    try:
+        _prctl(PR_SET_NO_NEW_PRIVS, 1)  # bwrap set it already; a no-op then
+        if uid is not None:
+            _drop_privileges(uid, gid)  # never run user code as root: a failure here fails the start
+            # The uid switch made us non-dumpable, which makes our own /proc/self/* root-owned and unreadable
+            # to the grader. Only this uid's processes (the grader's own) could ptrace us; seccomp forbids it.
+            _prctl(PR_SET_DUMPABLE, 1)
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # bwrap armed it; the uid switch cleared it
+    except OSError as exc:
+        missing.append(str(exc))
     sys.dont_write_bytecode = True
-    return missing
+    os.environ.pop("PWD", None)  # bwrap's --chdir sets it; the grader's environment is exactly what the pool set
+    return missing + unconfined()
 
 
 def _text(value: Callable[[], object], fallback: str) -> str:
@@ -337,40 +230,12 @@ def to_score(value: object) -> tuple[float | None, str | None]:
 
 
 def kill_strays() -> None:
-    """Kill every process the grader left behind, and reap them."""
-    if _own_uid is not None and _own_uid != 0 and os.getuid() == _own_uid:
-        # Linux: every process this uid may signal, i.e. every process of this uid, but not the caller
+    """Kill every process the grader left behind, and reap them. In our own PID namespace, kill(-1) reaches
+    every other process in it but its init: all of them the grader's."""
+    if os.getpid() == 2:
         with contextlib.suppress(ProcessLookupError):
             os.kill(-1, signal.SIGKILL)
-    else:  # no uid of our own: kill(-1) would hit the service; orphans reparent to us (subreaper), so walk down
-        for _ in range(5):
-            found = _descendants(os.getpid())
-            if not found:
-                break
-            for pid in found:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            _reap(0.2)
     _reap(2.0)
-
-
-def _descendants(root: int) -> list[int]:
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tasks:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/children") as f:
-                    children = [int(c) for c in f.read().split()]
-            except OSError:
-                continue
-            found += children
-            todo += children
-    return found
 
 
 def _reap(budget_s: float) -> None:
@@ -459,8 +324,7 @@ def main() -> None:
     except (EOFError, BrokenPipeError):
         pass  # the parent closed the pipe: shut down
     finally:
-        if os.getuid() != 0:  # still root: confinement never ran, so no user code ran either
-            kill_strays()
+        kill_strays()
 
 
 if __name__ == "__main__":
