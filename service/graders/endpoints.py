@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from service.core.http import SettingsDep, SubjectDep
 from service.graders import service
-from service.graders.schemas import RunRequest, ValidateRequest
+from service.graders.schemas import GraderEnvironmentObject, RunRequest, ValidateRequest
 
 router = APIRouter(prefix="/v1/fine_tuning/alpha/graders", tags=["graders"])
 
@@ -21,3 +21,9 @@ def validate_grader(body: ValidateRequest, _: SubjectDep) -> dict[str, Any]:
 def run_grader(body: RunRequest, subject: SubjectDep, settings: SettingsDep) -> dict[str, Any]:
     """Grade one model sample against one item and report the reward, sub-rewards and errors."""
     return service.run(body.grader, body.model_sample, body.item, settings, subject.project_id)
+
+
+@router.get("/environment", response_model=GraderEnvironmentObject)
+def grader_environment(_: SubjectDep, settings: SettingsDep) -> GraderEnvironmentObject:
+    """The packages python graders can import (with versions), the sandbox's limits, and whether it runs here."""
+    return service.environment(settings)

@@ -155,9 +155,11 @@ class Python(Compiled):
         self, config: PythonGrader, settings: Settings, project_id: str | None = None, pool_size: int | None = None
     ) -> None:
         super().__init__(config, settings, project_id)
+        from service.graders.isolation import check_available
         from service.graders.sandbox import PythonGraderPool
 
-        self.pool = PythonGraderPool(config.source, size=pool_size)
+        # SandboxUnavailable (a 400, or the failed job's error) rather than grades that could never succeed.
+        self.pool = PythonGraderPool(config.source, size=pool_size, isolation=check_available(settings))
 
     def grade_batch(self, samples: Sequence[Sample], items: Sequence[dict[str, Any]]) -> list[Grade]:
         outcomes = self.pool.grade_many([(s.as_dict(), i) for s, i in zip(samples, items, strict=True)])

@@ -199,3 +199,32 @@ class RunRequest(Strict):
     model_sample: str
     item: dict[str, Any] | None = None
     reference_answer: Any = None  # accepted by OpenAI's older run endpoint; unused
+
+
+class GraderPackage(BaseModel):
+    name: str
+    version: str
+
+
+class SandboxLimitsObject(BaseModel):
+    timeout_seconds: float
+    memory_bytes: int
+    tmp_bytes: int
+    max_file_bytes: int
+    max_processes: int
+    max_open_files: int
+
+
+class SandboxObject(BaseModel):
+    available: bool
+    reason: str | None  # why python graders are refused, when they are
+    mechanism: str | None
+    network: bool
+    limits: SandboxLimitsObject
+
+
+class GraderEnvironmentObject(BaseModel):
+    object: Literal["fine_tuning.grader_environment"]
+    python_version: str | None
+    packages: list[GraderPackage]
+    sandbox: SandboxObject

@@ -6,12 +6,51 @@ from typing import Any
 
 from service.core.settings import Settings
 from service.graders.engine import compile_grader, grade_batch
-from service.graders.schemas import GraderConfig, parse_grader
+from service.graders.isolation import SandboxUnavailable, check_available, grader_environment
+from service.graders.sandbox import SandboxLimits
+from service.graders.schemas import GraderConfig, GraderEnvironmentObject, MultiGrader, parse_grader, sub_graders
 from service.graders.templates import Sample
 
 
 def validate(grader: dict[str, Any]) -> GraderConfig:
     return parse_grader(grader, "grader")
+
+
+def require_runnable(config: GraderConfig, settings: Settings) -> None:
+    """Refuse (SandboxUnavailable, a 400) a grader this server cannot run: a python grader without a sandbox."""
+    subs = list(sub_graders(config).values()) if isinstance(config, MultiGrader) else [config]
+    if any(sub.type == "python" for sub in subs):
+        check_available(settings)
+
+
+def environment(settings: Settings) -> GraderEnvironmentObject:
+    """What python graders can import, with versions, and whether this server can run them at all."""
+    limits = SandboxLimits()
+    sandbox: dict[str, Any] = {
+        "available": True,
+        "reason": None,
+        "mechanism": None,
+        "network": False,
+        "limits": {
+            "timeout_seconds": limits.timeout_s,
+            "memory_bytes": limits.memory_bytes,
+            "tmp_bytes": limits.tmp_bytes,
+            "max_file_bytes": limits.max_file_bytes,
+            "max_processes": limits.max_processes,
+            "max_open_files": limits.max_open_files,
+        },
+    }
+    python_version, packages = None, []
+    try:
+        env = grader_environment(settings)
+        python_version, packages = env.version, [{"name": n, "version": v} for n, v in env.packages]
+        sandbox["mechanism"] = check_available(settings).mechanism
+    except SandboxUnavailable as exc:
+        sandbox["available"], sandbox["reason"] = False, exc.reason
+    return GraderEnvironmentObject.model_validate(
+        {"object": "fine_tuning.grader_environment", "python_version": python_version, "packages": packages}
+        | {"sandbox": sandbox}
+    )
 
 
 def run(

@@ -24,10 +24,11 @@ def create_job(
     body: JobCreate,
     session: SessionDep,
     subject: SubjectDep,
+    settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
 ) -> JobObject:
     """Create a reinforcement fine-tuning job; its files are validated before it is queued."""
-    return service.job_object(service.create_job(session, subject, body, idempotency_key))
+    return service.job_object(service.create_job(session, subject, body, idempotency_key, settings))
 
 
 @router.get("", response_model=JobList)

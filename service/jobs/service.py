@@ -20,9 +20,12 @@ from service.auth.service import AuthSubject
 from service.core.errors import Conflict, InvalidRequest, InvalidTransition, NotFound
 from service.core.ids import new_id
 from service.core.queue import wake_training, wake_validation
+from service.core.settings import Settings
 from service.core.tables import Checkpoint, Job, now
 from service.files import repository as files
+from service.graders.isolation import SandboxUnavailable
 from service.graders.schemas import parse_grader
+from service.graders.service import require_runnable
 from service.jobs import repository
 from service.jobs.schemas import JobCreate, JobError, JobObject
 from service.models.registry import resolve as resolve_model
@@ -91,7 +94,9 @@ def _check_file(session: Session, subject: AuthSubject, file_id: str, param: str
         raise InvalidRequest(f"{param} {file_id!r} has purpose {row.purpose!r}; expected 'fine-tune'.", param=param)
 
 
-def create_job(session: Session, subject: AuthSubject, body: JobCreate, idempotency_key: str | None) -> Job:
+def create_job(
+    session: Session, subject: AuthSubject, body: JobCreate, idempotency_key: str | None, settings: Settings
+) -> Job:
     request_hash = _request_hash(body)
     if idempotency_key:
         existing = repository.by_idempotency_key(session, subject, idempotency_key)
@@ -99,8 +104,13 @@ def create_job(session: Session, subject: AuthSubject, body: JobCreate, idempote
             return _replay(existing, request_hash, idempotency_key)
     _check_method(body)
     assert body.method is not None and body.method.reinforcement is not None
-    parse_grader(body.method.reinforcement.grader, "method.reinforcement.grader")
+    grader = parse_grader(body.method.reinforcement.grader, "method.reinforcement.grader")
     resolve_model(body.model)
+    try:
+        require_runnable(grader, settings)
+    except SandboxUnavailable as exc:
+        exc.param = "method.reinforcement.grader"
+        raise
     _check_file(session, subject, body.training_file, "training_file")
     if body.validation_file:
         _check_file(session, subject, body.validation_file, "validation_file")
