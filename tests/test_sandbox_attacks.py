@@ -199,6 +199,17 @@ def test_grader_sees_no_host_folder_beyond_the_paths_to_its_environment(serve: S
             assert "FileNotFoundError" in runtime_error(result), folder
 
 
+def test_grader_cannot_see_the_base_interpreters_packages(serve: Server) -> None:
+    """The grader venv's stdlib sits beside its base interpreter's site-packages (where the Docker image
+    installs the service): that folder is bound in with the stdlib, and must be empty."""
+    env = grader_environment(serve.settings)
+    hidden = [site for site in env.base_site if os.path.isdir(site) and os.listdir(site)]
+    if not hidden:
+        pytest.skip(f"the base interpreter's site-packages ({env.base_site}) hold nothing here to hide")
+    for site in hidden:
+        assert listing(serve.grade("b", LIST, {"path": site})) == [], site
+
+
 def test_sandboxes_do_not_share_a_tmp(serve: Server) -> None:
     write = 'open("/tmp/planted", "w").write(item["s"])\nreturn float(os.path.exists("/tmp/planted"))\n'
     assert serve.grade("a", write, {"s": SECRET})["reward"] == 1.0

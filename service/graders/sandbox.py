@@ -447,16 +447,19 @@ class PythonGraderPool:
     def _spawn(self, slot: int) -> _Worker | None:
         privileged = self.isolation.privileged
         uid = _sandbox_uid(self._serial, slot, next(self._incarnations)) if privileged else None
+        worker: _Worker | None = None
         try:
             worker = _Worker(slot, uid, self._argv, self.isolation.seccomp, self._spawner)
             config = {k: v for k, v in asdict(self.limits).items() if k not in ("timeout_s", "tmp_bytes")}
             worker.send(encode_frame({"type": "config", "uid": uid, "gid": uid, "limits": config}))
         except (OSError, subprocess.SubprocessError, _Broken, RuntimeError) as exc:
+            # A sandbox that dies at once (bwrap refused by the kernel, say) says why on its stderr.
+            ended = f" ({worker.kill()})" if worker is not None else ""
             if uid is not None:
                 with _uid_lock:
                     _live_uids.discard(uid)
             log.exception("could not start a python grader sandbox")
-            self._start_errors[slot] = _failure(SERVER_ERROR, f"the grader sandbox could not start: {exc}")
+            self._start_errors[slot] = _failure(SERVER_ERROR, f"the grader sandbox could not start: {exc}{ended}")
             return None
         self._slots[slot] = worker
         return worker
