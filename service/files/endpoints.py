@@ -19,9 +19,7 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 async def upload_file(request: Request, subject: SubjectDep, settings: SettingsDep, storage: StorageDep) -> FileObject:
     """Upload a JSONL file (multipart fields `file` and `purpose=fine-tune`)."""
     file_id, key = service.new_file_key(subject)
-    target = storage.path(key)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staged = target.with_name(f".{target.name}.partial")
+    staged = storage.upload_target(key)
     upload = await receive_upload(request, staged, settings.max_upload_bytes)
 
     def record() -> FileObject:
