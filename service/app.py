@@ -10,8 +10,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.core.bodylimit import BodySizeLimit
 from service.core.db import session_factory
 from service.core.errors import ApiError, InvalidRequest
+from service.core.ratelimit import make_buckets
 from service.core.settings import Settings, get_settings
 from service.core.storage import Storage
 from service.dashboard import mount_dashboard
@@ -29,6 +31,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.storage = Storage(settings.storage_dir)
     app.state.sessionmaker = session_factory(settings)
+    app.state.rate_buckets = make_buckets(settings)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_json_body_bytes)
     app.include_router(files_router)
     app.include_router(jobs_router)
     app.include_router(graders_router)
@@ -47,7 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status_code)
+    return JSONResponse(exc.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
 def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

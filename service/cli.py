@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 from service import cli_client
+from service.core.private import private_dir, restrict_umask, write_private
 from service.core.settings import Settings, get_settings
 
 DEFAULT_PROJECT = "default"
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(args, "client_handler"):  # a client command: talks HTTP, needs no server settings
         return cli_client.run(args)
 
+    restrict_umask()  # server processes (and the workers they spawn) write for their own user only
     settings = get_settings()
     if args.command == "migrate":
         _migrate(settings)
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 def _migrate(settings: Settings) -> None:
     from service.core.migrate import upgrade
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)
     upgrade(settings.sqlalchemy_url)
 
 
@@ -79,9 +81,7 @@ def _dev_key(settings: Settings) -> str:
             if active_key_by_hash(session, hash_key(key, settings.secret_key)) is not None:
                 return key
     key = _create_key(settings, DEFAULT_PROJECT)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
+    write_private(path, (key + "\n").encode())
     return key
 
 
@@ -102,7 +102,7 @@ def worker_argv(settings: Settings, queues: str, beat: bool) -> list[str]:
 def _run_worker(settings: Settings, queues: str, beat: bool) -> int:
     from workers.celery_app import app
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)
     app.worker_main(worker_argv(settings, queues, beat))
     return 0
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from celery import Celery
 
+from service.core.private import private_dir
 from service.core.settings import Settings, get_settings
 
 TRAINING_QUEUE = "training"
@@ -44,8 +45,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
     if settings.uses_filesystem_broker:
         folder = settings.broker_dir
+        # Messages name job ids and are written by kombu under the process umask: the folders keep
+        # other local users out whatever that umask is.
         for sub in ("queue", "control", "processed"):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
+            private_dir(folder / sub)
+        private_dir(folder)
         config["broker_transport_options"] = {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),

@@ -11,11 +11,13 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.core.private import private_dir, touch_private
 from service.core.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -25,11 +27,22 @@ TaskSender = Callable[[str, list[Any], str], None]
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
+        _private_sqlite_file(url)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def _private_sqlite_file(url: str) -> None:
+    """Create the database file 0600 before SQLite does: its -wal, -shm and -journal files take
+    the database file's mode, so every project's rows stay the service user's alone."""
+    database = make_url(url).database
+    if database and database != ":memory:" and not database.startswith("file:"):
+        path = Path(database)
+        private_dir(path.parent, own=False)
+        touch_private(path)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -70,3 +71,31 @@ class TrainingUnavailable(ApiError):
     status_code = 500
     type = "server_error"
     code = "training_unavailable"
+
+
+class RateLimited(ApiError):
+    """Too many requests for one key: OpenAI's 429 with `Retry-After` (and the SDK's `retry-after-ms`)."""
+
+    status_code = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.headers = {
+            "Retry-After": str(max(1, math.ceil(retry_after))),
+            "retry-after-ms": str(math.ceil(retry_after * 1000)),
+        }
+
+
+class QuotaExceeded(ApiError):
+    """A project is at one of its limits (files, stored bytes, queued jobs); waiting does not help,
+    so 403 rather than 429, which the OpenAI SDK would retry."""
+
+    status_code = 403
+    code = "quota_exceeded"
+
+
+class RequestTooLarge(ApiError):
+    status_code = 413
+    code = "request_too_large"

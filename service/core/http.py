@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from service.auth.service import AuthSubject, authenticate
 from service.core.db import transaction
+from service.core.ratelimit import check_rate
 from service.core.settings import Settings
 from service.core.storage import Storage
 
@@ -46,7 +47,9 @@ def get_subject(
 ) -> AuthSubject:
     # Its own short transaction: SQLite allows one writer, and an upload must not hold it while streaming.
     with request_transaction(request) as session:
-        return authenticate(session, settings, authorization)
+        subject = authenticate(session, settings, authorization)
+    check_rate(request, subject.project_id, subject.key_id)  # 429 past the key's requests per second
+    return subject
 
 
 SubjectDep = Annotated[AuthSubject, Depends(get_subject)]

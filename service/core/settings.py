@@ -11,10 +11,21 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_SECRET = "rft-dev-secret-do-not-use-in-production"
+
+
+class LimitOverrides(BaseModel):
+    """One project's exceptions to the default limits; unset fields keep the defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_queued_jobs: int | None = Field(default=None, ge=0)
+    max_files: int | None = Field(default=None, ge=0)
+    max_stored_bytes: int | None = Field(default=None, ge=0)
+    requests_per_second: float | None = Field(default=None, gt=0)
+    request_burst: int | None = Field(default=None, ge=1)
 
 
 class Settings(BaseSettings):
@@ -48,6 +59,21 @@ class Settings(BaseSettings):
     # venv, which `make install` creates) and the bubblewrap binary that builds their sandboxes.
     grader_python: Path | None = None
     sandbox_bwrap: str = "bwrap"
+    # Limits per project. These are the defaults for every project; `project_limits` overrides them for
+    # named projects, as JSON keyed by project name or id (the operator's policy sits with the rest of
+    # the settings, with no admin API to guard): RFT_PROJECT_LIMITS='{"acme": {"max_files": 5000}}'.
+    # Going over answers 403 `quota_exceeded` naming the limit and the current use; requests past a
+    # key's rate answer 429 with Retry-After. The rate is counted in Redis when `rate_limit_redis_url`
+    # (or else a redis:// broker) names one, so all API processes share it; in-process otherwise.
+    max_queued_jobs: int = 20  # jobs validating their files or queued, per project
+    max_files: int = 1_000
+    max_stored_bytes: int = 50 * 1024**3  # the sum of the project's uploaded files
+    requests_per_second: float = 50.0  # per API key: a token bucket refilled at this rate...
+    request_burst: int = 100  # ...holding this many tokens
+    max_json_body_bytes: int = 4 * 1024 * 1024  # any non-multipart request body
+    rate_limit_redis_url: str = ""
+    project_limits: dict[str, LimitOverrides] = Field(default_factory=dict)
+
     # Import path of the training entry point; the workers call it with a JobContext.
     trainer: str = "workers.training:run_training"
 
@@ -81,6 +107,13 @@ class Settings(BaseSettings):
     @property
     def broker_dir(self) -> Path:
         return self.data_dir / "broker"
+
+    @property
+    def rate_limit_url(self) -> str:
+        """Where request rates are counted: a Redis URL, or "" for in-process buckets."""
+        if self.rate_limit_redis_url:
+            return self.rate_limit_redis_url
+        return self.broker_url if self.broker_url.startswith(("redis://", "rediss://")) else ""
 
     @property
     def storage_dir(self) -> Path:

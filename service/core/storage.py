@@ -1,7 +1,8 @@
 """Local object storage under one root. Keys are built from our own ids, never from user input.
 
 Writes go to a temporary name in the same folder, are fsynced and renamed, so a crash leaves either
-the old object or the new one, never half of one.
+the old object or the new one, never half of one. Every folder is 0700 and every object 0600
+(`service.core.private`), whatever the umask of the process that wrote it.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from service.core.private import make_tree_private, private_dir
+
 _KEY = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_.\-]+)*$")
 CHUNK = 1024 * 1024
 
 
 class Storage:
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = private_dir(root)
 
     def path(self, key: str) -> Path:
         if not _KEY.match(key) or ".." in key.split("/"):
@@ -48,7 +50,8 @@ class Storage:
     def commit_dir(self, staging: Path, key: str) -> Path:
         """Move a fully written, fsynced staging folder to `key` atomically (a checkpoint, say)."""
         target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(target.parent)
+        make_tree_private(staging)  # the trainer's libraries wrote these under the process umask
         for file in staging.rglob("*"):
             if file.is_file():
                 with open(file, "rb") as f:
@@ -62,5 +65,10 @@ class Storage:
         target = self.path(key)
         staging = target.with_name(f".{target.name}.partial")
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        return staging
+        return private_dir(staging)
+
+    def upload_target(self, key: str) -> Path:
+        """The temporary name an upload to `key` streams into, in a private folder beside it."""
+        target = self.path(key)
+        private_dir(target.parent)
+        return target.with_name(f".{target.name}.partial")

@@ -7,10 +7,11 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.core.http import SessionDep, SettingsDep, StorageDep, SubjectDep, request_transaction
+from service.core.limits import limits_for
 from service.core.pagination import list_body
 from service.files import repository, service
 from service.files.schemas import FileDeleted, FileList, FileObject
-from service.files.upload import receive_upload
+from service.files.upload import MULTIPART_OVERHEAD, receive_upload
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -18,15 +19,23 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 @router.post("", response_model=FileObject)
 async def upload_file(request: Request, subject: SubjectDep, settings: SettingsDep, storage: StorageDep) -> FileObject:
     """Upload a JSONL file (multipart fields `file` and `purpose=fine-tune`)."""
+    limits = await run_in_threadpool(limits_for, settings, subject.project_id, lambda: request_transaction(request))
+    declared = request.headers.get("content-length", "")
+
+    def check_room() -> None:  # before the body is read: a full project's upload is refused at once
+        with request_transaction(request) as session:
+            body = int(declared) - MULTIPART_OVERHEAD if declared.isdigit() else 0
+            service.check_room(session, subject, limits, max(0, body))
+
+    await run_in_threadpool(check_room)
     file_id, key = service.new_file_key(subject)
-    target = storage.path(key)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staged = target.with_name(f".{target.name}.partial")
+    staged = storage.upload_target(key)
     upload = await receive_upload(request, staged, settings.max_upload_bytes)
 
     def record() -> FileObject:
         with request_transaction(request) as session:
-            return FileObject.of(service.record_upload(session, storage, subject, file_id, key, staged, upload))
+            row = service.record_upload(session, storage, subject, limits, (file_id, key, staged), upload)
+            return FileObject.of(row)
 
     return await run_in_threadpool(record)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.auth.service import AuthSubject, readable
@@ -35,3 +35,10 @@ def files_of_job(session: Session, job: Job) -> dict[str, File]:
     ids = [job.training_file] + ([job.validation_file] if job.validation_file else [])
     stmt = select(File).where(File.project_id == job.project_id, File.id.in_(ids))
     return {f.id: f for f in session.scalars(stmt)}
+
+
+def usage(session: Session, project_id: str) -> tuple[int, int]:
+    """(files, bytes) the project stores."""
+    stmt = select(func.count(File.seq), func.coalesce(func.sum(File.bytes), 0)).where(File.project_id == project_id)
+    count, total = session.execute(stmt).one()
+    return int(count), int(total)

@@ -11,6 +11,7 @@ from service.auth.service import AuthSubject
 from service.core.db import on_commit
 from service.core.errors import InvalidRequest, NotFound
 from service.core.ids import new_id
+from service.core.limits import Limits, check_files
 from service.core.storage import Storage
 from service.core.tables import File
 from service.files import repository
@@ -45,13 +46,27 @@ def check_upload(upload: Upload) -> None:
         raise InvalidRequest(f"File {filename!r} is empty: it needs at least one JSONL example.", param="file")
 
 
+def check_room(session: Session, subject: AuthSubject, limits: Limits, adding: int) -> None:
+    """Refuse an upload of `adding` bytes that would take the project past its files or bytes limit."""
+    files, stored = repository.usage(session, subject.project_id)
+    check_files(limits, subject.project_id, files, stored, adding)
+
+
 def record_upload(
-    session: Session, storage: Storage, subject: AuthSubject, file_id: str, key: str, staged: Path, upload: Upload
+    session: Session,
+    storage: Storage,
+    subject: AuthSubject,
+    limits: Limits,
+    staged: tuple[str, str, Path],
+    upload: Upload,
 ) -> File:
-    """Validate the form, move the staged bytes into place and add the row (removed again on error)."""
+    """Validate the form, check the project's room, move the staged bytes into place and add the row
+    (removed again on error)."""
+    file_id, key, path = staged
     try:
         check_upload(upload)
-        os.replace(staged, storage.path(key))
+        check_room(session, subject, limits, upload.bytes)
+        os.replace(path, storage.path(key))
         row = File(
             id=file_id,
             project_id=subject.project_id,
@@ -66,7 +81,7 @@ def record_upload(
         session.flush()
         return row
     except BaseException:
-        staged.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
         storage.delete(key)
         raise
 

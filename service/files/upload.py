@@ -16,6 +16,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from service.core.errors import InvalidRequest, PayloadTooLarge
+from service.core.private import open_private
 
 MAX_FIELD_BYTES = 64 * 1024
 MULTIPART_OVERHEAD = 64 * 1024
@@ -75,7 +76,7 @@ class _Receiver:
         if self.upload.sha256:
             raise InvalidRequest("Send exactly one file per upload.", param="file")
         if self._out is None:
-            self._out = open(self.target, "wb")
+            self._out = open_private(self.target)
         self.upload.bytes += len(chunk)
         if self.upload.bytes > self.limit:
             raise PayloadTooLarge(
@@ -88,7 +89,7 @@ class _Receiver:
     def _part_end(self) -> None:
         if self._is_file:
             if self._out is None:  # an empty file part
-                self._out = open(self.target, "wb")
+                self._out = open_private(self.target)
             self._out.flush()
             os.fsync(self._out.fileno())
             self._out.close()

@@ -64,9 +64,9 @@ def pause_job(job_id: str, session: SessionDep, subject: SubjectDep) -> JobObjec
 
 
 @router.post("/{job_id}/resume", response_model=JobObject)
-def resume_job(job_id: str, session: SessionDep, subject: SubjectDep) -> JobObject:
+def resume_job(job_id: str, session: SessionDep, subject: SubjectDep, settings: SettingsDep) -> JobObject:
     """Resume a paused job from its pause checkpoint."""
-    return service.job_object(service.resume_job(session, subject, job_id))
+    return service.job_object(service.resume_job(session, subject, job_id, settings))
 
 
 @router.get("/{job_id}/events", response_model=EventList)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from service.auth.service import AuthSubject, readable
@@ -18,6 +18,14 @@ RELEASE_LEASE = {"worker_id": None, "lease_expires_at": None}  # values that han
 
 def get(session: Session, subject: AuthSubject, job_id: str) -> Job | None:
     return session.scalars(readable(Job, subject).where(Job.id == job_id)).one_or_none()
+
+
+def count_waiting(session: Session, project_id: str) -> int:
+    """The project's jobs validating their files or queued (what `max_queued_jobs` bounds)."""
+    stmt = select(func.count(Job.seq)).where(
+        Job.project_id == project_id, Job.status.in_(["validating_files", "queued"])
+    )
+    return int(session.scalar(stmt) or 0)
 
 
 def get_unscoped(session: Session, job_id: str) -> Job | None:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import secrets
 import time
+from contextlib import nullcontext
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session
 from service.auth.service import AuthSubject
 from service.core.errors import Conflict, InvalidRequest, InvalidTransition, NotFound
 from service.core.ids import new_id
+from service.core.limits import check_queued_jobs, limits_for
 from service.core.queue import wake_training, wake_validation
 from service.core.settings import Settings
 from service.core.tables import Checkpoint, Job, now
@@ -114,6 +116,7 @@ def create_job(
     _check_file(session, subject, body.training_file, "training_file")
     if body.validation_file:
         _check_file(session, subject, body.validation_file, "validation_file")
+    _check_room(session, subject, settings)
     job = Job(
         id=new_id("ftjob-"),
         project_id=subject.project_id,
@@ -148,6 +151,11 @@ def create_job(
         )
     wake_validation(session, job.id)
     return job
+
+
+def _check_room(session: Session, subject: AuthSubject, settings: Settings) -> None:
+    limits = limits_for(settings, subject.project_id, lambda: nullcontext(session))
+    check_queued_jobs(limits, subject.project_id, repository.count_waiting(session, subject.project_id))
 
 
 def _replay(job: Job, request_hash: str, key: str) -> Job:
@@ -190,8 +198,10 @@ def pause_job(session: Session, subject: AuthSubject, job_id: str) -> Job:
     return get_job(session, subject, job_id)
 
 
-def resume_job(session: Session, subject: AuthSubject, job_id: str) -> Job:
+def resume_job(session: Session, subject: AuthSubject, job_id: str, settings: Settings) -> Job:
     job = get_job(session, subject, job_id)
+    if job.status == "paused":
+        _check_room(session, subject, settings)
     values = {"status": "queued", "pause_requested": False, "enqueued_at": time.time()}
     if not repository.transition(session, job_id, ["paused"], **values):
         raise InvalidTransition(

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from service.core.private import make_tree_private, open_private, private_dir, write_private
 from service.core.settings import Settings
 from service.models.registry import SMOLLM2
 
@@ -70,17 +71,18 @@ def _merged_dir(folder: Path, settings: Settings) -> Path:
     from service.models.registry import merged_adapter
 
     model, tokenizer = merged_adapter(folder, settings)
-    out = folder / ARCHIVE_DIR / f"merged-{uuid.uuid4().hex}"
+    out = private_dir(folder / ARCHIVE_DIR / f"merged-{uuid.uuid4().hex}")
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    make_tree_private(out)
     return out
 
 
 def _write_archive(source: Path, target: Path, digest: Path, mtime: int) -> None:
-    target.parent.mkdir(exist_ok=True)
+    private_dir(target.parent)
     partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}.partial")
     try:
-        with open(partial, "wb") as raw:
+        with open_private(partial) as raw:
             hashing = _HashingWriter(raw)
             with tarfile.open(fileobj=hashing, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
                 for file in sorted(p for p in source.iterdir() if p.name not in SKIPPED and p.is_file()):
@@ -88,7 +90,7 @@ def _write_archive(source: Path, target: Path, digest: Path, mtime: int) -> None
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(partial, target)
-        digest.write_text(hashing.hexdigest() + "\n")
+        write_private(digest, (hashing.hexdigest() + "\n").encode())
     finally:
         partial.unlink(missing_ok=True)
 

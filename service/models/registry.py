@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.core.errors import InvalidRequest
+from service.core.private import make_tree_private, private_dir
 from service.core.settings import Settings
 
 if TYPE_CHECKING:
@@ -176,8 +177,10 @@ def _converted_gguf(spec: ModelSpec, settings: Settings) -> tuple[Any, Any]:
         model.load_state_dict(quantized.state_dict())
         staging = cache.with_name(cache.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
+        private_dir(staging)
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        make_tree_private(staging)
         staging.rename(cache)
     model = AutoModelForCausalLM.from_pretrained(cache)
     return model, _with_pad(AutoTokenizer.from_pretrained(cache))
