@@ -141,8 +141,12 @@ def test_grader_cannot_read_the_source_tree_or_import_the_service(serve: Server)
 
 
 def test_grader_imports_the_documented_package_set(serve: Server) -> None:
-    body = "import numpy, scipy, sympy, pandas, jsonschema, rapidfuzz, sklearn, yaml, deepdiff, nltk\nreturn 1.0\n"
-    assert serve.grade("b", body, {})["reward"] == 1.0
+    # Imported at module level, as graders do: that runs under the start-up timeout, not grade()'s 10 s.
+    source = "import numpy, scipy, sympy, pandas, jsonschema, rapidfuzz, sklearn, yaml, deepdiff, nltk\n\n"
+    grader = {"type": "python", "name": "imports", "source": source + "def grade(sample, item):\n    return 1.0\n"}
+    body = {"grader": grader, "model_sample": "x", "item": {}}
+    response = serve.client.post("/v1/fine_tuning/alpha/graders/run", headers=serve.keys["b"], json=body)
+    assert response.status_code == 200 and response.json()["reward"] == 1.0, response.text
     listed = serve.client.get("/v1/fine_tuning/alpha/graders/environment", headers=serve.keys["b"]).json()
     names = {p["name"].lower() for p in listed["packages"]}
     assert {"numpy", "scipy", "sympy", "pandas", "jsonschema", "rapidfuzz"} <= names, names
