@@ -20,11 +20,14 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.app import create_app
+from service.auth.service import create_api_key
 from service.core.bodylimit import BodySizeLimit
+from service.core.db import unit_of_work
 from service.core.ratelimit import MemoryBuckets, RedisBuckets
 from service.core.settings import Settings
-from service.core.tables import File, Job, Project
-from tests.conftest import GOOD_LINES, job_body, jsonl, make_key, upload
+from service.core.tables import File, Job, JobEvent, Project
+from tests.conftest import GOOD_LINES, job_body, jsonl, make_key, set_job_flags, upload
+from workers import lease, validate
 
 ClientFactory = Callable[..., TestClient]
 
@@ -230,3 +233,39 @@ def test_body_cap_stops_reading_an_endless_body_one_chunk_past_the_cap() -> None
     scope = {"type": "http", "method": "POST", "headers": [(b"content-type", b"application/json")]}
     asyncio.run(BodySizeLimit(app, max_bytes=10_000)(scope, endless, send))  # type: ignore[arg-type]
     assert pulled == 11 and sent[0]["status"] == 413
+
+
+def test_project_at_its_running_limit_waits_in_the_queue_while_another_project_starts(
+    live_client: TestClient, live_settings: Settings, sent_tasks: list[Any]
+) -> None:
+    settings = Settings(**{**live_settings.model_dump(), "max_running_jobs": 1, "reaper_interval_seconds": 0.05})
+    keys = {}
+    with unit_of_work(settings) as session:
+        for project in ("busy", "calm"):
+            keys[project] = {"Authorization": f"Bearer {create_api_key(session, settings, project)[1]}"}
+
+    def queued(project: str) -> str:
+        train = upload(live_client, keys[project], jsonl(GOOD_LINES)).json()["id"]
+        job_id = str(live_client.post("/v1/fine_tuning/jobs", headers=keys[project], json=job_body(train)).json()["id"])
+        validate.validate_job(job_id, settings)
+        return job_id
+
+    first, second, other = queued("busy"), queued("busy"), queued("calm")
+
+    def claim(job_id: str, worker: str) -> bool:
+        with unit_of_work(settings) as session:
+            return lease.claim(session, job_id, worker, settings, "queued", "running")
+
+    assert claim(first, "w1") and not claim(second, "w2") and claim(other, "w3")
+    with unit_of_work(settings) as session:
+        waiting = session.scalars(select(Job).where(Job.id == second)).one()
+        events = session.scalars(select(JobEvent.message).where(JobEvent.job_id == second)).all()
+    assert waiting.status == "queued" and waiting.worker_id is None and waiting.attempts == 0
+    assert any("runs 1 jobs, its limit (max_running_jobs) is 1" in e for e in events)
+    time.sleep(0.15)  # two reaper intervals: the waiting job is woken again
+    sent_tasks.clear()
+    with unit_of_work(settings) as session:
+        lease.reap(session, settings)
+    assert ("workers.tasks.run_job", [second], "training") in sent_tasks
+    set_job_flags(settings, first, status="succeeded", worker_id=None, lease_expires_at=None)
+    assert claim(second, "w2")

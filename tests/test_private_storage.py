@@ -195,3 +195,25 @@ def test_tree_written_by_a_library_is_made_private(tmp_path: Path) -> None:
     modes = {p.name: stat.S_IMODE(p.lstat().st_mode) for p in (tmp_path / "ckpt").rglob("*") if not p.is_symlink()}
     assert modes == {"sub": 0o700, "weights.bin": 0o600}
     assert stat.S_IMODE(outside.stat().st_mode) == 0o644, "a link's target outside the tree is untouched"
+
+
+def test_data_folder_owned_by_another_user_is_warned_about_not_fatal(data_dir: Path) -> None:
+    mounted = data_dir / "mounted"
+    mounted.mkdir()
+    mounted.chmod(0o777)  # a root-owned bind mount the service's user may write into
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit code
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            private_dir(mounted)
+            write_private(private_dir(mounted / "storage") / "f", b"x")
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "private_dir raised on a folder it cannot chmod"
+    assert stat.S_IMODE(mounted.stat().st_mode) == 0o777
+    assert stat.S_IMODE((mounted / "storage").stat().st_mode) == 0o700
+    assert stat.S_IMODE((mounted / "storage" / "f").stat().st_mode) == 0o600

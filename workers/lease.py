@@ -13,10 +13,12 @@ import os
 import socket
 import threading
 import time
+from contextlib import nullcontext
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from service.core.limits import limits_for
 from service.core.queue import wake_training, wake_validation
 from service.core.settings import Settings
 from service.core.tables import Job, now
@@ -30,7 +32,8 @@ def worker_identity() -> str:
 
 
 def claim(session: Session, job_id: str, worker_id: str, settings: Settings, from_status: str, to_status: str) -> bool:
-    """Move the job from `from_status` to `to_status` under our lease, if nobody holds a live one."""
+    """Move the job from `from_status` to `to_status` under our lease, if nobody holds a live one
+    and (starting a queued job) its project runs fewer jobs than its `max_running_jobs`."""
     t = time.time()
     stmt = (
         update(Job)
@@ -47,7 +50,39 @@ def claim(session: Session, job_id: str, worker_id: str, settings: Settings, fro
             attempts=Job.attempts + (1 if from_status == "queued" else 0),
         )
     )
-    return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+    project_id = session.scalar(select(Job.project_id).where(Job.id == job_id))
+    if from_status != "queued" or project_id is None:
+        return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+    # Counted in the UPDATE itself; on PostgreSQL two workers claiming at the same instant can each
+    # see the other's job as not yet running and overshoot by one: a fairness bound, not a ledger.
+    limit = limits_for(settings, project_id, lambda: nullcontext(session)).max_running_jobs
+    running = select(func.count(Job.seq)).where(Job.project_id == project_id, Job.status == "running")
+    if session.execute(stmt.where(running.scalar_subquery() < limit)).rowcount == 1:  # type: ignore[attr-defined]
+        return True
+    _defer_if_at_limit(session, job_id, project_id, limit, settings, t)
+    return False
+
+
+def _defer_if_at_limit(
+    session: Session, job_id: str, project_id: str, limit: int, settings: Settings, t: float
+) -> None:
+    """A queued job refused for its project's running limit stays queued; backdating `enqueued_at`
+    makes the reaper wake it again within about two reaper intervals, when a slot may be free."""
+    running = session.scalar(select(func.count(Job.seq)).where(Job.project_id == project_id, Job.status == "running"))
+    if running is None or running < limit:
+        return  # refused for another reason (not queued, leased): not ours to touch
+    wake_at = t - settings.stale_queued_seconds + 2 * settings.reaper_interval_seconds
+    stmt = update(Job).where(Job.id == job_id, Job.status == "queued").values(enqueued_at=wake_at)
+    if session.execute(stmt).rowcount == 1:  # type: ignore[attr-defined]
+        job = repository.get_unscoped(session, job_id)
+        assert job is not None
+        repository.add_event(
+            session,
+            job,
+            f"Waiting for a training slot: project {project_id} runs {running} jobs, its limit "
+            f"(max_running_jobs) is {limit}.",
+            dedupe_key=f"running-limit:{running}:{limit}",
+        )
 
 
 def renew(session: Session, job_id: str, worker_id: str, settings: Settings) -> bool:

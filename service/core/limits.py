@@ -23,6 +23,7 @@ from service.core.tables import Project
 
 @dataclass(frozen=True)
 class Limits:
+    max_running_jobs: int
     max_queued_jobs: int
     max_files: int
     max_stored_bytes: int
@@ -40,6 +41,7 @@ def limits_for(
     """The project's limits. Overrides are keyed by project id or name; a name is looked up once
     per process (one short query) and only when some override is keyed by a name."""
     limits = Limits(
+        max_running_jobs=settings.max_running_jobs,
         max_queued_jobs=settings.max_queued_jobs,
         max_files=settings.max_files,
         max_stored_bytes=settings.max_stored_bytes,

@@ -11,9 +11,12 @@ through a Docker volume left 0755, nor through a sandbox that runs a grader unde
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import IO
+
+log = logging.getLogger(__name__)
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -41,7 +44,16 @@ def private_dir(path: Path, *, own: bool = True) -> Path:
         with contextlib.suppress(FileExistsError):  # another process made it first: it still gets our mode
             os.mkdir(folder, DIR_MODE)
         os.chmod(folder, DIR_MODE)
-    if own:
+    if own and not missing and path.stat().st_uid != os.geteuid() and os.geteuid() != 0:
+        # A folder mounted for us but owned by another user (a root-owned bind mount): we cannot
+        # chmod it, and what we create inside is still private; say so rather than fail to start.
+        log.warning(
+            "%s is owned by uid %d, not this service's uid %d: chown it so it can be made 0700",
+            path,
+            path.stat().st_uid,
+            os.geteuid(),
+        )
+    elif own:
         os.chmod(path, DIR_MODE)
     return path
 

@@ -21,6 +21,7 @@ class LimitOverrides(BaseModel):
     """One project's exceptions to the default limits; unset fields keep the defaults."""
 
     model_config = ConfigDict(extra="forbid")
+    max_running_jobs: int | None = Field(default=None, ge=1)
     max_queued_jobs: int | None = Field(default=None, ge=0)
     max_files: int | None = Field(default=None, ge=0)
     max_stored_bytes: int | None = Field(default=None, ge=0)
@@ -65,6 +66,7 @@ class Settings(BaseSettings):
     # Going over answers 403 `quota_exceeded` naming the limit and the current use; requests past a
     # key's rate answer 429 with Retry-After. The rate is counted in Redis when `rate_limit_redis_url`
     # (or else a redis:// broker) names one, so all API processes share it; in-process otherwise.
+    max_running_jobs: int = 4  # per project; more wait in the queue (a worker claims them when one ends)
     max_queued_jobs: int = 20  # jobs validating their files or queued, per project
     max_files: int = 1_000
     max_stored_bytes: int = 50 * 1024**3  # the sum of the project's uploaded files
