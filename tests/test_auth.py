@@ -75,6 +75,7 @@ def _another_projects_job(client: TestClient, auth: dict[str, str], db_session: 
         ("get", "/v1/files/{file}/content"),
         ("delete", "/v1/files/{file}"),
         ("get", "/v1/fine_tuning/jobs/{job}"),
+        ("delete", "/v1/fine_tuning/jobs/{job}"),
         ("get", "/v1/fine_tuning/jobs/{job}/events"),
         ("get", "/v1/fine_tuning/jobs/{job}/checkpoints"),
         ("post", "/v1/fine_tuning/jobs/{job}/cancel"),

@@ -156,3 +156,49 @@ def test_archive_bytes_are_deterministic(tmp_path: Path, live_settings: Settings
             os.utime(file, (1_700_000_000, 1_700_000_000))
         digests.append(archive_of(folder, live_settings, merged=merged, name="x").sha256)
     assert digests[0] == digests[1]
+
+
+def test_deleting_a_job_removes_its_rows_checkpoints_archives_and_loaded_model(
+    live_client: TestClient, live_auth: dict[str, str], live_settings: Settings
+) -> None:
+    from sqlalchemy import func, select
+
+    from service.core import db
+    from service.core.storage import Storage, job_folder
+    from service.core.tables import Checkpoint, JobEvent, JobMetric
+
+    job_id = run_job(live_client, live_auth, live_settings, n_epochs=1)
+    row = job(live_settings, job_id)
+    download(live_client, live_auth, f"/v1/fine_tuning/jobs/{job_id}/content")  # writes an archive
+    service_logits(live_settings, job_id)  # and loads the final model, as chat does
+    folder = Storage(live_settings.storage_dir).path(job_folder(row.project_id, job_id))
+    assert list(folder.rglob("*.tar")) and list(folder.rglob("*.safetensors"))
+    with db.unit_of_work(live_settings) as session:
+        other = make_key(session, live_settings, "intruder")
+    assert live_client.delete(f"/v1/fine_tuning/jobs/{job_id}", headers=other).status_code == 404
+    assert folder.exists()
+
+    deleted = live_client.delete(f"/v1/fine_tuning/jobs/{job_id}", headers=live_auth)
+    assert deleted.json() == {"id": job_id, "object": "fine_tuning.job", "deleted": True}
+    assert not folder.exists()
+    assert not any(key[1].startswith(str(folder)) for key in registry._cache)
+    with db.unit_of_work(live_settings) as session:
+        for table in (Checkpoint, JobMetric, JobEvent):
+            assert session.scalar(select(func.count()).select_from(table).where(table.job_id == job_id)) == 0
+    assert live_client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=live_auth).status_code == 404
+    chat = {"model": row.fine_tuned_model, "messages": [{"role": "user", "content": "hi"}]}
+    assert live_client.post("/v1/chat/completions", headers=live_auth, json=chat).status_code == 400
+    models = {m["id"] for m in live_client.get("/v1/models", headers=live_auth).json()["data"]}
+    assert not {name for name in models if name.startswith(f"{row.fine_tuned_model}")}, models
+
+
+def test_a_job_that_is_not_finished_cannot_be_deleted(
+    client: TestClient, auth: dict[str, str], files: tuple[str, str]
+) -> None:
+    from tests.conftest import job_body
+
+    job_id = client.post("/v1/fine_tuning/jobs", headers=auth, json=job_body(files[0])).json()["id"]
+    refused = client.delete(f"/v1/fine_tuning/jobs/{job_id}", headers=auth)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_job_state", refused.text
+    assert "cancel it first" in refused.json()["error"]["message"]
+    assert client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=auth).json()["status"] == "validating_files"

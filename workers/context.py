@@ -16,7 +16,7 @@ from sqlalchemy import select
 from service.core.db import unit_of_work
 from service.core.ids import new_id
 from service.core.settings import Settings
-from service.core.storage import Storage
+from service.core.storage import Storage, job_folder
 from service.core.tables import Checkpoint, Job
 from service.files.repository import files_of_job
 from service.jobs import repository
@@ -110,7 +110,7 @@ class JobContext:
         The database row is the commit point: a crash before it leaves an unreferenced folder that
         the next save of the same step replaces.
         """
-        key = f"checkpoints/{self.job['project_id']}/{self.job_id}/step-{step:06d}"
+        key = f"{job_folder(self.job['project_id'], self.job_id)}/step-{step:06d}"
         staging = self.storage.staging_dir(key)
         write(staging)
         self.storage.commit_dir(staging, key)

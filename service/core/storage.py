@@ -20,6 +20,11 @@ _KEY = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_.\-]+)*$")
 CHUNK = 1024 * 1024
 
 
+def job_folder(project_id: str, job_id: str) -> str:
+    """The storage key under which everything a job writes lives (its checkpoints and their archives)."""
+    return f"checkpoints/{project_id}/{job_id}"
+
+
 class Storage:
     def __init__(self, root: Path) -> None:
         self.root = private_dir(root)

@@ -12,7 +12,16 @@ from service.core.settings import Settings
 from service.core.storage import Storage
 from service.core.tables import Checkpoint
 from service.jobs import repository, service
-from service.jobs.schemas import CheckpointList, CheckpointObject, EventList, EventObject, JobCreate, JobList, JobObject
+from service.jobs.schemas import (
+    CheckpointList,
+    CheckpointObject,
+    EventList,
+    EventObject,
+    JobCreate,
+    JobDeleted,
+    JobList,
+    JobObject,
+)
 from service.models.archive import archive_of
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
@@ -49,6 +58,13 @@ def list_jobs(
 def retrieve_job(job_id: str, session: SessionDep, subject: SubjectDep) -> JobObject:
     """Retrieve a fine-tuning job."""
     return service.job_object(service.get_job(session, subject, job_id))
+
+
+@router.delete("/{job_id}", response_model=JobDeleted)
+def delete_job(job_id: str, session: SessionDep, subject: SubjectDep, storage: StorageDep) -> JobDeleted:
+    """Delete a succeeded, failed or cancelled job with its events, metrics, checkpoints and their files."""
+    service.delete_job(session, storage, subject, job_id)
+    return JobDeleted(id=job_id)
 
 
 @router.post("/{job_id}/cancel", response_model=JobObject)

@@ -108,6 +108,14 @@ def record_metrics(session: Session, job: Job, step: int, data: dict[str, Any]) 
     return True
 
 
+def delete(session: Session, job: Job) -> None:
+    """The job's rows, children first (SQLite enforces the foreign keys only where the pragma is on)."""
+    for table in (Checkpoint, JobMetric, JobEvent):
+        session.execute(table.__table__.delete().where(table.job_id == job.id))  # type: ignore[attr-defined]
+    session.delete(job)
+    session.flush()
+
+
 def checkpoints_of(session: Session, job_id: str) -> Sequence[Checkpoint]:
     stmt = select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step_number)
     return session.scalars(stmt).all()

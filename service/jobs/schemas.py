@@ -145,6 +145,12 @@ class JobObject(BaseModel):
     user_provided_suffix: str | None
 
 
+class JobDeleted(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    deleted: bool = True
+
+
 class JobList(BaseModel):
     object: Literal["list"] = "list"
     data: list[JobObject]

@@ -18,11 +18,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.auth.service import AuthSubject
+from service.core.db import on_commit
 from service.core.errors import Conflict, InvalidRequest, InvalidTransition, NotFound
 from service.core.ids import new_id
 from service.core.limits import check_queued_jobs, limits_for
 from service.core.queue import wake_training, wake_validation
 from service.core.settings import Settings
+from service.core.storage import Storage, job_folder
 from service.core.tables import Checkpoint, Job, now
 from service.files import repository as files
 from service.graders.isolation import SandboxUnavailable
@@ -30,6 +32,7 @@ from service.graders.schemas import parse_grader
 from service.graders.service import require_runnable
 from service.jobs import repository
 from service.jobs.schemas import JobCreate, JobError, JobObject
+from service.models.registry import forget_loaded
 from service.models.registry import resolve as resolve_model
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -183,6 +186,24 @@ def cancel_job(session: Session, subject: AuthSubject, job_id: str) -> Job:
     elif repository.transition(session, job_id, ["running"], cancel_requested=True):
         repository.add_event(session, job, "Cancellation requested; the job stops after the current training step.")
     return get_job(session, subject, job_id)
+
+
+def delete_job(session: Session, storage: Storage, subject: AuthSubject, job_id: str) -> None:
+    """Delete a finished job: its rows now, its checkpoints' and archives' bytes once that commits."""
+    job = get_job(session, subject, job_id)
+    if job.status not in TERMINAL:
+        raise InvalidTransition(
+            f"Job {job_id} is {job.status}; only succeeded, failed or cancelled jobs can be deleted (cancel it first).",
+            param="fine_tuning_job_id",
+        )
+    folder = job_folder(job.project_id, job.id)
+    repository.delete(session, job)
+    # The bytes go only once the rows are gone for good; a failed commit keeps both.
+    def remove_bytes() -> None:
+        storage.delete(folder)
+        forget_loaded(storage.path(folder))
+
+    on_commit(session, remove_bytes)
 
 
 def pause_job(session: Session, subject: AuthSubject, job_id: str) -> Job:

@@ -126,6 +126,13 @@ def load(
         return _cache[key]
 
 
+def forget_loaded(folder: Path) -> None:
+    """Drop loaded models read from `folder` or below it (their files were deleted)."""
+    with _lock:
+        for key in [k for k in _cache if k[1] == str(folder) or k[1].startswith(f"{folder}/")]:
+            del _cache[key]
+
+
 def load_fresh(spec: ModelSpec, settings: Settings) -> tuple[Any, Any]:
     """A new (model, tokenizer) pair: trainers need their own copy to update."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
