@@ -198,6 +198,7 @@ def delete_job(session: Session, storage: Storage, subject: AuthSubject, job_id:
         )
     folder = job_folder(job.project_id, job.id)
     repository.delete(session, job)
+
     # The bytes go only once the rows are gone for good; a failed commit keeps both.
     def remove_bytes() -> None:
         storage.delete(folder)
