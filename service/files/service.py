@@ -17,6 +17,7 @@ from service.files import repository
 from service.files.upload import Upload
 
 PURPOSES = ("fine-tune",)
+MAX_FILENAME = 512  # the files.filename column
 FORM_FIELDS = {"purpose", "expires_after[anchor]", "expires_after[seconds]"}
 
 
@@ -36,13 +37,33 @@ def check_upload(upload: Upload) -> None:
         raise InvalidRequest(
             f"Invalid purpose {purpose!r}: this server accepts {', '.join(PURPOSES)}.", param="purpose"
         )
+    _check_expires_after(upload.fields)
     filename = upload.filename or ""
+    if len(filename) > MAX_FILENAME or "\x00" in filename:
+        raise InvalidRequest(
+            f"Invalid file name of {len(filename)} characters: it must be at most {MAX_FILENAME}, without NUL.",
+            param="file",
+        )
     if not filename.lower().endswith(".jsonl"):
         raise InvalidRequest(
             f"Invalid file {filename!r}: fine-tuning files must be JSONL with a .jsonl extension.", param="file"
         )
     if upload.bytes == 0:
         raise InvalidRequest(f"File {filename!r} is empty: it needs at least one JSONL example.", param="file")
+
+
+def _check_expires_after(fields: dict[str, str]) -> None:
+    """OpenAI's optional `expires_after[anchor]=created_at` and `expires_after[seconds]` (1 hour to 30 days)."""
+    anchor, seconds = fields.get("expires_after[anchor]"), fields.get("expires_after[seconds]")
+    if anchor is not None and anchor != "created_at":
+        raise InvalidRequest(
+            f"Invalid expires_after[anchor] {anchor!r}: the only anchor is 'created_at'.", param="expires_after[anchor]"
+        )
+    if seconds is not None and not (seconds.isascii() and seconds.isdigit() and 3600 <= int(seconds) <= 2592000):
+        raise InvalidRequest(
+            f"Invalid expires_after[seconds] {seconds[:40]!r}: expected an integer from 3600 to 2592000.",
+            param="expires_after[seconds]",
+        )
 
 
 def record_upload(
