@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -13,6 +13,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.core.bodylimit import BodySizeLimit
 from service.core.db import session_factory
 from service.core.errors import ApiError, InvalidRequest
+from service.core.http import refuse_nul_characters
+from service.core.openapi import openapi_document
 from service.core.ratelimit import make_buckets
 from service.core.settings import Settings, get_settings
 from service.core.storage import Storage
@@ -27,7 +29,13 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(title="rft", version="0.1.0", summary="Self-hosted reinforcement fine-tuning, OpenAI-compatible")
+    app = FastAPI(
+        title="rft",
+        version="0.1.0",
+        summary="Self-hosted reinforcement fine-tuning, OpenAI-compatible",
+        dependencies=[Depends(refuse_nul_characters)],
+    )
+    app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
     app.state.settings = settings
     app.state.storage = Storage(settings.storage_dir)
     app.state.sessionmaker = session_factory(settings)

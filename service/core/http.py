@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
 from service.auth.service import AuthSubject, authenticate
 from service.core.db import transaction
+from service.core.errors import InvalidRequest
 from service.core.ratelimit import check_rate
 from service.core.settings import Settings
 from service.core.storage import Storage
@@ -53,3 +55,42 @@ def get_subject(
 
 
 SubjectDep = Annotated[AuthSubject, Depends(get_subject)]
+
+
+async def refuse_nul_characters(request: Request) -> None:
+    """PostgreSQL text cannot hold NUL (0x00): a request carrying one gets a 400 naming the parameter,
+    not a database error. Checked once for every route: path, query and JSON body."""
+    for name, value in [*request.path_params.items(), *request.query_params.multi_items()]:
+        if "\x00" in name or "\x00" in str(value):
+            raise InvalidRequest(f"Invalid value for '{name}': must not contain NUL (0x00) characters.", param=name)
+    if request.headers.get("content-type", "").startswith("application/json"):
+        body = await request.body()  # Starlette caches it: FastAPI's own parse reads the same bytes
+        if b"\\u0000" in body:
+            try:
+                where = _nul_path(json.loads(body))
+            except (ValueError, RecursionError):
+                return  # not JSON FastAPI can read: it answers that itself
+            if where is not None:
+                raise InvalidRequest(
+                    f"Invalid value for '{where or 'body'}': must not contain NUL (0x00) characters.",
+                    param=where or None,
+                )
+
+
+def _nul_path(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first string (key or value) in `value` that holds a NUL, else None."""
+    items: list[tuple[Any, Any]] = []
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, list):
+        items = list(enumerate(value))
+    for key, item in items:
+        here = f"{path}.{key}" if path else str(key)
+        if isinstance(key, str) and "\x00" in key:
+            return here
+        found = _nul_path(item, here)
+        if found is not None:
+            return found
+    return None

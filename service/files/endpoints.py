@@ -10,13 +10,13 @@ from service.core.http import SessionDep, SettingsDep, StorageDep, SubjectDep, r
 from service.core.limits import limits_for
 from service.core.pagination import list_body
 from service.files import repository, service
-from service.files.schemas import FileDeleted, FileList, FileObject
+from service.files.schemas import UPLOAD_REQUEST_BODY, FileDeleted, FileList, FileObject
 from service.files.upload import MULTIPART_OVERHEAD, receive_upload
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 
-@router.post("", response_model=FileObject)
+@router.post("", response_model=FileObject, openapi_extra={"requestBody": UPLOAD_REQUEST_BODY})
 async def upload_file(request: Request, subject: SubjectDep, settings: SettingsDep, storage: StorageDep) -> FileObject:
     """Upload a JSONL file (multipart fields `file` and `purpose=fine-tune`)."""
     limits = await run_in_threadpool(limits_for, settings, subject.project_id, lambda: request_transaction(request))
@@ -67,7 +67,12 @@ def delete_file(file_id: str, session: SessionDep, subject: SubjectDep, storage:
     return FileDeleted(id=file_id)
 
 
-@router.get("/{file_id}/content")
+CONTENT_RESPONSES: dict[int | str, dict[str, object]] = {
+    200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes as uploaded."}
+}
+
+
+@router.get("/{file_id}/content", response_class=StreamingResponse, responses=CONTENT_RESPONSES)
 def file_content(file_id: str, session: SessionDep, subject: SubjectDep, storage: StorageDep) -> StreamingResponse:
     """Download a file's raw bytes."""
     row = service.get_file(session, subject, file_id)

@@ -1,10 +1,48 @@
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
 from service.core.tables import File
+
+# The upload is parsed by hand as it streams (service/files/upload.py), so FastAPI cannot derive its
+# body; this is what that parser accepts. The filename must end in .jsonl: see `encoding`.
+UPLOAD_REQUEST_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "title": "FileUpload",
+                "required": ["file", "purpose"],
+                "additionalProperties": False,
+                "properties": {
+                    "file": {
+                        "type": "string",
+                        "format": "binary",
+                        "minLength": 1,
+                        "description": "The JSONL file, one example per line; its filename must end in .jsonl.",
+                    },
+                    "purpose": {"type": "string", "enum": ["fine-tune"]},
+                    "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+                    "expires_after[seconds]": {"type": "integer", "minimum": 3600, "maximum": 2592000},
+                },
+            },
+            "encoding": {
+                "file": {
+                    "contentType": "application/jsonl",
+                    "headers": {
+                        "Content-Disposition": {
+                            "schema": {"type": "string"},
+                            "example": 'form-data; name="file"; filename="train.jsonl"',
+                        }
+                    },
+                }
+            },
+        }
+    },
+}
 
 
 class FileObject(BaseModel):

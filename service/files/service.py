@@ -18,6 +18,7 @@ from service.files import repository
 from service.files.upload import Upload
 
 PURPOSES = ("fine-tune",)
+MAX_FILENAME = 512  # the files.filename column
 FORM_FIELDS = {"purpose", "expires_after[anchor]", "expires_after[seconds]"}
 
 
@@ -37,7 +38,13 @@ def check_upload(upload: Upload) -> None:
         raise InvalidRequest(
             f"Invalid purpose {purpose!r}: this server accepts {', '.join(PURPOSES)}.", param="purpose"
         )
+    _check_expires_after(upload.fields)
     filename = upload.filename or ""
+    if len(filename) > MAX_FILENAME or "\x00" in filename:
+        raise InvalidRequest(
+            f"Invalid file name of {len(filename)} characters: it must be at most {MAX_FILENAME}, without NUL.",
+            param="file",
+        )
     if not filename.lower().endswith(".jsonl"):
         raise InvalidRequest(
             f"Invalid file {filename!r}: fine-tuning files must be JSONL with a .jsonl extension.", param="file"
@@ -50,6 +57,20 @@ def check_room(session: Session, subject: AuthSubject, limits: Limits, adding: i
     """Refuse an upload of `adding` bytes that would take the project past its files or bytes limit."""
     files, stored = repository.usage(session, subject.project_id)
     check_files(limits, subject.project_id, files, stored, adding)
+
+
+def _check_expires_after(fields: dict[str, str]) -> None:
+    """OpenAI's optional `expires_after[anchor]=created_at` and `expires_after[seconds]` (1 hour to 30 days)."""
+    anchor, seconds = fields.get("expires_after[anchor]"), fields.get("expires_after[seconds]")
+    if anchor is not None and anchor != "created_at":
+        raise InvalidRequest(
+            f"Invalid expires_after[anchor] {anchor!r}: the only anchor is 'created_at'.", param="expires_after[anchor]"
+        )
+    if seconds is not None and not (seconds.isascii() and seconds.isdigit() and 3600 <= int(seconds) <= 2592000):
+        raise InvalidRequest(
+            f"Invalid expires_after[seconds] {seconds[:40]!r}: expected an integer from 3600 to 2592000.",
+            param="expires_after[seconds]",
+        )
 
 
 def record_upload(

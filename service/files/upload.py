@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from python_multipart.exceptions import ParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
@@ -120,9 +121,11 @@ async def receive_upload(request: Request, target: Path, limit: int) -> Upload:
         async for chunk in request.stream():
             parser.write(chunk)
         parser.finalize()
-    except BaseException:
+    except BaseException as exc:
         receiver.close()
         target.unlink(missing_ok=True)
+        if isinstance(exc, ParseError):
+            raise InvalidRequest(f"The multipart/form-data body is malformed: {exc}.") from None
         raise
     finally:
         receiver.close()

@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
 
 from service.core.errors import InvalidRequest
 from service.graders.formula import Formula, FormulaError
@@ -19,6 +29,20 @@ from service.graders.templates import check_template
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class DocumentedAs:
+    """Validate as the annotated type but document the field as `shape` in the OpenAPI schema.
+
+    Grader configs arrive as plain dicts so that `parse_grader` can name the exact bad field; the
+    schema still tells clients (and schemathesis) the real shape, so what it allows is what we accept.
+    """
+
+    def __init__(self, shape: Any) -> None:
+        self.shape = shape
+
+    def __get_pydantic_json_schema__(self, _: Any, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        return handler(TypeAdapter(self.shape).core_schema)
 
 
 Name = Annotated[str, Field(min_length=1, max_length=128)]
@@ -51,7 +75,7 @@ class TextSimilarityGrader(Templated):
 class PythonGrader(Strict):
     type: Literal["python"]
     name: Name
-    source: str
+    source: str = Field(description="Python code with a top-level `def grade(sample, item) -> float`.")
     image_tag: str | None = None
 
     @field_validator("source")
@@ -125,15 +149,20 @@ class LabelModelGrader(Strict):
         return self
 
 
+SimpleGrader = StringCheckGrader | TextSimilarityGrader | PythonGrader | ScoreModelGrader | LabelModelGrader
+SubGradersShape = Annotated[dict[str, Annotated[SimpleGrader, Field(discriminator="type")]], Field(min_length=1)]
+
+
 class MultiGrader(Strict):
     type: Literal["multi"]
     name: Name
-    graders: Annotated[dict[str, dict[str, Any]], Field(min_length=1)]
-    calculate_output: str
+    graders: Annotated[dict[str, dict[str, Any]], Field(min_length=1), DocumentedAs(SubGradersShape)]
+    calculate_output: str = Field(description="A formula over the graders' names, e.g. `0.5 * a + 0.5 * b`.")
 
 
-SimpleGrader = StringCheckGrader | TextSimilarityGrader | PythonGrader | ScoreModelGrader | LabelModelGrader
 GraderConfig = SimpleGrader | MultiGrader
+# What a `grader` field holds, for the OpenAPI schema; `parse_grader` validates it.
+GraderShape = DocumentedAs(Annotated[GraderConfig, Field(discriminator="type")])
 MODELS: dict[str, type[BaseModel]] = {
     "string_check": StringCheckGrader,
     "text_similarity": TextSimilarityGrader,
@@ -154,7 +183,7 @@ def parse_grader(data: Any, param: str = "grader", *, nested: bool = False) -> G
     if not isinstance(data, dict):
         raise InvalidRequest(f"{param} must be an object with a 'type' field.", param=param)
     kind = data.get("type")
-    if kind not in MODELS:
+    if not isinstance(kind, str) or kind not in MODELS:  # a list or object is no type name (nor hashable)
         raise InvalidRequest(f"{param}.type is {kind!r}; expected one of {', '.join(MODELS)}.", param=f"{param}.type")
     if kind == "multi" and nested:
         raise InvalidRequest(
@@ -191,11 +220,11 @@ def _invalid(exc: ValidationError, param: str) -> InvalidRequest:
 
 
 class ValidateRequest(Strict):
-    grader: dict[str, Any]
+    grader: Annotated[dict[str, Any], GraderShape]
 
 
 class RunRequest(Strict):
-    grader: dict[str, Any]
+    grader: Annotated[dict[str, Any], GraderShape]
     model_sample: str
     item: dict[str, Any] | None = None
     reference_answer: Any = None  # accepted by OpenAI's older run endpoint; unused

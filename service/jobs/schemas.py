@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_validator
 
+from service.graders.schemas import GraderShape
+
 Auto = Literal["auto"]
 
 
@@ -31,7 +33,11 @@ def auto_or(kind: type[int] | type[float], *, low: float, high: float = math.inf
             raise ValueError(f"must be 'auto' or {what} {bounds}, got {value!r}")
         return kind(value)
 
-    return Annotated[Auto | kind, PlainValidator(check, json_schema_input_type=Auto | kind)]
+    # The bounds go into the schema too, so it offers only numbers this accepts.
+    le = None if high == math.inf else high
+    limits = Field(gt=low, le=le) if low_open else Field(ge=low, le=le)
+    bounded = Annotated[kind, limits]  # type: ignore[valid-type]
+    return Annotated[Auto | kind, PlainValidator(check, json_schema_input_type=Auto | bounded)]
 
 
 class RftHyperparameters(Strict):
@@ -67,12 +73,28 @@ class RftHyperparameters(Strict):
 
 
 class Reinforcement(Strict):
-    grader: dict[str, Any]
+    grader: Annotated[dict[str, Any], GraderShape]
     hyperparameters: RftHyperparameters = Field(default_factory=RftHyperparameters)
     response_format: dict[str, Any] | None = None
 
 
+def _not_null(prop: dict[str, Any]) -> dict[str, Any]:
+    """`X | None`'s schema without the null: for fields optional only so that our own 400 names them."""
+    return next(option for option in prop["anyOf"] if option.get("type") != "null")
+
+
+def _reinforcement_only(schema: dict[str, Any]) -> None:
+    # OpenAI's SDK may send the other methods; they get a 400 that says so, but are not offered.
+    schema["properties"]["type"] = {"type": "string", "const": "reinforcement", "title": "Type"}
+    schema["properties"]["reinforcement"] = _not_null(schema["properties"]["reinforcement"])
+    schema["required"] = ["type", "reinforcement"]
+    for name in ("supervised", "dpo"):
+        schema["properties"].pop(name)
+
+
 class Method(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_reinforcement_only)
+
     type: Literal["reinforcement", "supervised", "dpo"]
     reinforcement: Reinforcement | None = None
     supervised: dict[str, Any] | None = None
@@ -91,15 +113,30 @@ class Integration(Strict):
     wandb: WandbIntegration
 
 
+METADATA_SCHEMA: dict[str, Any] = {
+    "maxProperties": 16,
+    "propertyNames": {"maxLength": 64},
+    "additionalProperties": {"type": "string", "maxLength": 512},
+}
+
+
+def _method_required(schema: dict[str, Any]) -> None:
+    # Validated as optional so that a missing method gets our 400 saying what to send; documented as required.
+    schema["properties"]["method"] = _not_null(schema["properties"]["method"])
+    schema["required"] = [*schema["required"], "method"]
+
+
 class JobCreate(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_method_required)
+
     model: Annotated[str, Field(min_length=1, max_length=256)]
     training_file: Annotated[str, Field(min_length=1, max_length=64)]
     validation_file: Annotated[str, Field(min_length=1, max_length=64)] | None = None
     suffix: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-.]+$")] | None = None
     seed: Annotated[int, Field(ge=0, le=2147483647)] | None = None
-    metadata: dict[str, str] | None = None
+    metadata: Annotated[dict[str, str] | None, Field(json_schema_extra=METADATA_SCHEMA)] = None
     integrations: list[Integration] | None = None
-    method: Method | None = None
+    method: Method | None = None  # required (see _method_required); optional here for our clearer 400
 
     @field_validator("metadata")
     @classmethod

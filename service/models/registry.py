@@ -65,7 +65,10 @@ def resolve(name: str) -> ModelSpec:
         return ModelSpec(name, "gguf", str(gguf))
     if name == TINY:
         return ModelSpec(name, "tiny", "")
-    path = Path(name).expanduser()
+    try:
+        path = Path(name).expanduser()
+    except RuntimeError:  # "~someone/..." naming a user this machine does not have
+        path = Path(name)
     if path.is_dir():
         if not (path / "config.json").exists():
             raise InvalidRequest(
