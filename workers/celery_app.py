@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
 from service.core.settings import Settings, get_settings
+from workers import shutdown
 
 TRAINING_QUEUE = "training"
 LIGHT_QUEUE = "light"
@@ -66,3 +67,6 @@ def make_celery(settings: Settings | None = None) -> Celery:
 
 app = make_celery()
 app.conf.include = ["workers.tasks"]
+# SIGTERM ends the running job's step, not the job: see workers/shutdown.py.
+signals.worker_process_init.connect(lambda **_: shutdown.install_handler(), weak=False)
+signals.worker_shutting_down.connect(shutdown.forward_to_children, weak=False)

@@ -6,14 +6,17 @@ recorded twice (events by `dedupe_key`, metrics by step, checkpoints by step).
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from service.core.db import unit_of_work
 from service.core.ids import new_id
 from service.core.settings import Settings
 from service.core.storage import Storage
@@ -21,16 +24,53 @@ from service.core.tables import Checkpoint, Job
 from service.files.repository import files_of_job
 from service.jobs import repository
 from service.jobs.service import fine_tuned_model_name
+from workers import shutdown
 from workers.lease import Heartbeat
+from workers.retry import in_transaction
+
+Control = Literal["cancel", "pause", "stop"]
 
 
 class LeaseLost(Exception):
     """Another worker owns this job now (our heartbeat lapsed); stop without writing more."""
 
 
+class StorageFull(Exception):
+    """A checkpoint did not fit on the storage volume; the job pauses on its earlier checkpoints."""
+
+    def __init__(self, step: int, path: Path, cause: BaseException) -> None:
+        super().__init__(
+            f"Writing the checkpoint of step {step} failed: the storage volume is full ({cause_text(cause)}) "
+            f"at {path.parent}. The job is paused; its earlier checkpoints are intact. Free space on the "
+            f"volume, then resume the job to continue from its latest checkpoint."
+        )
+
+
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) is an out-of-space error. torch.save and safetensors wrap
+    the OSError in their own exceptions, some keeping only its text."""
+    texts = {os.strerror(n) for n in DISK_FULL_ERRNOS}
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(t in str(seen) for t in texts):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def cause_text(exc: BaseException) -> str:
+    return next((os.strerror(n) for n in DISK_FULL_ERRNOS if os.strerror(n) in str(exc)), str(exc)[:200])
+
+
 @dataclass(frozen=True)
 class TrainingResult:
-    status: Literal["succeeded", "paused", "cancelled"]
+    # "requeued": the worker is stopping; the trainer checkpointed and the job goes back to the queue.
+    status: Literal["succeeded", "paused", "cancelled", "requeued"]
     fine_tuned_model: str | None = None
     trained_tokens: int | None = None
     message: str = ""
@@ -46,24 +86,29 @@ class JobContext:
 
     @classmethod
     def load(cls, job_id: str, settings: Settings, storage: Storage, heartbeat: Heartbeat) -> JobContext:
-        with unit_of_work(settings) as session:
+        def read(session: Session) -> tuple[dict[str, Any], dict[str, str]]:
             row = repository.get_unscoped(session, job_id)
             assert row is not None
             snapshot = {c.key: getattr(row, c.key) for c in Job.__mapper__.column_attrs}
-            keys = {i: f.storage_key for i, f in files_of_job(session, row).items()}
-        snapshot["training_path"] = storage.path(keys[row.training_file])
-        if row.validation_file:
-            snapshot["validation_path"] = storage.path(keys[row.validation_file])
+            return snapshot, {i: f.storage_key for i, f in files_of_job(session, row).items()}
+
+        snapshot, keys = in_transaction(settings, read)
+        snapshot["training_path"] = storage.path(keys[snapshot["training_file"]])
+        if snapshot["validation_file"]:
+            snapshot["validation_path"] = storage.path(keys[snapshot["validation_file"]])
         return cls(job_id, settings, storage, heartbeat, snapshot)
 
     def _write(self, fn: Callable[[Any, Job], Any]) -> Any:
         if self.heartbeat.lost.is_set():
             raise LeaseLost(self.job_id)
-        with unit_of_work(self.settings) as session:
+
+        def checked(session: Session) -> Any:
             job = repository.get_unscoped(session, self.job_id)
             if job is None or job.worker_id != self.heartbeat.worker_id:
                 raise LeaseLost(self.job_id)
             return fn(session, job)
+
+        return in_transaction(self.settings, checked)
 
     def event(
         self, message: str, *, level: str = "info", data: dict[str, Any] | None = None, dedupe_key: str | None = None
@@ -86,14 +131,16 @@ class JobContext:
 
         self._write(write)
 
-    def control(self) -> Literal["cancel", "pause"] | None:
-        """The pending request a trainer must honour after its current step, if any."""
+    def control(self) -> Control | None:
+        """The pending request a trainer must honour after its current step, if any: the user's
+        cancel or pause, else "stop" when this worker is shutting down (checkpoint, then return
+        `TrainingResult("requeued")`)."""
 
-        def read(_: Any, job: Job) -> Literal["cancel", "pause"] | None:
+        def read(_: Any, job: Job) -> Control | None:
             return "cancel" if job.cancel_requested else "pause" if job.pause_requested else None
 
-        result: Literal["cancel", "pause"] | None = self._write(read)
-        return result
+        result: Control | None = self._write(read)
+        return result or ("stop" if shutdown.requested() else None)
 
     def update_job(self, **values: Any) -> None:
         """Progress fields such as `estimated_finish` or `trained_tokens`."""
@@ -111,14 +158,20 @@ class JobContext:
         the next save of the same step replaces.
         """
         key = f"checkpoints/{self.job['project_id']}/{self.job_id}/step-{step:06d}"
-        staging = self.storage.staging_dir(key)
-        write(staging)
-        self.storage.commit_dir(staging, key)
+        existing = self._write(lambda session, job: _checkpoint_at(session, job, step))
+        if existing is None:  # a recorded folder is never rewritten: a crash then would leave half of it
+            staging = self.storage.staging_dir(key)
+            try:
+                write(staging)
+                self.storage.commit_dir(staging, key)
+            except Exception as exc:
+                shutil.rmtree(staging, ignore_errors=True)  # what a full disk needs back first
+                if disk_full(exc):
+                    raise StorageFull(step, self.storage.path(key), exc) from exc
+                raise
 
         def record(session: Any, job: Job) -> str:
-            existing = session.scalars(
-                select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step_number == step)
-            ).one_or_none()
+            existing = _checkpoint_at(session, job, step)
             if existing is not None:
                 existing.metrics = metrics
                 return str(existing.id)
@@ -151,8 +204,12 @@ class JobContext:
             self.storage.delete(key)
 
     def latest_checkpoint(self) -> tuple[int, Path] | None:
-        with unit_of_work(self.settings) as session:
-            rows = repository.checkpoints_of(session, self.job_id)
+        rows = in_transaction(self.settings, lambda session: repository.checkpoints_of(session, self.job_id))
         if not rows:
             return None
         return rows[-1].step_number, self.storage.path(rows[-1].storage_key)
+
+
+def _checkpoint_at(session: Session, job: Job, step: int) -> Checkpoint | None:
+    stmt = select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step_number == step)
+    return session.scalars(stmt).one_or_none()
