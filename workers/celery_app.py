@@ -67,6 +67,6 @@ def make_celery(settings: Settings | None = None) -> Celery:
 
 app = make_celery()
 app.conf.include = ["workers.tasks"]
-# SIGTERM ends the running job's step, not the job: see workers/shutdown.py.
-signals.worker_process_init.connect(lambda **_: shutdown.install_handler(), weak=False)
+# SIGTERM ends the running job's step, not the job: see workers/shutdown.py (the pool child's own
+# handler is installed by the run_job task: billiard resets SIGTERM after worker_process_init).
 signals.worker_shutting_down.connect(shutdown.forward_to_children, weak=False)

@@ -42,9 +42,10 @@ def _on_sigterm(signum: int, _frame: FrameType | None) -> None:
 
 
 def install_handler() -> None:
-    """In the process that runs jobs: SIGTERM sets the flag instead of killing the process."""
-    _requested.clear()  # a forked child starts with its own, unset flag
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    """In the process that runs a job: SIGTERM sets the flag instead of killing the process.
+    (Before this, billiard's own handler exits the child, which is right while it holds no job.)"""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def children_of(pid: int) -> list[int]:
