@@ -29,15 +29,15 @@ def _die() -> None:
 def rl(ctx: JobContext) -> TrainingResult:
     pause = float(os.environ.get("RFT_TEST_STEP_SLEEP", "0"))
     kill_step, _, where = os.environ.get("RFT_TEST_KILL_IN_CHECKPOINT", "").partition(":")
-    metrics, save = ctx.metrics, ctx.save_checkpoint
+    record, save = ctx.metrics, ctx.save_checkpoint
 
     def slow_metrics(step: int, data: dict[str, Any]) -> None:
-        metrics(step, data)
+        record(step, data)
         time.sleep(pause)
 
-    def faulty_save(step: int, write: Callable[[Path], None], data: dict[str, Any]) -> str:
+    def faulty_save(step: int, write: Callable[[Path], None], metrics: dict[str, Any]) -> str:
         if str(step) != kill_step:
-            return save(step, write, data)
+            return save(step, write, metrics)
 
         def half_write(folder: Path) -> None:
             write(folder)
@@ -54,7 +54,7 @@ def rl(ctx: JobContext) -> TrainingResult:
             raise AssertionError("unreachable")
 
         ctx.storage.commit_dir = commit_then_die  # type: ignore[method-assign]
-        return save(step, half_write, data)
+        return save(step, half_write, metrics)
 
     ctx.metrics = slow_metrics  # type: ignore[method-assign]
     ctx.save_checkpoint = faulty_save  # type: ignore[method-assign]
