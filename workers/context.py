@@ -7,7 +7,6 @@ recorded twice (events by `dedupe_key`, metrics by step, checkpoints by step).
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,33 +37,31 @@ class LeaseLost(Exception):
 class StorageFull(Exception):
     """A checkpoint did not fit on the storage volume; the job pauses on its earlier checkpoints."""
 
-    def __init__(self, step: int, path: Path, cause: BaseException) -> None:
+    def __init__(self, step: int, folder: Path, free: int) -> None:
         super().__init__(
-            f"Writing the checkpoint of step {step} failed: the storage volume is full ({cause_text(cause)}) "
-            f"at {path.parent}. The job is paused; its earlier checkpoints are intact. Free space on the "
-            f"volume, then resume the job to continue from its latest checkpoint."
+            f"Writing the checkpoint of step {step} failed: the storage volume is full (No space left on "
+            f"device; {free} bytes free) at {folder}. The job is paused; its earlier checkpoints are intact. "
+            f"Free space on the volume, then resume the job to continue from its latest checkpoint."
         )
 
 
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
-def disk_full(exc: BaseException) -> bool:
-    """Whether `exc` (or what caused it) is an out-of-space error. torch.save and safetensors wrap
-    the OSError in their own exceptions, some keeping only its text."""
-    texts = {os.strerror(n) for n in DISK_FULL_ERRNOS}
+def disk_full(exc: BaseException, folder: Path) -> int | None:
+    """The free bytes left on `folder`'s volume if `exc` was for want of space, else None.
+
+    torch.save wraps the OSError in a RuntimeError that keeps neither its errno nor its text
+    ("unexpected pos ..."), so besides the errno the volume itself is asked: a write that failed on
+    a volume with (almost) nothing free is a full disk."""
+    usage = shutil.disk_usage(folder)
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS:
-            return True
-        if any(t in str(seen) for t in texts):
-            return True
+            return usage.free
         seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def cause_text(exc: BaseException) -> str:
-    return next((os.strerror(n) for n in DISK_FULL_ERRNOS if os.strerror(n) in str(exc)), str(exc)[:200])
+    nearly_full = usage.free < max(1024 * 1024, usage.total // 100)
+    return usage.free if nearly_full else None
 
 
 @dataclass(frozen=True)
@@ -165,9 +162,10 @@ class JobContext:
                 write(staging)
                 self.storage.commit_dir(staging, key)
             except Exception as exc:
+                free = disk_full(exc, staging.parent)
                 shutil.rmtree(staging, ignore_errors=True)  # what a full disk needs back first
-                if disk_full(exc):
-                    raise StorageFull(step, self.storage.path(key), exc) from exc
+                if free is not None:
+                    raise StorageFull(step, staging.parent, free) from exc
                 raise
 
         def record(session: Any, job: Job) -> str:

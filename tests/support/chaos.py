@@ -158,7 +158,7 @@ def wake(broker: str, job_id: str) -> None:
     Celery(broker=broker).send_task("workers.tasks.run_job", args=[job_id], queue="training")
 
 
-_reference: dict[str, dict[str, torch.Tensor]] = {}
+_reference: dict[str, Any] = {}
 
 
 def uninterrupted_weights(client: TestClient, auth: dict[str, str], settings: Settings) -> dict[str, torch.Tensor]:
@@ -168,7 +168,15 @@ def uninterrupted_weights(client: TestClient, auth: dict[str, str], settings: Se
         runner.run_job(job_id, settings.model_copy(update={"trainer": "workers.training:run_training"}))
         assert job(settings, job_id).status == "succeeded", job(settings, job_id).error
         _reference["weights"] = final_weights(settings, job_id)
-    return _reference["weights"]
+        folder = settings.storage_dir / checkpoints(settings, job_id)[-1].storage_key
+        _reference["bytes"] = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    weights: dict[str, torch.Tensor] = _reference["weights"]
+    return weights
+
+
+def reference_checkpoint_bytes() -> int:
+    """The size of one of the uninterrupted run's checkpoints (run `uninterrupted_weights` first)."""
+    return int(_reference["bytes"])
 
 
 def job(settings: Settings, job_id: str) -> Job:
