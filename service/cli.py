@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from service import cli_client
 from service.core.private import private_dir, restrict_umask, write_private
@@ -149,18 +150,20 @@ def _serve(settings: Settings, host: str, port: int, with_workers: bool) -> int:
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     finally:
-        _stop_workers(workers)
+        _stop_workers(workers, settings.shutdown_grace_seconds)
     return 0
 
 
-def _stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
-    """Warm shutdown first; a worker still busy after that is killed with its pool. A job it was
-    running keeps its row: the lease lapses and the reaper requeues it from its last checkpoint."""
+def _stop_workers(workers: list[subprocess.Popen[bytes]], grace_seconds: float) -> None:
+    """SIGTERM each worker: a training worker checkpoints its job after the current step, puts it
+    back in the queue and exits (workers/shutdown.py). One still running after `grace_seconds` is
+    killed with its pool; its job's lease lapses and the reaper requeues it from its last checkpoint."""
     for proc in workers:
         proc.terminate()
+    deadline = time.monotonic() + grace_seconds
     for proc in workers:
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

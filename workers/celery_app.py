@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
 from service.core.private import private_dir
 from service.core.settings import Settings, get_settings
+from workers import shutdown
 
 TRAINING_QUEUE = "training"
 LIGHT_QUEUE = "light"
@@ -70,3 +71,6 @@ def make_celery(settings: Settings | None = None) -> Celery:
 
 app = make_celery()
 app.conf.include = ["workers.tasks"]
+# SIGTERM ends the running job's step, not the job: see workers/shutdown.py (the pool child's own
+# handler is installed by the run_job task: billiard resets SIGTERM after worker_process_init).
+signals.worker_shutting_down.connect(shutdown.forward_to_children, weak=False)

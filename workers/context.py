@@ -6,14 +6,16 @@ recorded twice (events by `dedupe_key`, metrics by step, checkpoints by step).
 
 from __future__ import annotations
 
+import errno
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from service.core.db import unit_of_work
 from service.core.ids import new_id
 from service.core.settings import Settings
 from service.core.storage import Storage, job_folder
@@ -21,16 +23,51 @@ from service.core.tables import Checkpoint, Job
 from service.files.repository import files_of_job
 from service.jobs import repository
 from service.jobs.service import fine_tuned_model_name
+from workers import shutdown
 from workers.lease import Heartbeat
+from workers.retry import in_transaction
+
+Control = Literal["cancel", "pause", "stop"]
 
 
 class LeaseLost(Exception):
     """Another worker owns this job now (our heartbeat lapsed); stop without writing more."""
 
 
+class StorageFull(Exception):
+    """A checkpoint did not fit on the storage volume; the job pauses on its earlier checkpoints."""
+
+    def __init__(self, step: int, folder: Path, free: int) -> None:
+        super().__init__(
+            f"Writing the checkpoint of step {step} failed: the storage volume is full (No space left on "
+            f"device; {free} bytes free) at {folder}. The job is paused; its earlier checkpoints are intact. "
+            f"Free space on the volume, then resume the job to continue from its latest checkpoint."
+        )
+
+
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def disk_full(exc: BaseException, folder: Path) -> int | None:
+    """The free bytes left on `folder`'s volume if `exc` was for want of space, else None.
+
+    torch.save wraps the OSError in a RuntimeError that keeps neither its errno nor its text
+    ("unexpected pos ..."), so besides the errno the volume itself is asked: a write that failed on
+    a volume with (almost) nothing free is a full disk."""
+    usage = shutil.disk_usage(folder)
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS:
+            return usage.free
+        seen = seen.__cause__ or seen.__context__
+    nearly_full = usage.free < max(1024 * 1024, usage.total // 100)
+    return usage.free if nearly_full else None
+
+
 @dataclass(frozen=True)
 class TrainingResult:
-    status: Literal["succeeded", "paused", "cancelled"]
+    # "requeued": the worker is stopping; the trainer checkpointed and the job goes back to the queue.
+    status: Literal["succeeded", "paused", "cancelled", "requeued"]
     fine_tuned_model: str | None = None
     trained_tokens: int | None = None
     message: str = ""
@@ -46,24 +83,29 @@ class JobContext:
 
     @classmethod
     def load(cls, job_id: str, settings: Settings, storage: Storage, heartbeat: Heartbeat) -> JobContext:
-        with unit_of_work(settings) as session:
+        def read(session: Session) -> tuple[dict[str, Any], dict[str, str]]:
             row = repository.get_unscoped(session, job_id)
             assert row is not None
             snapshot = {c.key: getattr(row, c.key) for c in Job.__mapper__.column_attrs}
-            keys = {i: f.storage_key for i, f in files_of_job(session, row).items()}
-        snapshot["training_path"] = storage.path(keys[row.training_file])
-        if row.validation_file:
-            snapshot["validation_path"] = storage.path(keys[row.validation_file])
+            return snapshot, {i: f.storage_key for i, f in files_of_job(session, row).items()}
+
+        snapshot, keys = in_transaction(settings, read)
+        snapshot["training_path"] = storage.path(keys[snapshot["training_file"]])
+        if snapshot["validation_file"]:
+            snapshot["validation_path"] = storage.path(keys[snapshot["validation_file"]])
         return cls(job_id, settings, storage, heartbeat, snapshot)
 
     def _write(self, fn: Callable[[Any, Job], Any]) -> Any:
         if self.heartbeat.lost.is_set():
             raise LeaseLost(self.job_id)
-        with unit_of_work(self.settings) as session:
+
+        def checked(session: Session) -> Any:
             job = repository.get_unscoped(session, self.job_id)
             if job is None or job.worker_id != self.heartbeat.worker_id:
                 raise LeaseLost(self.job_id)
             return fn(session, job)
+
+        return in_transaction(self.settings, checked)
 
     def event(
         self, message: str, *, level: str = "info", data: dict[str, Any] | None = None, dedupe_key: str | None = None
@@ -86,14 +128,16 @@ class JobContext:
 
         self._write(write)
 
-    def control(self) -> Literal["cancel", "pause"] | None:
-        """The pending request a trainer must honour after its current step, if any."""
+    def control(self) -> Control | None:
+        """The pending request a trainer must honour after its current step, if any: the user's
+        cancel or pause, else "stop" when this worker is shutting down (checkpoint, then return
+        `TrainingResult("requeued")`)."""
 
-        def read(_: Any, job: Job) -> Literal["cancel", "pause"] | None:
+        def read(_: Any, job: Job) -> Control | None:
             return "cancel" if job.cancel_requested else "pause" if job.pause_requested else None
 
-        result: Literal["cancel", "pause"] | None = self._write(read)
-        return result
+        result: Control | None = self._write(read)
+        return result or ("stop" if shutdown.requested() else None)
 
     def update_job(self, **values: Any) -> None:
         """Progress fields such as `estimated_finish` or `trained_tokens`."""
@@ -111,14 +155,21 @@ class JobContext:
         the next save of the same step replaces.
         """
         key = f"{job_folder(self.job['project_id'], self.job_id)}/step-{step:06d}"
-        staging = self.storage.staging_dir(key)
-        write(staging)
-        self.storage.commit_dir(staging, key)
+        existing = self._write(lambda session, job: _checkpoint_at(session, job, step))
+        if existing is None:  # a recorded folder is never rewritten: a crash then would leave half of it
+            staging = self.storage.staging_dir(key)
+            try:
+                write(staging)
+                self.storage.commit_dir(staging, key)
+            except Exception as exc:
+                free = disk_full(exc, staging.parent)
+                shutil.rmtree(staging, ignore_errors=True)  # what a full disk needs back first
+                if free is not None:
+                    raise StorageFull(step, staging.parent, free) from exc
+                raise
 
         def record(session: Any, job: Job) -> str:
-            existing = session.scalars(
-                select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step_number == step)
-            ).one_or_none()
+            existing = _checkpoint_at(session, job, step)
             if existing is not None:
                 existing.metrics = metrics
                 return str(existing.id)
@@ -151,8 +202,12 @@ class JobContext:
             self.storage.delete(key)
 
     def latest_checkpoint(self) -> tuple[int, Path] | None:
-        with unit_of_work(self.settings) as session:
-            rows = repository.checkpoints_of(session, self.job_id)
+        rows = in_transaction(self.settings, lambda session: repository.checkpoints_of(session, self.job_id))
         if not rows:
             return None
         return rows[-1].step_number, self.storage.path(rows[-1].storage_key)
+
+
+def _checkpoint_at(session: Session, job: Job, step: int) -> Checkpoint | None:
+    stmt = select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step_number == step)
+    return session.scalars(stmt).one_or_none()

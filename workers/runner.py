@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
-from service.core.db import unit_of_work
+from sqlalchemy.orm import Session
+
 from service.core.errors import ApiError
+from service.core.queue import wake_training
 from service.core.settings import Settings
 from service.core.storage import Storage
-from service.core.tables import now
+from service.core.tables import Job, now
 from service.jobs import repository
 from service.jobs.service import fine_tuned_model_name
-from workers.context import JobContext, LeaseLost, TrainingResult
+from workers import shutdown
+from workers.context import JobContext, LeaseLost, StorageFull, TrainingResult
 from workers.lease import Heartbeat, claim, worker_identity
+from workers.retry import in_transaction
 from workers.training import load_trainer
 
 log = logging.getLogger(__name__)
@@ -26,19 +31,21 @@ DONE_MESSAGES = {
 
 def run_job(job_id: str, settings: Settings) -> None:
     worker_id = worker_identity()
-    with unit_of_work(settings) as session:
-        if not claim(session, job_id, worker_id, settings, "queued", "running"):
-            log.info("job %s is not queued or is leased by another worker; nothing to do", job_id)
-            return
-        job = repository.get_unscoped(session, job_id)
-        assert job is not None
-        repository.add_event(session, job, f"Fine-tuning job started (attempt {job.attempts}).")
+    if shutdown.requested():  # stopping before the job started: leave it to the next worker
+        in_transaction(settings, lambda session: wake_training(session, job_id))
+        return
+    if not in_transaction(settings, lambda session: _start(session, job_id, worker_id, settings)):
+        log.info("job %s is not queued or is leased by another worker; nothing to do", job_id)
+        return
     with Heartbeat(job_id, worker_id, settings) as heartbeat:
         try:
             ctx = JobContext.load(job_id, settings, Storage(settings.storage_dir), heartbeat)
             result = load_trainer(settings.trainer)(ctx)
         except LeaseLost:
             log.warning("job %s: lease lost; another worker owns it now", job_id)
+            return
+        except StorageFull as exc:
+            _finish(job_id, worker_id, settings, "paused", message=str(exc), level="error")
             return
         except ApiError as exc:
             _finish(job_id, worker_id, settings, "failed", error=exc.as_job_error())
@@ -52,7 +59,43 @@ def run_job(job_id: str, settings: Settings) -> None:
             }
             _finish(job_id, worker_id, settings, "failed", error=error)
             return
-    _finish(job_id, worker_id, settings, result.status, result=result)
+    if result.status == "requeued":
+        in_transaction(settings, lambda session: _requeue(session, job_id, worker_id))
+    else:
+        _finish(job_id, worker_id, settings, result.status, result=result)
+
+
+def _start(session: Session, job_id: str, worker_id: str, settings: Settings) -> bool:
+    if not claim(session, job_id, worker_id, settings, "queued", "running"):
+        return False
+    job = repository.get_unscoped(session, job_id)
+    assert job is not None
+    repository.add_event(session, job, f"Fine-tuning job started (attempt {job.attempts}).")
+    return True
+
+
+def _mine(session: Session, job_id: str, worker_id: str) -> Job | None:
+    job = repository.get_unscoped(session, job_id)
+    if job is None or job.worker_id != worker_id or job.status != "running":
+        log.warning("job %s changed hands before it finished; leaving it", job_id)
+        return None
+    return job
+
+
+def _requeue(session: Session, job_id: str, worker_id: str) -> None:
+    """This worker is stopping: back to the queue from the checkpoint the trainer just wrote, the
+    attempt not counted (nothing failed), and a wake-up for the next worker once this commits."""
+    job = _mine(session, job_id, worker_id)
+    if job is None:
+        return
+    checkpoints = repository.checkpoints_of(session, job_id)
+    step = checkpoints[-1].step_number if checkpoints else 0
+    job.status, job.enqueued_at = "queued", time.time()
+    job.worker_id, job.lease_expires_at = None, None
+    job.attempts = max(job.attempts - 1, 0)
+    where = f"its checkpoint at step {step}" if checkpoints else "the start (no step had finished)"
+    repository.add_event(session, job, f"Worker stopping; job requeued at step {step} and resumes from {where}.")
+    wake_training(session, job_id)
 
 
 def _finish(
@@ -63,11 +106,12 @@ def _finish(
     *,
     error: dict[str, Any] | None = None,
     result: TrainingResult | None = None,
+    message: str | None = None,
+    level: str = "info",
 ) -> None:
-    with unit_of_work(settings) as session:
-        job = repository.get_unscoped(session, job_id)
-        if job is None or job.worker_id != worker_id or job.status != "running":
-            log.warning("job %s changed hands before it finished; leaving it", job_id)
+    def write(session: Session) -> None:
+        job = _mine(session, job_id, worker_id)
+        if job is None:
             return
         job.status = status
         job.worker_id, job.lease_expires_at = None, None
@@ -79,7 +123,7 @@ def _finish(
         if result and result.status == "succeeded":
             job.fine_tuned_model = result.fine_tuned_model or fine_tuned_model_name(job)
             job.trained_tokens = result.trained_tokens
-        message = (
-            error["message"] if error else (result.message if result and result.message else DONE_MESSAGES[status])
-        )
-        repository.add_event(session, job, message, level="error" if error else "info")
+        text = message or (error["message"] if error else (result.message if result and result.message else None))
+        repository.add_event(session, job, text or DONE_MESSAGES[status], level="error" if error else level)
+
+    in_transaction(settings, write)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from service.core.db import unit_of_work
 from service.core.settings import get_settings
-from workers import lease, runner, validate
+from workers import lease, runner, shutdown, validate
 from workers.celery_app import app
 
 
@@ -15,6 +15,7 @@ def validate_job(job_id: str) -> None:
 
 @app.task(name="workers.tasks.run_job")
 def run_job(job_id: str) -> None:
+    shutdown.install_handler()  # in the pool child, which runs one job and exits
     runner.run_job(job_id, get_settings())
 
 

@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     max_attempts: int = 3
     reaper_interval_seconds: float = 15.0
     stale_queued_seconds: float = 300.0
+    # Worker resilience (workers/retry.py, workers/shutdown.py): how long a worker's database calls
+    # retry through a dropped connection (a PostgreSQL restart) before the job fails, and how long
+    # `rft serve` waits for its workers to checkpoint and exit after SIGTERM before killing them
+    # (one training step plus a checkpoint write; docker-compose's stop_grace_period exceeds it).
+    db_retry_seconds: float = 120.0
+    shutdown_grace_seconds: float = 120.0
     # Autocast of training's forward passes (weights and optimizer stay fp32): "auto" is bf16 on CUDA
     # and fp32 on CPU; "bf16" autocasts on CPU too (fast where the CPU has AMX or AVX512-BF16).
     training_precision: Literal["auto", "fp32", "bf16"] = "auto"

@@ -38,9 +38,9 @@ def ticking(ctx: JobContext) -> TrainingResult:
         request = ctx.control()
         if request == "cancel":
             return TrainingResult("cancelled")
-        if request == "pause":
+        if request in ("pause", "stop"):
             ctx.save_checkpoint(step, _write_state(step), {"train_reward_mean": step / total})  # type: ignore[arg-type]
-            return TrainingResult("paused")
+            return TrainingResult("paused" if request == "pause" else "requeued")
     return TrainingResult("succeeded", trained_tokens=total * 100)
 
 

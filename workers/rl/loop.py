@@ -144,10 +144,10 @@ class Loop:
             request = self.ctx.control()
             if request == "cancel":
                 return TrainingResult("cancelled")
-            if request == "pause":
+            if request in ("pause", "stop"):  # stop: this worker is shutting down; the job requeues
                 if not evaluated:
                     self.save(step, metrics)
-                return TrainingResult("paused")
+                return TrainingResult("paused" if request == "pause" else "requeued")
         return selection.finish(self.ctx, self.state, self.cfg)
 
     def rollback(self, step: int, reason: str) -> None:

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.core.db import unit_of_work
 from service.jobs import repository
 from service.jobs.service import fine_tuned_model_name
 from workers.context import JobContext, TrainingResult
+from workers.retry import in_transaction
 from workers.rl.config import RLConfig
 
 
@@ -38,10 +38,9 @@ def finish(ctx: JobContext, state: dict[str, Any], cfg: RLConfig) -> TrainingRes
     )
     if not beat:
         message += " No checkpoint beat the baseline: the fine-tuned model is not better than the base model."
-    with unit_of_work(ctx.settings) as session:
-        job = repository.get_unscoped(session, ctx.job_id)
-        assert job is not None
-        name = f"{fine_tuned_model_name(job)}:ckpt-step-{chosen['step']}"
+    job = in_transaction(ctx.settings, lambda session: repository.get_unscoped(session, ctx.job_id))
+    assert job is not None
+    name = f"{fine_tuned_model_name(job)}:ckpt-step-{chosen['step']}"
     ctx.event(
         message,
         level="info" if beat else "warn",
