@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.auth.service import KeyCache
 from service.core.db import session_factory
 from service.core.errors import ApiError, InvalidRequest
 from service.core.http import refuse_nul_characters
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.storage = Storage(settings.storage_dir)
     app.state.sessionmaker = session_factory(settings)
+    app.state.key_cache = KeyCache(settings.auth_cache_seconds)
     app.include_router(files_router)
     app.include_router(jobs_router)
     app.include_router(graders_router)
