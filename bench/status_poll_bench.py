@@ -1,13 +1,14 @@
 """Status polling under load: `GET /v1/fine_tuning/jobs/{id}` on PostgreSQL, rft beside the thin app.
 
     python bench/status_poll_bench.py [--pg postgresql+psycopg://postgres@127.0.0.1:5432/test]
-                                      [--connections 10 50] [--duration 10] [--workers 2]
+                                      [--connections 10 50] [--duration 10] [--rounds 3] [--workers 2]
 
 Creates a fresh database on that server (dropped at the end), applies the migrations, adds a project
 key and a job row, then serves the same request from `uvicorn --workers N` twice: rft's app
 (`service.app:create_app`) and `bench/thin_status_app.py` (key digest -> key row -> job row, nothing
-else). Each gets a warm-up and then `wrk -t2 -cC -dDs --latency` per connection count, the two
-apps alternating, in one run; the table shows requests/s and p50/p99 latency side by side.
+else). Both serve at once; per connection count each gets a warm-up, then `--rounds` runs of
+`wrk -t2 -cC -dDs --latency`, the two apps alternating so that both see the same background load.
+The table shows the median requests/s and p50/p99 latency side by side, and every round.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -126,23 +128,31 @@ def main() -> None:
     parser.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
     parser.add_argument("--connections", type=int, nargs="+", default=[10, 50])
     parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating runs per app; the median is shown")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    with bench_database(args.pg) as url, tempfile.TemporaryDirectory(prefix="rft-bench-") as data:
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(bench_database(args.pg))
+        data = stack.enter_context(tempfile.TemporaryDirectory(prefix="rft-bench-"))
         upgrade(url)
-        settings = Settings(database_url=url, data_dir=Path(data))
-        key, job_id = seed_job(settings)
+        key, job_id = seed_job(Settings(database_url=url, data_dir=Path(data)))
         env = {"RFT_DATABASE_URL": url, "RFT_DATA_DIR": data, "RFT_BROKER_URL": "memory://"}
         env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
         path = f"/v1/fine_tuning/jobs/{job_id}"
+        bases = {app: stack.enter_context(serve(app, env, args.workers, path, key)) for app in APPS}
         print(f"{os.cpu_count()} CPUs, uvicorn --workers {args.workers}, wrk -t2 -d{args.duration}s, GET {path}")
-        print(f"{'app':<6}{'conns':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}")
+        print(f"{'app':<6}{'conns':>6}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}   each round (req/s p50 p99)")
         for connections in args.connections:
-            for app in APPS:
-                with serve(app, env, args.workers, path, key) as base:
-                    wrk(base + path, key, connections, 2)  # warm-up: pools filled, code paths loaded
-                    r = wrk(base + path, key, connections, args.duration)
-                print(f"{app:<6}{connections:>6}{r['rps']:>10.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}", flush=True)
+            runs: dict[str, list[dict[str, float]]] = {app: [] for app in APPS}
+            for base in bases.values():
+                wrk(base + path, key, connections, 2)  # warm-up: pools filled, code paths loaded
+            for _ in range(args.rounds):  # alternating, so both see the same background load
+                for app, base in bases.items():
+                    runs[app].append(wrk(base + path, key, connections, args.duration))
+            for app, results in runs.items():
+                med = {m: statistics.median(r[m] for r in results) for m in ("rps", "p50", "p99")}
+                each = ", ".join(f"{r['rps']:.0f} {r['p50']:.1f} {r['p99']:.1f}" for r in results)
+                print(f"{app:<6}{connections:>6}{med['rps']:>8.0f}{med['p50']:>8.2f}{med['p99']:>8.2f}   {each}")
 
 
 if __name__ == "__main__":

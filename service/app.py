@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.auth.service import KeyCache
 from service.core.bodylimit import BodySizeLimit
 from service.core.db import session_factory
 from service.core.errors import ApiError, InvalidRequest
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessionmaker = session_factory(settings)
     app.state.rate_buckets = make_buckets(settings)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_json_body_bytes)
+    app.state.key_cache = KeyCache(settings.auth_cache_seconds)
     app.include_router(files_router)
     app.include_router(jobs_router)
     app.include_router(graders_router)

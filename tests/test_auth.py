@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
+from service.app import create_app
 from service.auth.service import hash_key
 from service.core.ids import new_id
 from service.core.settings import Settings
@@ -42,6 +44,28 @@ def test_revoked_key_is_401(client: TestClient, db_session: Session, auth: dict[
     db_session.scalars(select(ApiKey)).one().revoked_at = 1
     db_session.commit()
     assert client.get("/v1/files", headers=auth).status_code == 401
+
+
+def test_revoked_key_stops_working_within_the_cache_ttl(
+    settings: Settings, db_session: Session, auth: dict[str, str]
+) -> None:
+    """A key revoked while a process has it cached: the revocation must win within the TTL."""
+    app = create_app(settings.model_copy(update={"auth_cache_seconds": 0.5}))
+    app.state.sessionmaker = lambda: db_session
+    with TestClient(app) as client:
+        assert client.get("/v1/files", headers=auth).status_code == 200  # now cached
+        db_session.scalars(select(ApiKey)).one().revoked_at = 1
+        db_session.commit()
+        revoked_at = time.monotonic()
+        while client.get("/v1/files", headers=auth).status_code != 401:
+            assert time.monotonic() - revoked_at < 1.5, "a revoked key kept working past the cache TTL"
+            time.sleep(0.05)
+
+
+def test_a_wrong_key_is_refused_even_right_after_a_valid_one(client: TestClient, auth: dict[str, str]) -> None:
+    assert client.get("/v1/files", headers=auth).status_code == 200
+    wrong = {"Authorization": auth["Authorization"][:-1] + ("A" if auth["Authorization"][-1] != "A" else "B")}
+    assert client.get("/v1/files", headers=wrong).status_code == 401
 
 
 def _another_projects_job(client: TestClient, auth: dict[str, str], db_session: Session) -> tuple[str, str]:

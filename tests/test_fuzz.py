@@ -84,6 +84,10 @@ def live_api(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     port = free_port()
     env = {"RFT_DATABASE_URL": url, "RFT_DATA_DIR": str(tmp_path_factory.mktemp("fuzz") / "data")}
     env |= {"RFT_BROKER_URL": "memory://", "RFT_ENV": "dev"}
+    # Hundreds of uploads and jobs a minute from one key: the per-project limits (tests/test_limits.py) would
+    # answer most of them 403/429, and the fuzzer is after what the handlers do with the data.
+    env |= {"RFT_REQUESTS_PER_SECOND": "100000", "RFT_REQUEST_BURST": "100000", "RFT_MAX_QUEUED_JOBS": "100000"}
+    env |= {"RFT_MAX_FILES": "100000"}
     proc = Proc(["serve", "--no-workers", "--port", str(port)], env, Path(env["RFT_DATA_DIR"] + ".log"))
     try:
         base_url = f"http://127.0.0.1:{port}"

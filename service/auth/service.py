@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -51,7 +52,8 @@ def create_api_key(session: Session, settings: Settings, project_name: str) -> t
     return project, key
 
 
-def authenticate(session: Session, settings: Settings, authorization: str | None) -> AuthSubject:
+def key_digest(settings: Settings, authorization: str | None) -> str:
+    """The stored form of the bearer key in `authorization`; Unauthorized if there is none."""
     if not authorization:
         raise Unauthorized(
             "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' "
@@ -60,10 +62,45 @@ def authenticate(session: Session, settings: Settings, authorization: str | None
     scheme, _, key = authorization.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("Malformed Authorization header: expected 'Bearer <key>'.")
-    api_key = repository.active_key_by_hash(session, hash_key(key.strip(), settings.secret_key))
+    return hash_key(key.strip(), settings.secret_key)
+
+
+def subject_of(session: Session, digest: str) -> AuthSubject:
+    api_key = repository.active_key_by_hash(session, digest)
     if api_key is None:
         raise Unauthorized("Incorrect API key provided.")
     return AuthSubject(project_id=api_key.project_id, key_id=api_key.id)
+
+
+def authenticate(session: Session, settings: Settings, authorization: str | None) -> AuthSubject:
+    return subject_of(session, key_digest(settings, authorization))
+
+
+class KeyCache:
+    """Keys that authenticated in the last `ttl` seconds, by digest, so that a client polling a job
+    costs one transaction per request, not two (issue 13's status-polling benchmark).
+
+    Only valid keys are kept, so a new key works at once and wrong guesses fill nothing. The price is
+    that a revoked key keeps working in a process for at most `ttl` seconds after the revoking
+    commit (`RFT_AUTH_CACHE_SECONDS`; 0 turns the cache off).
+    """
+
+    def __init__(self, ttl: float, max_entries: int = 10_000) -> None:
+        self.ttl, self.max_entries = ttl, max_entries
+        self._entries: dict[str, tuple[float, AuthSubject]] = {}
+
+    def get(self, digest: str) -> AuthSubject | None:
+        entry = self._entries.get(digest)
+        if entry is None or entry[0] <= time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, digest: str, subject: AuthSubject) -> None:
+        if self.ttl <= 0:
+            return
+        if len(self._entries) >= self.max_entries:  # the oldest insertion goes first
+            self._entries.pop(next(iter(self._entries)), None)
+        self._entries[digest] = (time.monotonic() + self.ttl, subject)
 
 
 def readable(model: type[Any], subject: AuthSubject) -> Select[Any]:

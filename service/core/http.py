@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from service.auth.service import AuthSubject, authenticate
+from service.auth.service import AuthSubject, KeyCache, key_digest, subject_of
 from service.core.db import transaction
 from service.core.errors import InvalidRequest
-from service.core.ratelimit import check_rate
+from service.core.ratelimit import enforce_rate
 from service.core.settings import Settings
 from service.core.storage import Storage
 
+# The dependencies that do no I/O are `async def`: FastAPI runs a plain `def` one in the threadpool,
+# and each such hop cost more than the job lookup itself in bench/status_poll_bench.py.
 
-def get_settings_dep(request: Request) -> Settings:
+
+async def get_settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
@@ -28,12 +32,26 @@ def request_transaction(request: Request) -> AbstractContextManager[Session]:
     return transaction(request.app.state.sessionmaker)
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with request_transaction(request) as session:
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """The request's unit of work, as `transaction()`: commit on success, roll back on any exception.
+    Opening it does no I/O (a Session connects on first use); ending it runs in the threadpool."""
+    session: Session = request.app.state.sessionmaker()
+    try:
         yield session
+    except BaseException:
+        await run_in_threadpool(_end, session, session.rollback)
+        raise
+    await run_in_threadpool(_end, session, session.commit)
 
 
-def get_storage(request: Request) -> Storage:
+def _end(session: Session, finish: Callable[[], None]) -> None:
+    try:
+        finish()
+    finally:
+        session.close()
+
+
+async def get_storage(request: Request) -> Storage:
     storage: Storage = request.app.state.storage
     return storage
 
@@ -44,14 +62,25 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 
 
-def get_subject(
+async def get_subject(
     request: Request, settings: SettingsDep, authorization: Annotated[str | None, Header()] = None
 ) -> AuthSubject:
+    """The caller, from the key cache (no I/O, no thread hop) or from the database. Async: anything
+    blocking added here must go through `run_in_threadpool`, as the key lookup does."""
+    digest = key_digest(settings, authorization)
+    cache: KeyCache = request.app.state.key_cache
+    subject = cache.get(digest)
+    if subject is None:
+        subject = await run_in_threadpool(_look_up_key, request, digest)
+        cache.put(digest, subject)
+    await enforce_rate(request, subject.project_id, subject.key_id)  # 429 past the key's requests per second
+    return subject
+
+
+def _look_up_key(request: Request, digest: str) -> AuthSubject:
     # Its own short transaction: SQLite allows one writer, and an upload must not hold it while streaming.
     with request_transaction(request) as session:
-        subject = authenticate(session, settings, authorization)
-    check_rate(request, subject.project_id, subject.key_id)  # 429 past the key's requests per second
-    return subject
+        return subject_of(session, digest)
 
 
 SubjectDep = Annotated[AuthSubject, Depends(get_subject)]

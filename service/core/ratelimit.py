@@ -15,6 +15,7 @@ import time
 from typing import Any, Protocol
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from service.core.db import transaction
 from service.core.errors import RateLimited
@@ -43,11 +44,15 @@ return {allowed, tostring(wait)}
 
 
 class Buckets(Protocol):
+    blocking: bool  # does take() do I/O (so must not run on the event loop)?
+
     def take(self, key: str, rate: float, burst: int) -> float:
         """Take one token from `key`'s bucket: 0.0 if there was one, else the seconds until there is."""
 
 
 class MemoryBuckets:
+    blocking = False
+
     def __init__(self) -> None:
         self._state: dict[str, tuple[float, float]] = {}  # key -> (tokens, monotonic time)
         self._lock = threading.Lock()
@@ -65,6 +70,8 @@ class MemoryBuckets:
 
 
 class RedisBuckets:
+    blocking = True
+
     def __init__(self, url: str, prefix: str = "rft:rate:") -> None:
         import redis
 
@@ -80,6 +87,15 @@ class RedisBuckets:
 def make_buckets(settings: Settings) -> Buckets:
     url = settings.rate_limit_url
     return RedisBuckets(url) if url else MemoryBuckets()
+
+
+async def enforce_rate(request: Request, project_id: str, key_id: str) -> None:
+    """check_rate from the async auth dependency: inline where it does no I/O, else on a worker thread."""
+    settings: Settings = request.app.state.settings
+    if request.app.state.rate_buckets.blocking or settings.project_limits:  # Redis, or a project-name lookup
+        await run_in_threadpool(check_rate, request, project_id, key_id)
+    else:
+        check_rate(request, project_id, key_id)
 
 
 def check_rate(request: Request, project_id: str, key_id: str) -> None:

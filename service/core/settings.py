@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     max_training_lines: int = 50_000
     max_validation_lines: int = 1_000
 
+    # How long an API process trusts a key it has checked; a revoked key stops working within this.
+    auth_cache_seconds: float = 2.0
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 10.0
     max_attempts: int = 3
