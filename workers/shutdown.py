@@ -66,7 +66,11 @@ def children_of(pid: int) -> list[int]:
 
 
 def forward_to_children(**_: Any) -> None:
-    """In the Celery main process, when its shutdown begins: pass SIGTERM on to the pool children."""
+    """In the Celery main process, when its shutdown begins: pass SIGTERM on to the pool children.
+
+    The flag is set here too: a child forked after this point (the pool replaces one that finished
+    its job) inherits it, so a wake-up the stopping worker still consumes is handed on, not run."""
+    _requested.set()
     for child in children_of(os.getpid()):
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGTERM)
