@@ -127,3 +127,16 @@ def test_unknown_form_field_is_400(client: TestClient, auth: dict[str, str]) -> 
 def test_missing_file_field_is_400(client: TestClient, auth: dict[str, str]) -> None:
     response = client.post("/v1/files", headers=auth, data={"purpose": "fine-tune"}, files={"other": ("a.txt", b"x")})
     assert response.status_code == 400
+
+
+def test_expires_after_is_refused_not_stored_and_ignored(client: TestClient, auth: dict[str, str]) -> None:
+    response = client.post(
+        "/v1/files",
+        headers=auth,
+        files={"file": ("t.jsonl", b'{"messages":[{"role":"user","content":"x"}]}\n')},
+        data={"purpose": "fine-tune", "expires_after[anchor]": "created_at", "expires_after[seconds]": "3600"},
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "expires_after[anchor]"
+    assert "kept until you delete them" in response.json()["error"]["message"]
+    assert client.get("/v1/files", headers=auth).json()["data"] == []

@@ -25,8 +25,6 @@ UPLOAD_REQUEST_BODY: dict[str, Any] = {
                         "description": "The JSONL file, one example per line; its filename must end in .jsonl.",
                     },
                     "purpose": {"type": "string", "enum": ["fine-tune"]},
-                    "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
-                    "expires_after[seconds]": {"type": "integer", "minimum": 3600, "maximum": 2592000},
                 },
             },
             "encoding": {

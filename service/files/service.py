@@ -60,16 +60,14 @@ def check_room(session: Session, subject: AuthSubject, limits: Limits, adding: i
 
 
 def _check_expires_after(fields: dict[str, str]) -> None:
-    """OpenAI's optional `expires_after[anchor]=created_at` and `expires_after[seconds]` (1 hour to 30 days)."""
-    anchor, seconds = fields.get("expires_after[anchor]"), fields.get("expires_after[seconds]")
-    if anchor is not None and anchor != "created_at":
+    """OpenAI's optional `expires_after[...]`: files here are kept until deleted, so asking for an expiry is
+    refused rather than stored and ignored."""
+    asked = sorted(name for name in fields if name.startswith("expires_after"))
+    if asked:
         raise InvalidRequest(
-            f"Invalid expires_after[anchor] {anchor!r}: the only anchor is 'created_at'.", param="expires_after[anchor]"
-        )
-    if seconds is not None and not (seconds.isascii() and seconds.isdigit() and 3600 <= int(seconds) <= 2592000):
-        raise InvalidRequest(
-            f"Invalid expires_after[seconds] {seconds[:40]!r}: expected an integer from 3600 to 2592000.",
-            param="expires_after[seconds]",
+            f"{asked[0]} is not supported by this server: files are kept until you delete them "
+            "(DELETE /v1/files/{file_id}). Leave expires_after out.",
+            param=asked[0],
         )
 
 
