@@ -17,8 +17,10 @@ from typing import Any
 
 import pytest
 
+from service.core.settings import get_settings
 from service.graders.isolation import Isolation
 from service.graders.sandbox import GradeOutcome, PythonGraderPool, SandboxLimits, validate_source
+from tests.test_sandbox_attacks import tmp_entries
 
 RUNTIME = "python_grader_runtime_error"
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="a uid of its own per sandbox needs root")
@@ -454,8 +456,9 @@ def test_close_leaves_no_sandbox_process_behind(make_pool: MakePool) -> None:
 @root_only
 def test_sandbox_mounts_never_reach_the_host(make_pool: MakePool) -> None:
     before = Path("/proc/self/mountinfo").read_text()
-    pool = make_pool("return float(len(os.listdir('/tmp')))\n")
-    assert pool.grade({}, {}) == GradeOutcome(0.0)  # the sandbox sees an empty /tmp of its own
+    pool = make_pool("return float(len(set(os.listdir('/tmp')) - set(item['on_the_way'])))\n")
+    on_the_way = sorted(tmp_entries(get_settings()))  # the way to the grader venv, in a checkout under /tmp
+    assert pool.grade({}, {"on_the_way": on_the_way}) == GradeOutcome(0.0)  # an empty /tmp of its own
     assert Path("/proc/self/mountinfo").read_text() == before
 
 

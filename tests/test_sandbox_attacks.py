@@ -161,6 +161,12 @@ def allowed_trees(settings: Settings) -> list[str]:
     return trees + ([env.shared_library] if env.shared_library else [])
 
 
+def tmp_entries(settings: Settings) -> set[str]:
+    """What the sandbox's /tmp holds before a grader writes: the first step towards an allowed tree that
+    lies under the host's /tmp (a checkout there), else nothing."""
+    return {Path(t).relative_to("/tmp").parts[0] for t in allowed_trees(settings) if t.startswith("/tmp/")}
+
+
 WALK = """\
 def inside(path):
     return any(path == t or path.startswith(t.rstrip("/") + "/") for t in item["trees"])
@@ -181,7 +187,8 @@ return float(len(os.listdir("/dev")) + len(os.listdir("/tmp")))
 def test_sandbox_root_holds_only_the_allowlist(serve: Server) -> None:
     """Walk the sandbox's whole filesystem: every file in it lies in a tree the allowlist names."""
     result = serve.grade("b", WALK, {"trees": allowed_trees(serve.settings)})
-    assert result["reward"] == 3.0, result  # /dev holds null, zero, urandom; /tmp is empty
+    # /dev holds null, zero, urandom; /tmp is empty but for the way to an allowed tree under the host's /tmp
+    assert result["reward"] == 3.0 + len(tmp_entries(serve.settings)), result
 
 
 def test_the_allowlist_walk_would_name_a_stray(serve: Server) -> None:
