@@ -21,6 +21,7 @@ from service.auth.service import create_api_key
 from service.core import db
 from service.core.migrate import upgrade
 from service.core.settings import Settings
+from service.core.storage import job_folder
 from tests.support import chaos
 from tests.support.procs import Proc
 from workers import lease
@@ -194,7 +195,7 @@ def test_full_disk_during_a_checkpoint_pauses_the_job_saying_so_and_keeps_earlie
     reference = chaos.uninterrupted_weights(live_client, live_auth, live_settings)
     job_id = chaos.queued_job(live_client, live_auth, live_settings)
     # The job's own checkpoint folder gets room for one and a half checkpoints: step 2 fits, step 4 not.
-    volume = live_settings.storage_dir / "checkpoints" / chaos.job(live_settings, job_id).project_id / job_id
+    volume = live_settings.storage_dir / job_folder(chaos.job(live_settings, job_id).project_id, job_id)
     mount_small_volume(volume, int(chaos.reference_checkpoint_bytes() * 1.5))
     try:
         procs.append(chaos.start_worker(tmp_path, "worker", chaos.worker_env(live_settings, broker.url)))
