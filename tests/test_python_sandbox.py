@@ -4,6 +4,7 @@ outcome for that call only, and the very next call on the same pool still works.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from service.core.settings import get_settings
-from service.graders.isolation import Isolation
+from service.core.settings import Settings, get_settings
+from service.graders.isolation import Isolation, isolation_for
 from service.graders.sandbox import GradeOutcome, PythonGraderPool, SandboxLimits, validate_source
 from tests.test_sandbox_attacks import tmp_entries
 
@@ -485,3 +486,16 @@ def is_alive(pid: int) -> bool:
         return "\tZ" not in Path(f"/proc/{pid}/status").read_text().split("State:")[1].splitlines()[0]
     except (OSError, IndexError):
         return False
+
+
+def test_grader_environment_under_the_hosts_tmp_is_not_hidden_by_the_private_tmp(tmp_path: Path) -> None:
+    """A checkout in /tmp (a CI runner's, a `mktemp -d` clone) keeps its grader venv there: the sandbox's
+    own /tmp must not cover it."""
+    venv = Path(tempfile.mkdtemp(dir="/tmp")) / "grader-venv"
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+        settings = Settings(env="dev", data_dir=tmp_path / "data", grader_python=venv / "bin" / "python")
+        with PythonGraderPool(grader("return 1.0\n"), size=1, isolation=isolation_for(settings)) as pool:
+            assert pool.grade({}, {}) == GradeOutcome(1.0)
+    finally:
+        shutil.rmtree(venv.parent, ignore_errors=True)
