@@ -177,6 +177,29 @@ def test_database_restart_mid_job_the_worker_retries_and_the_job_continues(
     chaos.assert_same_weights(chaos.final_weights(settings, job_id), reference)
 
 
+def test_api_answers_after_a_database_restart_without_a_5xx(
+    own_postgres: tuple[chaos.PostgresServer, Settings], sent_tasks: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool pings only connections idle for a second (no round trip per request under load), and
+    the status poll reads again on a connection the database dropped: a restart costs no 500."""
+    server, settings = own_postgres
+    with db.unit_of_work(settings) as session:
+        _, key = create_api_key(session, settings, "restart")
+    auth = {"Authorization": f"Bearer {key}"}
+    with TestClient(create_app(settings)) as client:
+        job_id = chaos.queued_job(client, auth, settings)
+        assert client.get("/v1/fine_tuning/jobs", headers=auth).status_code == 200
+        server.ctl("-m", "fast", "restart")  # every pooled connection is now dead
+        time.sleep(db.PING_AFTER_IDLE_SECONDS + 0.2)
+        listed = client.get("/v1/fine_tuning/jobs", headers=auth)  # idle past the window: pinged, replaced
+        assert listed.status_code == 200, listed.text
+        monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 3600.0)  # a restart inside the window: no ping
+        server.ctl("-m", "fast", "restart")
+        polled = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=auth)
+        assert polled.status_code == 200, polled.text
+        assert polled.json()["status"] == "queued"
+
+
 def mount_small_volume(folder: Path, size: int) -> None:
     """A tmpfs of `size` bytes over `folder` (the test runs as root); unmounted by the caller."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -3,8 +3,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
+from starlette.concurrency import run_in_threadpool
 
+from service.auth.service import AuthSubject
 from service.core.errors import NotFound
 from service.core.http import SessionDep, SettingsDep, StorageDep, SubjectDep, request_transaction
 from service.core.pagination import list_body
@@ -55,9 +59,28 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobObject)
-def retrieve_job(job_id: str, session: SessionDep, subject: SubjectDep) -> JobObject:
+async def retrieve_job(job_id: str, request: Request, subject: SubjectDep) -> Response:
     """Retrieve a fine-tuning job."""
-    return service.job_object(service.get_job(session, subject, job_id))
+    # What clients poll: one thread hop for the whole read, and the model serialised once (FastAPI
+    # would validate it again against response_model). bench/status_poll_bench.py measures it.
+    body = await run_in_threadpool(_job_json, request, subject, job_id)
+    return Response(body, media_type="application/json")
+
+
+def _job_json(request: Request, subject: AuthSubject, job_id: str) -> bytes:
+    for attempt in (1, 2):
+        try:
+            with request_transaction(request) as session:
+                bind = session.get_bind()
+                if isinstance(bind, Engine) and bind.dialect.name == "postgresql":  # one SELECT, no BEGIN/COMMIT
+                    session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+                return service.job_object(service.get_job(session, subject, job_id)).model_dump_json().encode()
+        except DBAPIError as error:
+            # A pooled connection the database dropped (a restart within the pool's ping window,
+            # core/db.py): the pool is invalidated by now, and a read is safe to run again.
+            if not error.connection_invalidated or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 @router.delete("/{job_id}", response_model=JobDeleted)
