@@ -66,6 +66,7 @@ class Family:
     bos: str | None
     specials: tuple[str, ...]
     turn_end: str  # listed in generation_config.eos_token_id only
+    instruction: str  # how MESSAGES' developer turn must come out
 
 
 FAMILIES = {
@@ -77,11 +78,37 @@ FAMILIES = {
         "<|begin_of_text|>",
         ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
         "<|eot_id|>",
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nAnswer briefly.<|eot_id|>",
     ),
-    "qwen2": Family("Qwen2Config", QWEN2, "<|im_end|>", "<|endoftext|>", None, ("<|im_start|>",), "<|endoftext|>"),
-    "qwen3": Family("Qwen3Config", QWEN3, "<|im_end|>", "<|endoftext|>", None, ("<|im_start|>",), "<|endoftext|>"),
-    "gemma": Family(
-        "GemmaConfig", GEMMA, "<eos>", "<pad>", "<bos>", ("<start_of_turn>", "<end_of_turn>"), "<end_of_turn>"
+    "qwen2": Family(
+        "Qwen2Config",
+        QWEN2,
+        "<|im_end|>",
+        "<|endoftext|>",
+        None,
+        ("<|im_start|>",),
+        "<|endoftext|>",
+        "<|im_start|>system\nAnswer briefly.<|im_end|>\n<|im_start|>user",
+    ),
+    "qwen3": Family(
+        "Qwen3Config",
+        QWEN3,
+        "<|im_end|>",
+        "<|endoftext|>",
+        None,
+        ("<|im_start|>",),
+        "<|endoftext|>",
+        "<|im_start|>system\nAnswer briefly.<|im_end|>\n<|im_start|>user",
+    ),
+    "gemma": Family(  # Gemma 1 and 2 refuse a system turn: the instruction leads the user's turn
+        "GemmaConfig",
+        GEMMA,
+        "<eos>",
+        "<pad>",
+        "<bos>",
+        ("<start_of_turn>", "<end_of_turn>"),
+        "<end_of_turn>",
+        "<bos><start_of_turn>user\nAnswer briefly.\n\nSay hi<end_of_turn>",
     ),
 }
 LOWERCASE = """
@@ -195,11 +222,8 @@ def test_training_prompts_are_the_prompts_chat_gives(family: Family, settings: S
     prompt = rollout.input_ids[0, : rollout.prompt_len][rollout.attention_mask[0, : rollout.prompt_len].bool()]
     assert prompt.tolist() == prepared.prompt
     text = render_prompt(tokenizer, MESSAGES)
-    assert "developer" not in text and "Answer briefly." in text
-    if family.template is GEMMA:  # no system turn there: the instruction leads the user's turn
-        assert "<start_of_turn>user\nAnswer briefly.\n\nSay hi<end_of_turn>" in text
-    else:
-        assert "system" in text.split("Answer briefly.")[0][-30:]
+    assert text.startswith(family.instruction)
+    assert "developer" not in text
 
 
 def test_a_template_that_refuses_the_messages_is_a_400() -> None:

@@ -1,8 +1,9 @@
 """Sampling completions with the KV cache (our own decode loop), as padded tensors.
 
 Prompts are left-padded so every completion starts at the same column; completions are cut at the
-first EOS (kept, so the model learns to stop) and right-padded. A completion that hit
-`max_completion_tokens` without EOS is marked truncated and masked out of the loss.
+first EOS, any of the model's end ids (`templates.eos_ids`; kept, so the model learns to stop), and
+right-padded. A completion that hit `max_completion_tokens` without EOS is marked truncated and
+masked out of the loss.
 """
 
 from __future__ import annotations
