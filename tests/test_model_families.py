@@ -226,6 +226,16 @@ def test_training_prompts_are_the_prompts_chat_gives(family: Family, settings: S
     assert "developer" not in text
 
 
+def test_end_ids_are_the_tokenizers_then_the_generation_configs_each_once() -> None:
+    model, tokenizer = tiny_family(FAMILIES["llama3"])
+    eos, eot = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert eos_ids(model, tokenizer) == [eos, eot]
+    model.generation_config.eos_token_id = [eot, eos, eot]
+    assert eos_ids(model, tokenizer) == [eos, eot]
+    model.generation_config.eos_token_id = None
+    assert eos_ids(model, tokenizer) == [eos]
+
+
 def test_a_template_that_refuses_the_messages_is_a_400() -> None:
     from service.core.errors import InvalidRequest
 
