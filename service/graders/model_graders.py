@@ -40,10 +40,11 @@ def generate(
     import torch
 
     from service.models.registry import load
+    from service.models.templates import eos_ids, render_prompt
 
     model, tokenizer = load(model_name, settings, project_id=project_id)
     params = params or SamplingParams()
-    prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+    prompts = [render_prompt(tokenizer, c) for c in conversations]
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     sampling = (params.temperature or 0) > 0
@@ -59,10 +60,11 @@ def generate(
             torch.manual_seed(params.seed)
         out = model.generate(**batch, **kwargs)  # (B, T_prompt + T_new)
     prompt_len = batch["input_ids"].shape[1]
+    stops = torch.tensor(eos_ids(model, tokenizer))
     answers = []
     for row, mask in zip(out, batch["attention_mask"], strict=True):
         new = row[prompt_len:]
-        stop = (new == tokenizer.eos_token_id).nonzero()
+        stop = torch.isin(new, stops).nonzero()
         new = new[: int(stop[0]) + 1] if len(stop) else new
         answers.append(Answer(tokenizer.decode(new, skip_special_tokens=True), int(mask.sum()), len(new)))
     return answers

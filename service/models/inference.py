@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.models.templates import eos_ids, render_prompt
+
 
 @dataclass(frozen=True)
 class Params:
@@ -42,8 +44,8 @@ class _Choice:
     finish_reason: str | None = None
 
 
-def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+    text = render_prompt(tokenizer, messages)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -56,7 +58,7 @@ def stream(model: Any, tokenizer: Any, prompt: list[int], params: Params) -> Ite
     device = model.device
     generator = torch.Generator(device=device)
     generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-    eos = _eos_ids(model, tokenizer)
+    eos = set(eos_ids(model, tokenizer))
     choices = [_Choice() for _ in range(params.n)]
     cache: Any = None
     step_input = torch.tensor([prompt] * params.n, device=device)  # (n, P), then (n, 1)
@@ -109,10 +111,3 @@ def _advance(index: int, choice: _Choice, tokenizer: Any, stops: tuple[str, ...]
     if new or choice.finish_reason is not None:
         return Delta(index, new, choice.finish_reason, choice.generated if choice.finish_reason else 0)
     return None
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    ids.update(configured if isinstance(configured, list) else [configured])
-    return {i for i in ids if i is not None}

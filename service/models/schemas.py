@@ -33,10 +33,6 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart]
     name: str | None = None
 
-    def as_template_input(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
-
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -85,7 +85,7 @@ def prepare(
     with transaction as session:
         spec = registry.resolve_for_project(body.model, settings, subject.project_id, session)
     model, tokenizer = registry.load(body.model, settings, device=_device(), spec=spec)
-    messages = [m.as_template_input() for m in body.messages]
+    messages = [m.model_dump(include={"role", "content"}) for m in body.messages]
     return Prepared(body, model, tokenizer, inference.prompt_ids(tokenizer, messages))
 
 

@@ -1,8 +1,9 @@
 """Sampling completions with the KV cache (our own decode loop), as padded tensors.
 
 Prompts are left-padded so every completion starts at the same column; completions are cut at the
-first EOS (kept, so the model learns to stop) and right-padded. A completion that hit
-`max_completion_tokens` without EOS is marked truncated and masked out of the loss.
+first EOS, any of the model's end ids (`templates.eos_ids`; kept, so the model learns to stop), and
+right-padded. A completion that hit `max_completion_tokens` without EOS is marked truncated and
+masked out of the loss.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 from service.models.sampling import pick
+from service.models.templates import eos_ids, render_prompt
 
 
 @dataclass
@@ -60,12 +62,13 @@ def sample(
 ) -> Rollout:
     """`n_per_prompt` completions of each conversation, laid out prompt by prompt. With `keep_prefix`
     the prompt pass runs with autograd on and comes back as `Rollout.prefix`, for the update."""
-    prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+    prompts = [render_prompt(tokenizer, c) for c in conversations]
     prompts = [p for p in prompts for _ in range(n_per_prompt)]
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     was_training = model.training
     model.eval()
+    stops = torch.tensor(eos_ids(model, tokenizer), device=model.device)
     completions, prefix = decode(
         model,
         enc["input_ids"],
@@ -74,13 +77,13 @@ def sample(
         temperature=0.0 if greedy else temperature,
         top_p=top_p,
         seed=seed,
-        eos_id=tokenizer.eos_token_id,
+        eos_ids=stops,
         pad_id=tokenizer.pad_token_id,
         keep_prefix=keep_prefix,
     )  # (N, C')
     model.train(was_training)
     prompt_len = enc["input_ids"].shape[1]
-    is_eos = completions == tokenizer.eos_token_id
+    is_eos = torch.isin(completions, stops)
     has_eos = is_eos.any(dim=1)
     first_eos = torch.where(
         has_eos, is_eos.float().argmax(dim=1), torch.full_like(has_eos, completions.shape[1], dtype=torch.long)
@@ -113,12 +116,13 @@ def decode(
     temperature: float,
     top_p: float,
     seed: int,
-    eos_id: int,
+    eos_ids: torch.Tensor,
     pad_id: int,
     keep_prefix: bool = False,
 ) -> tuple[torch.Tensor, Prefix | None]:
-    """Up to `max_new_tokens` tokens for each left-padded row, (N, C'): pad after a row's EOS, and
-    C' < max_new_tokens when every row has ended; and the prompt pass when `keep_prefix` asks for it.
+    """Up to `max_new_tokens` tokens for each left-padded row, (N, C'): pad after a row's first
+    end id (any of `eos_ids`), and C' < max_new_tokens when every row has ended; and the prompt
+    pass when `keep_prefix` asks for it.
 
     The prompts go through `prefix_pass` (each distinct prompt once, all but its last token), then
     one token per row per step over the KV cache. Tokens are drawn by `service.models.sampling.pick`
@@ -151,7 +155,7 @@ def decode(
         chosen = pick(out.logits[:, -1], temperature, top_p, generator)  # (N,)
         chosen = torch.where(ended, torch.full_like(chosen, pad_id), chosen)
         tokens.append(chosen)
-        ended |= chosen == eos_id
+        ended |= torch.isin(chosen, eos_ids)
         if bool(ended.all()):
             break
         step_ids, step_positions = chosen.unsqueeze(1), step_positions[:, -1:] + 1
