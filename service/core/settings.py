@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     # Autocast of training's forward passes (weights and optimizer stay fp32): "auto" is bf16 on CUDA
     # and fp32 on CPU; "bf16" autocasts on CPU too (fast where the CPU has AMX or AVX512-BF16).
     training_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # What samples training's completions (service/models/engines.py): "auto" is vLLM where
+    # `vllm_python` names an interpreter with vllm installed, else our torch decode loop; a job's
+    # `rollout_engine` extra overrides this.
+    rollout_engine: Literal["auto", "torch", "vllm"] = "auto"
+    vllm_python: str = ""
     # Python graders: the interpreter of their own environment (None: `.venv-grader` beside the service's
     # venv, which `make install` creates) and the bubblewrap binary that builds their sandboxes.
     grader_python: Path | None = None

@@ -14,9 +14,20 @@ import torch
 
 def pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
     """(n, V) logits -> (n,) token ids."""
+    return draw(logits, temperature, top_p, generator)[0]
+
+
+def draw(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, V) logits -> ((n,) token ids, (n,) each one's log-probability under the distribution it
+    was drawn from: softmax(logits / temperature) renormalised over the nucleus; 0 when greedy,
+    whose distribution is a point mass)."""
     if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (n, V)
+        chosen = logits.argmax(dim=-1)
+        return chosen, torch.zeros_like(chosen, dtype=torch.float32)
+    scaled = logits.float() / temperature
+    probs = torch.softmax(scaled, dim=-1)  # (n, V)
     order = None
     if top_p < 1.0:
         probs, order = probs.sort(dim=-1, descending=True)
@@ -29,4 +40,8 @@ def pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torc
     chosen = torch.searchsorted(cdf, u, right=True)  # (n, 1)
     # u rounded up to the total mass would run past the end: take the last entry with mass instead.
     chosen = torch.minimum(chosen, torch.searchsorted(cdf, total))
-    return (chosen if order is None else order.gather(-1, chosen)).squeeze(1)
+    # From log_softmax, not log(probs): exact for tokens far in the tail too, as the trainer computes it.
+    kept = torch.zeros_like(total) if order is None else total.log()
+    chosen = chosen if order is None else order.gather(-1, chosen)  # (n, 1)
+    logprobs = torch.log_softmax(scaled, dim=-1).gather(-1, chosen) - kept
+    return chosen.squeeze(1), logprobs.squeeze(1)
