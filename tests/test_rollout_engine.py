@@ -10,11 +10,16 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from service.core.db import unit_of_work
 from service.core.settings import Settings
+from service.core.tables import Job
 from service.models import engines
 from service.models.engines import EngineUnavailable, choose_engine, vllm_unavailable
-from tests.conftest import job_body
+from service.models.sampling import draw
+from tests.conftest import job_body, upload
+from tests.test_rl import PROMPTS as LINES
 from tests.test_rl import job, metrics, run_job
+from workers import runner, validate
 from workers.rl.config import resolve, with_engine
 from workers.rl.engine import TorchEngine
 from workers.rl.loss import importance_weights, policy_loss, token_logprobs
@@ -68,6 +73,16 @@ def test_torch_sampler_logprobs_are_the_trainers_at_temperature_one(settings: Se
         assert float(diff.abs().sum() / mask.sum()) < 1e-4
     else:
         assert float(diff.sum()) < -0.1 and bool((diff <= 1e-5).all())
+
+
+def test_drawn_log_probs_are_of_the_tempered_nucleus_they_were_drawn_from() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(200, 1)
+    tokens, logp = draw(logits, 0.5, 0.9, torch.Generator().manual_seed(0))
+    probs = torch.softmax(logits[0] / 0.5, dim=-1)  # 0.865, 0.117, ...: the nucleus is the first two
+    assert set(tokens.tolist()) == {0, 1}
+    torch.testing.assert_close(logp, (probs[tokens] / probs[:2].sum()).log())
+    greedy_tokens, greedy_logp = draw(logits, 0.0, 0.9, torch.Generator())
+    assert set(greedy_tokens.tolist()) == {0} and bool((greedy_logp == 0).all())
 
 
 def cfg(**hp: Any) -> Any:
@@ -195,3 +210,22 @@ def test_job_echoes_the_engine_and_reports_weight_sync_and_mismatch(
         assert 0 <= m["mismatch/mean_abs_logp_diff"] < 1e-4  # fp32 on a CPU, temperature 1: the trainer's
         assert abs(m["mismatch/kl"]) < 1e-4
         assert m["mismatch/capped_fraction"] == 0
+
+
+def test_job_asking_for_vllm_on_a_worker_without_it_fails_saying_why(
+    live_client: TestClient, live_auth: dict[str, str], live_settings: Settings
+) -> None:
+    """Creation checks the API's host; a worker elsewhere checks again before it loads anything."""
+    body = job_body(upload(live_client, live_auth, LINES).json()["id"])
+    job_id = live_client.post("/v1/fine_tuning/jobs", headers=live_auth, json=body).json()["id"]
+    validate.validate_job(job_id, live_settings)
+    with unit_of_work(live_settings) as session:
+        row = session.query(Job).filter(Job.id == job_id).one()
+        hp = {**row.method["reinforcement"]["hyperparameters"], "rollout_engine": "vllm"}
+        row.method = {**row.method, "reinforcement": {**row.method["reinforcement"], "hyperparameters": hp}}
+    runner.run_job(job_id, live_settings)
+    failed = job(live_settings, job_id)
+    assert failed.status == "failed" and failed.error is not None
+    assert failed.error["code"] == "rollout_engine_unavailable"
+    assert failed.error["param"] == PARAM + "rollout_engine"
+    assert "RFT_VLLM_PYTHON is not set" in failed.error["message"]
