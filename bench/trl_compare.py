@@ -46,7 +46,7 @@ from service.graders.engine import Compiled, compile_grader, grade_batch
 from service.graders.schemas import parse_grader
 from service.graders.templates import Sample
 from service.models.registry import load_fresh, resolve
-from workers.rl.config import RLConfig
+from workers.rl.config import RLConfig, with_engine
 from workers.rl.config import resolve as resolve_config
 from workers.rl.data import Example, batch_for_step, load_examples
 from workers.rl.rollout import Rollout, sample
@@ -113,7 +113,8 @@ def hyperparameters(bench: Bench, lora: bool) -> dict[str, Any]:
 def resolved(bench: Bench, lora: bool, n_train: int) -> RLConfig:
     cfg = resolve_config(hyperparameters(bench, lora), n_train)
     assert cfg.group_size == bench.group_size, f"group size {bench.group_size} is not 4 x a compute multiplier"
-    return replace(cfg, total_steps=bench.steps, eval_interval=bench.steps)
+    # Our torch engine, as the job runs with: the sampler is the trainer, no importance correction.
+    return with_engine(replace(cfg, total_steps=bench.steps, eval_interval=bench.steps), "torch", True)
 
 
 def settings() -> Settings:
@@ -279,6 +280,7 @@ class Ours:
 def build_ours(bench: Bench, lora: bool) -> Ours:
     from workers.context import JobContext
     from workers.rl.checkpoint import fresh_state
+    from workers.rl.engine import TorchEngine
     from workers.rl.loop import Loop
     from workers.rl.memory import keep_freed_memory
     from workers.rl.policy import Reference, build_policy, trainable
@@ -292,7 +294,10 @@ def build_ours(bench: Bench, lora: bool) -> Ours:
     optimizer = torch.optim.AdamW(trainable(model), lr=cfg.learning_rate, weight_decay=0.0, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     ctx = cast(JobContext, BenchContext(bench))
-    loop = Loop(ctx, cfg, model, reference, tokenizer, optimizer, scheduler, grader, train, valid, fresh_state())
+    engine = TorchEngine(model, tokenizer)
+    loop = Loop(
+        ctx, cfg, engine, model, reference, tokenizer, optimizer, scheduler, grader, train, valid, fresh_state()
+    )
     return Ours(cfg, loop, model, tokenizer, valid, grader)
 
 

@@ -48,7 +48,7 @@ from trl_compare import (
     validation,
 )
 
-import workers.rl.loop as loop_module
+import workers.rl.engine as engine_module
 from workers.rl.rollout import Rollout, sample
 
 Completions = dict[tuple[int, ...], deque[list[int]]]
@@ -65,7 +65,7 @@ def fingerprint(model: torch.nn.Module) -> dict[str, float]:
 
 
 def recording(sample: Callable[..., Rollout], into: Completions) -> Callable[..., Rollout]:
-    """Wrap the loop's `sample`: each training completion (through EOS) is queued under its prompt's tokens."""
+    """Wrap the torch engine's `sample`: each training completion (through EOS) is queued under its prompt's tokens."""
 
     def recorded(*args: Any, **kwargs: Any) -> Rollout:
         rollout = sample(*args, **kwargs)
@@ -82,7 +82,7 @@ def run_ours(bench: Bench, lora: bool) -> dict[str, Any]:
     ours = build_ours(bench, lora)
     completions: Completions = defaultdict(deque)
     initial, base = trainable_state(ours.model), fingerprint(ours.model)
-    loop_module.sample = recording(sample, completions)  # type: ignore[attr-defined]
+    engine_module.sample = recording(sample, completions)  # what TorchEngine samples with
     steps = []
     with ours.grader as grader:
         for step in range(1, bench.steps + 1):

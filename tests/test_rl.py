@@ -19,6 +19,7 @@ from service.core.settings import Settings
 from service.core.tables import Checkpoint, Job, JobMetric
 from tests.conftest import set_job_flags, upload
 from workers import runner, validate
+from workers.rl import engine as engine_module
 from workers.rl import loop as loop_module
 from workers.rl.data import batch_for_step
 from workers.rl.loop import autocast_dtype
@@ -139,17 +140,17 @@ def test_training_precision_sets_the_autocast_of_sampling_and_update(
     """bf16 is the CUDA default; RFT_TRAINING_PRECISION=bf16 runs the same autocast path on a CPU."""
     seen: list[tuple[str, bool, torch.dtype]] = []
 
-    def spy(name: str) -> None:
-        original = getattr(loop_module, name)
+    def spy(module: Any, name: str) -> None:
+        original = getattr(module, name)
 
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             seen.append((name, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(loop_module, name, wrapped)
+        monkeypatch.setattr(module, name, wrapped)
 
-    spy("sample")
-    spy("token_logprobs")
+    spy(engine_module, "sample")  # what the torch engine samples with
+    spy(loop_module, "token_logprobs")
     chosen = live_settings.model_copy(update={"training_precision": precision})
     job_id = run_job(live_client, live_auth, chosen, n_epochs=4 if lora_rank else 8, beta=0.05, lora_rank=lora_rank)
     assert job(chosen, job_id).status == "succeeded", job(chosen, job_id).error

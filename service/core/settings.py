@@ -64,6 +64,15 @@ class Settings(BaseSettings):
     # Autocast of training's forward passes (weights and optimizer stay fp32): "auto" is bf16 on CUDA
     # and fp32 on CPU; "bf16" autocasts on CPU too (fast where the CPU has AMX or AVX512-BF16).
     training_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # What samples training's completions (service/models/engines.py): "auto" is vLLM where
+    # `vllm_python` names an interpreter with vllm installed, else our torch decode loop; a job's
+    # `rollout_engine` extra overrides this.
+    rollout_engine: Literal["auto", "torch", "vllm"] = "auto"
+    vllm_python: str = ""
+    # The vLLM sidecar (workers/rl/vllm_engine.py): the share of device memory (of host memory on
+    # CPU) its KV cache may take, and its CPU threads (0: every core).
+    vllm_memory_fraction: float = Field(default=0.1, gt=0, le=1)
+    vllm_threads: int = Field(default=0, ge=0)
     # Python graders: the interpreter of their own environment (None: `.venv-grader` beside the service's
     # venv, which `make install` creates) and the bubblewrap binary that builds their sandboxes.
     grader_python: Path | None = None

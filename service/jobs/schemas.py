@@ -55,6 +55,12 @@ class RftHyperparameters(Strict):
     epsilon_high: Annotated[float, Field(gt=0, lt=10)] = 0.28
     loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
     importance_sampling: Literal["token", "sequence"] = "token"
+    # The sampler: "auto" is the server's choice (RFT_ROLLOUT_ENGINE). Where it is not the trainer
+    # (vLLM), its log-probs differ from the trainer's and truncated importance sampling corrects for
+    # that ("auto": per token; "none" off), each weight capped at `importance_sampling_cap`.
+    rollout_engine: Literal["auto", "torch", "vllm"] = "auto"
+    importance_sampling_correction: Literal["auto", "token", "sequence", "none"] = "auto"
+    importance_sampling_cap: Annotated[float, Field(ge=1, le=100)] = 2.0
     advantage_std: Literal["group", "batch", "none"] = "group"
     max_completion_tokens: Annotated[int, Field(ge=1, le=4096)] = 64
     temperature: Annotated[float, Field(gt=0, le=2)] = 1.0

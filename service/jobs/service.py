@@ -32,6 +32,7 @@ from service.graders.schemas import parse_grader
 from service.graders.service import require_runnable
 from service.jobs import repository
 from service.jobs.schemas import JobCreate, JobError, JobObject
+from service.models.engines import choose_engine
 from service.models.registry import forget_loaded
 from service.models.registry import resolve as resolve_model
 
@@ -111,6 +112,7 @@ def create_job(
     assert body.method is not None and body.method.reinforcement is not None
     grader = parse_grader(body.method.reinforcement.grader, "method.reinforcement.grader")
     resolve_model(body.model)
+    choose_engine(body.method.reinforcement.hyperparameters.rollout_engine, settings, body.model)
     try:
         require_runnable(grader, settings)
     except SandboxUnavailable as exc:

@@ -8,12 +8,14 @@ Rules (n = training examples):
 - eval_interval = max(1, total_steps // 5); eval_samples = 1.
 - micro_batch_size (sequences per forward/backward) = min(group_size * batch_size, whole groups of at most
   16 sequences, at least one group), so a group's shared prompt is computed once.
+- rollout_engine: the engine `service.models.engines.choose_engine` picks (`with_engine`);
+  importance_sampling_correction = token where that engine is not the trainer, none where it is.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 BASE_LEARNING_RATE = 1e-5
@@ -39,6 +41,9 @@ class RLConfig:
     epsilon_high: float
     loss_aggregation: str
     importance_sampling: str
+    rollout_engine: str
+    importance_sampling_correction: str  # truncated IS against the sampler: token, sequence or none
+    importance_sampling_cap: float
     advantage_std: str
     max_completion_tokens: int
     temperature: float
@@ -96,6 +101,9 @@ def resolve(hp: dict[str, Any], n_train: int) -> RLConfig:
         epsilon_high=float(hp.get("epsilon_high", 0.28)),
         loss_aggregation=str(hp.get("loss_aggregation", "token_mean")),
         importance_sampling=str(hp.get("importance_sampling", "token")),
+        rollout_engine=str(hp.get("rollout_engine", "auto")),
+        importance_sampling_correction=str(hp.get("importance_sampling_correction", "auto")),
+        importance_sampling_cap=float(hp.get("importance_sampling_cap", 2.0)),
         advantage_std=str(hp.get("advantage_std", "group")),
         max_completion_tokens=int(hp.get("max_completion_tokens", 64)),
         temperature=float(hp.get("temperature", 1.0)),
@@ -112,3 +120,11 @@ def resolve(hp: dict[str, Any], n_train: int) -> RLConfig:
         lora_dropout=float(hp.get("lora_dropout", 0.0)),
         lora_target_modules=hp.get("lora_target_modules", "all-linear"),
     )
+
+
+def with_engine(cfg: RLConfig, engine: str, same_as_trainer: bool) -> RLConfig:
+    """`cfg` once the rollout engine is chosen: its name, and the correction its log-probs need."""
+    correction = cfg.importance_sampling_correction
+    if correction == "auto":
+        correction = "none" if same_as_trainer else "token"
+    return replace(cfg, rollout_engine=engine, importance_sampling_correction=correction)

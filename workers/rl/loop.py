@@ -7,6 +7,8 @@ accumulated over micro-batches. A baseline evaluation runs before step 1, then e
 `eval_interval` steps and at the end; every evaluation writes a checkpoint. The final model is the
 checkpoint with the best validation reward whose KL from the initial policy stays under `kl_limit`.
 Seeds derive from (job seed, step), so a resumed run samples what the uninterrupted one would.
+Completions come from the job's rollout engine (`engine.py`), which takes the new weights after
+every optimizer step (timed as `timing.step.weight_sync`).
 """
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ import torch
 from service.graders.engine import BatchGrades, Compiled, compile_grader, grade_batch
 from service.graders.schemas import parse_grader
 from service.graders.templates import Sample
+from service.models.engines import EngineUnavailable, choose_engine
 from workers.context import JobContext, TrainingResult
 from workers.rl import checkpoint, guards, selection
-from workers.rl.config import RLConfig
+from workers.rl.config import RLConfig, with_engine
 from workers.rl.config import resolve as resolve_config
 from workers.rl.data import Example, batch_for_step, load_examples
-from workers.rl.loss import advantages, policy_loss, token_logprobs
+from workers.rl.engine import RolloutEngine, engine_class, engine_message, model_problem, open_engine
+from workers.rl.loss import Mismatch, advantages, policy_loss, token_logprobs
 from workers.rl.memory import keep_freed_memory
 from workers.rl.policy import Reference, build_policy, trainable
-from workers.rl.rollout import PrefixGrads, Rollout, concat, sample, select_rows
+from workers.rl.rollout import PrefixGrads, Rollout, concat, select_rows
 
 EVAL_SEED_SALT = 7919
 
@@ -52,6 +56,19 @@ def run_training(ctx: JobContext) -> TrainingResult:
     train = load_examples(job["training_path"])
     valid = load_examples(job["validation_path"]) if job.get("validation_path") else train
     cfg = resolve_config(reinforcement["hyperparameters"], len(train))
+    keep_freed_memory()  # this process runs one job and exits: reuse freed pages instead of faulting them in
+    torch.manual_seed(job["seed"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = build_policy(job["model"], cfg, ctx.settings, device, seed=job["seed"])
+    reference = Reference(model, cfg)
+    requested = reinforcement["hyperparameters"].get("rollout_engine", "auto")
+    engine_name = choose_engine(cfg.rollout_engine, ctx.settings, job["model"])
+    problem = model_problem(engine_name, model.config)
+    if problem is not None:
+        if requested == "vllm" or ctx.settings.rollout_engine == "vllm":
+            raise EngineUnavailable(engine_name, problem)
+        engine_name = "torch"  # auto: the engine that runs every model
+    cfg = with_engine(cfg, engine_name, engine_class(engine_name).same_as_trainer)
     ctx.update_job(
         method={
             **job["method"],
@@ -64,18 +81,24 @@ def run_training(ctx: JobContext) -> TrainingResult:
             },
         }
     )
-    keep_freed_memory()  # this process runs one job and exits: reuse freed pages instead of faulting them in
-    torch.manual_seed(job["seed"])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = build_policy(job["model"], cfg, ctx.settings, device, seed=job["seed"])
-    reference = Reference(model, cfg)
+    ctx.event(
+        engine_message(cfg, requested, ctx.settings, job["model"], problem),
+        data={k: getattr(cfg, k) for k in ("rollout_engine", "importance_sampling_correction")},
+        dedupe_key=f"rollout_engine:{engine_name}",
+    )
     # fused: one kernel over all parameters (on CPU too); a quarter of a second a step at 135M.
     optimizer = torch.optim.AdamW(trainable(model), lr=cfg.learning_rate, weight_decay=0.0, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     state = checkpoint.restore(ctx, model, optimizer, scheduler)
-    with compile_grader(parse_grader(reinforcement["grader"]), ctx.settings, job["project_id"]) as grader:
-        loop = Loop(ctx, cfg, model, reference, tokenizer, optimizer, scheduler, grader, train, valid, state)
-        return loop.run()
+    engine = open_engine(engine_name, model, tokenizer, ctx.settings)  # after restore: the weights it resumes
+    try:
+        with compile_grader(parse_grader(reinforcement["grader"]), ctx.settings, job["project_id"]) as grader:
+            loop = Loop(
+                ctx, cfg, engine, model, reference, tokenizer, optimizer, scheduler, grader, train, valid, state
+            )
+            return loop.run()
+    finally:
+        engine.close()
 
 
 class Loop:
@@ -83,6 +106,7 @@ class Loop:
         self,
         ctx: JobContext,
         cfg: RLConfig,
+        engine: RolloutEngine,
         model: Any,
         reference: Reference,
         tokenizer: Any,
@@ -94,10 +118,11 @@ class Loop:
         state: dict[str, Any],
     ) -> None:
         self.ctx, self.cfg, self.model, self.reference, self.tokenizer = ctx, cfg, model, reference, tokenizer
+        self.engine = engine
         self.optimizer, self.scheduler, self.grader = optimizer, scheduler, grader
         self.train, self.valid, self.state = train, valid, state
         self.seed = int(ctx.job["seed"])
-        self.timing = {"sampling": 0.0, "scoring": 0.0}
+        self.timing = {"sampling": 0.0, "scoring": 0.0, "weight_sync": 0.0}
         # What a rollback before the first checkpoint returns to (adapters only, under LoRA).
         self.initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         # Sampling runs in eval mode, the update in train mode: the update may reuse sampling's prompt
@@ -185,7 +210,7 @@ class Loop:
 
     def train_step(self, step: int) -> dict[str, Any]:
         cfg, t0 = self.cfg, time.perf_counter()
-        self.timing = {"sampling": 0.0, "scoring": 0.0}
+        self.timing = {"sampling": 0.0, "scoring": 0.0, "weight_sync": 0.0}
         indexes = batch_for_step(len(self.train), cfg.batch_size, step - 1, self.seed)
         rollout, sampled = self.sample_and_grade(indexes, step_seed(self.seed, step))
         zero_before = self.zero_std_groups(sampled)
@@ -194,6 +219,7 @@ class Loop:
         t_grade = time.perf_counter()  # sampling and scoring were timed inside sample_and_grade
         rewards = torch.tensor(grades.rewards, dtype=torch.float32)  # (B*G,)
         adv, zero_std = advantages(rewards, cfg.group_size, cfg.advantage_std)
+        self.engine.sleep()  # its memory goes to the update until the new weights are synced
         stats = self.update(step, rollout, adv.to(self.model.device))
         t_train = time.perf_counter()
         graders = [
@@ -218,7 +244,8 @@ class Loop:
                 "step": {
                     "sampling": self.timing["sampling"],
                     "scoring": self.timing["scoring"],
-                    "training": t_train - t_grade,
+                    "training": t_train - t_grade - self.timing["weight_sync"],
+                    "weight_sync": self.timing["weight_sync"],
                     "eval": 0.0,
                     "full_iteration": t_train - t0,
                 }
@@ -229,9 +256,7 @@ class Loop:
         cfg, chosen = self.cfg, [self.train[i] for i in indexes]
         t0 = time.perf_counter()
         with self.precision():
-            rollout = sample(
-                self.model,
-                self.tokenizer,
+            rollout = self.engine.sample(
                 [e.messages for e in chosen],
                 cfg.group_size,
                 max_new_tokens=cfg.max_completion_tokens,
@@ -289,6 +314,7 @@ class Loop:
         normaliser = float(mask.sum()) if cfg.loss_aggregation == "token_mean" else float((mask.sum(1) > 0).sum())
         self.optimizer.zero_grad(set_to_none=True)
         loss_total, kl_sum, clipped, entropy_sum = 0.0, 0.0, 0.0, 0.0
+        mismatch = Mismatch(0.0, 0.0, 0.0) if rollout.sampler_logprobs is not None else None
         prefix = PrefixGrads(rollout.prefix) if rollout.prefix is not None else None
         if normaliser > 0:
             for i in range(0, n, cfg.micro_batch_size):
@@ -305,7 +331,10 @@ class Loop:
                 if self.reference.enabled:
                     with self.precision():
                         ref_logp = self.reference.logprobs(ids, attn, rollout.prompt_len)
-                parts = policy_loss(logp, ref_logp, adv[rows], m, cfg, normaliser)
+                sampler = rollout.sampler_logprobs[rows, :width] if rollout.sampler_logprobs is not None else None
+                parts = policy_loss(logp, ref_logp, adv[rows], m, cfg, normaliser, sampler)
+                if mismatch is not None and parts.mismatch is not None:
+                    mismatch = mismatch + parts.mismatch
                 parts.loss.backward()
                 loss_total += float(parts.loss.detach())
                 kl_sum, clipped = kl_sum + parts.kl_sum, clipped + parts.clipped_tokens
@@ -319,6 +348,7 @@ class Loop:
             self.rollback(step, reason)
         else:
             self.optimizer.step()
+        self.sync_weights()  # a rollback changed the weights too
         self.scheduler.step()
         tokens = max(float(mask.sum()), 1.0)
         return {
@@ -329,15 +359,23 @@ class Loop:
             "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
             "lr": self.scheduler.get_last_lr()[0],
             "update_skipped": reason is not None,
+            "mismatch/mean_abs_logp_diff": None if mismatch is None else mismatch.abs_logp_diff / tokens,
+            "mismatch/kl": None if mismatch is None else mismatch.kl / tokens,
+            "mismatch/capped_fraction": None if mismatch is None else mismatch.capped_tokens / tokens,
         }
+
+    def sync_weights(self) -> None:
+        """Hand the engine the weights the optimizer (or a rollback) just set."""
+        t0 = time.perf_counter()
+        self.engine.wake()
+        self.engine.update_weights(self.model)
+        self.timing["weight_sync"] += time.perf_counter() - t0
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, Any]:
         """Validation reward (and KL to the initial policy, when a reference is loaded) at `step`."""
         cfg = self.cfg
-        rollout = sample(
-            self.model,
-            self.tokenizer,
+        rollout = self.engine.sample(
             [e.messages for e in self.valid],
             cfg.eval_samples,
             max_new_tokens=cfg.max_completion_tokens,

@@ -7,10 +7,17 @@ ratios or on one length-normalised sequence ratio (GSPO). The KL to the initial 
 k3 (Schulman) or k1 estimator, per token, weighted by `beta`. Truncated completions are masked out.
 Deviation from the papers: one optimisation pass per rollout batch, so the "old" policy is the
 current one detached (ratio 1, clipping inactive), as in TRL's default `num_iterations=1`.
+
+Where the sampler is not the trainer (vLLM), the completions come from a slightly different
+distribution than the one the trainer scores. Truncated importance sampling (TIS; TRL's
+`vllm_importance_sampling_correction`, verl's TIS) multiplies the policy term by the detached
+weight min(p_trainer / p_sampler, cap), per token or once per sequence (the product of its tokens'
+ratios). The KL term is not weighted, as in TRL. How far apart the two are is measured either way.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,10 +102,38 @@ def advantages(rewards: torch.Tensor, group_size: int, std_mode: str) -> tuple[t
 
 
 @dataclass
+class Mismatch:
+    """Sums over a micro-batch's loss tokens of how the sampler's log-probs differ from the trainer's."""
+
+    abs_logp_diff: float
+    kl: float  # k3 estimate of KL(sampler || trainer), the sampler's tokens being its samples
+    capped_tokens: float  # tokens whose importance weight hit the cap (or would, with the correction off)
+
+    def __add__(self, other: Mismatch) -> Mismatch:
+        return Mismatch(
+            self.abs_logp_diff + other.abs_logp_diff, self.kl + other.kl, self.capped_tokens + other.capped_tokens
+        )
+
+
+@dataclass
 class LossParts:
     loss: torch.Tensor  # scalar, already divided by the whole batch's normaliser
     kl_sum: float
     clipped_tokens: float
+    mismatch: Mismatch | None = None  # None without the sampler's log-probs
+
+
+def importance_weights(
+    trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, mode: str, cap: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated importance weights min(p_trainer / p_sampler, cap) and where the cap bit, (N, C)
+    each, without gradient: per token, or with `mode` "sequence" one weight per row from the sum
+    of its tokens' log-ratios. Clamped in log space, so a long sequence's sum cannot overflow."""
+    log_ratio = (trainer_logp.detach() - sampler_logp) * mask  # (N, C)
+    if mode == "sequence":
+        log_ratio = log_ratio.sum(1, keepdim=True).expand_as(log_ratio)
+    capped = (log_ratio > math.log(cap)) & mask.bool()
+    return log_ratio.clamp(max=math.log(cap)).exp(), capped
 
 
 def policy_loss(
@@ -108,8 +143,11 @@ def policy_loss(
     mask: torch.Tensor,
     cfg: Any,
     normaliser: float,
+    sampler_logp: torch.Tensor | None = None,
 ) -> LossParts:
-    """Loss of one micro-batch; `normaliser` is the batch's token count (token_mean) or sequence count."""
+    """Loss of one micro-batch; `normaliser` is the batch's token count (token_mean) or sequence count.
+    `sampler_logp` (N, C), the log-probs the completions were drawn with, brings the mismatch
+    measures and, unless `cfg.importance_sampling_correction` is "none", the TIS weights."""
     old = logp.detach()
     if cfg.importance_sampling == "sequence":
         lengths = mask.sum(1).clamp(min=1)
@@ -121,6 +159,16 @@ def policy_loss(
         ratio * adv[:, None], ratio.clamp(1 - cfg.epsilon_low, 1 + cfg.epsilon_high) * adv[:, None]
     )
     per_token = -surrogate  # (N, C)
+    mismatch = None
+    if sampler_logp is not None:
+        mode, cap = cfg.importance_sampling_correction, cfg.importance_sampling_cap
+        weights, capped = importance_weights(old, sampler_logp, mask, mode, cap)
+        if mode != "none":
+            per_token = per_token * weights
+        delta = (old - sampler_logp) * mask  # log(p_trainer / p_sampler)
+        mismatch = Mismatch(
+            float(delta.abs().sum()), float(((delta.exp() - 1 - delta) * mask).sum()), float(capped.sum())
+        )
     kl = torch.zeros_like(logp)
     if ref_logp is not None:
         delta = ref_logp - logp
@@ -131,4 +179,4 @@ def policy_loss(
     else:
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / normaliser
     clipped = ((ratio < 1 - cfg.epsilon_low) | (ratio > 1 + cfg.epsilon_high)).float() * mask
-    return LossParts(loss, float((kl.detach() * mask).sum()), float(clipped.sum()))
+    return LossParts(loss, float((kl.detach() * mask).sum()), float(clipped.sum()), mismatch)

@@ -3,17 +3,18 @@
 Prompts are left-padded so every completion starts at the same column; completions are cut at the
 first EOS, any of the model's end ids (`templates.eos_ids`; kept, so the model learns to stop), and
 right-padded. A completion that hit `max_completion_tokens` without EOS is marked truncated and
-masked out of the loss.
+masked out of the loss. Each chosen token's log-probability under the distribution it was drawn
+from comes back too, so that the update can compare the sampler with the trainer (`loss.mismatch`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from service.models.sampling import pick
+from service.models.sampling import draw
 from service.models.templates import eos_ids, render_prompt
 
 
@@ -40,6 +41,11 @@ class Rollout:
     texts: list[str]
     truncated: torch.Tensor  # (N,) bool
     prefix: Prefix | None = None  # sampling's prompt pass, kept for the update (`sample(keep_prefix=True)`)
+    # (N, C) the sampler's log-prob of each completion token, 0 on padding: under the distribution
+    # it drew from, softmax(logits / temperature) renormalised over the top_p nucleus (0 when greedy).
+    # The trainer scores softmax(logits), so the two agree only at temperature 1 and top_p 1.
+    sampler_logprobs: torch.Tensor | None = None
+    finish_reasons: list[str] = field(default_factory=list)  # per row, "stop" (EOS) or "length"
 
     @property
     def completion_tokens(self) -> int:
@@ -69,7 +75,7 @@ def sample(
     was_training = model.training
     model.eval()
     stops = torch.tensor(eos_ids(model, tokenizer), device=model.device)
-    completions, prefix = decode(
+    completions, logprobs, prefix = decode(
         model,
         enc["input_ids"],
         enc["attention_mask"],
@@ -104,6 +110,8 @@ def sample(
         texts=texts,
         truncated=~has_eos,
         prefix=prefix,
+        sampler_logprobs=logprobs * completion_mask,
+        finish_reasons=["stop" if eos else "length" for eos in has_eos.tolist()],
     )
 
 
@@ -119,10 +127,11 @@ def decode(
     eos_ids: torch.Tensor,
     pad_id: int,
     keep_prefix: bool = False,
-) -> tuple[torch.Tensor, Prefix | None]:
+) -> tuple[torch.Tensor, torch.Tensor, Prefix | None]:
     """Up to `max_new_tokens` tokens for each left-padded row, (N, C'): pad after a row's first
-    end id (any of `eos_ids`), and C' < max_new_tokens when every row has ended; and the prompt
-    pass when `keep_prefix` asks for it.
+    end id (any of `eos_ids`), and C' < max_new_tokens when every row has ended; their
+    log-probabilities as drawn (N, C'), 0 on the padding; and the prompt pass when `keep_prefix`
+    asks for it.
 
     The prompts go through `prefix_pass` (each distinct prompt once, all but its last token), then
     one token per row per step over the KV cache. Tokens are drawn by `service.models.sampling.pick`
@@ -142,6 +151,7 @@ def decode(
             cache.batch_select_indices(owner)  # new tensors for the decode; the prefix keeps its own
             step_ids, step_positions = input_ids[:, -1:], positions[:, -1:]
     mask, ended, tokens = attention_mask, torch.zeros_like(input_ids[:, 0], dtype=torch.bool), []
+    logprobs: list[torch.Tensor] = []
     for _ in range(max_new_tokens):
         out = model(
             input_ids=step_ids,
@@ -152,15 +162,18 @@ def decode(
             logits_to_keep=1,
         )
         cache = out.cache
-        chosen = pick(out.logits[:, -1], temperature, top_p, generator)  # (N,)
+        chosen, logp = draw(out.logits[:, -1], temperature, top_p, generator)  # (N,) each
         chosen = torch.where(ended, torch.full_like(chosen, pad_id), chosen)
         tokens.append(chosen)
+        logprobs.append(torch.where(ended, torch.zeros_like(logp), logp))
         ended |= torch.isin(chosen, eos_ids)
         if bool(ended.all()):
             break
         step_ids, step_positions = chosen.unsqueeze(1), step_positions[:, -1:] + 1
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return (torch.stack(tokens, dim=1) if tokens else input_ids[:, :0]), prefix
+    if not tokens:
+        return input_ids[:, :0], input_ids[:, :0].float(), prefix
+    return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1), prefix
 
 
 def prefix_pass(
@@ -250,6 +263,8 @@ def select_rows(rollout: Rollout, rows: list[int]) -> Rollout:
         None
         if rollout.prefix is None
         else Prefix(rollout.prefix.keys, rollout.prefix.values, rollout.prefix.owner[index]),
+        None if rollout.sampler_logprobs is None else rollout.sampler_logprobs[index],
+        [rollout.finish_reasons[i] for i in rows] if rollout.finish_reasons else [],
     )
 
 
@@ -264,7 +279,12 @@ def concat(a: Rollout, b: Rollout, pad_id: int) -> Rollout:
         attn = torch.nn.functional.pad(r.attention_mask, (left, right), value=0)
         return ids, attn, torch.nn.functional.pad(r.completion_mask, (0, right), value=0)
 
+    def pad_logprobs(r: Rollout) -> torch.Tensor | None:
+        right = completion_len - r.completion_mask.shape[1]
+        return None if r.sampler_logprobs is None else torch.nn.functional.pad(r.sampler_logprobs, (0, right))
+
     (ia, aa, ca), (ib, ab, cb) = pad(a), pad(b)
+    la, lb = pad_logprobs(a), pad_logprobs(b)
     return Rollout(
         torch.cat([ia, ib]),
         torch.cat([aa, ab]),
@@ -273,6 +293,8 @@ def concat(a: Rollout, b: Rollout, pad_id: int) -> Rollout:
         a.texts + b.texts,
         torch.cat([a.truncated, b.truncated]),
         concat_prefixes(a, b, prompt_len),
+        None if la is None or lb is None else torch.cat([la, lb]),
+        a.finish_reasons + b.finish_reasons,
     )
 
 

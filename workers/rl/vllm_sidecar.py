@@ -1,0 +1,109 @@
+"""The vLLM side of `workers/rl/vllm_engine.py`: one process in the vLLM environment (`make vllm`).
+
+vLLM pins its own transformers and fastapi, so it cannot share rft's environment: the training worker
+starts this script with the vLLM environment's python and talks to it over a pipe. It imports only
+the standard library, torch and vllm, never rft. The engine runs in this process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so a weight update is a call, not a second hop.
+
+    <vllm python> vllm_sidecar.py '{"model": "/dev/shm/rft-vllm-.../", "dtype": "float32", ...}'
+
+Protocol: one JSON object per line. The answers go to the stdout this process started with; vLLM's own
+printing is moved to stderr first. After start-up it writes `{"ready": true, "seconds": ...}`, then
+answers each request with one line: `{"ok": ...}` or `{"error": "..."}`.
+
+- `{"op": "sample", "prompts": [[ids]], "n", "max_tokens", "temperature", "top_p", "seed",
+  "stop_token_ids": [ids]}` -> per prompt, `n` completions of `{"token_ids", "logprobs", "finish_reason"}`;
+  `logprobs` are the sampler's log-probabilities of the chosen tokens after temperature and top-p
+  (`logprobs_mode="processed_logprobs"`), what importance-sampling correction divides by.
+- `{"op": "reload", "path": folder}`: the weights again from the safetensors in `folder`, in place,
+  and the prefix cache dropped (its keys and values belong to the old weights).
+- `{"op": "close"}`: exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from typing import Any
+
+
+def answer(out: Any, body: dict[str, Any]) -> None:
+    out.write(json.dumps(body) + "\n")
+    out.flush()
+
+
+def sample(llm: Any, request: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    from vllm import SamplingParams
+
+    greedy, n = float(request["temperature"]) == 0.0, int(request["n"])
+    params = SamplingParams(
+        n=1 if greedy else n,  # vLLM refuses n > 1 when greedy: the prompt goes n times instead
+        max_tokens=int(request["max_tokens"]),
+        temperature=float(request["temperature"]),
+        top_p=1.0 if greedy else float(request["top_p"]),
+        seed=int(request["seed"]),
+        stop_token_ids=[int(i) for i in request["stop_token_ids"]],
+        logprobs=0,  # the chosen token's own logprob only
+        skip_special_tokens=False,
+        detokenize=False,
+    )
+    copies = n if greedy else 1
+    prompts = [{"prompt_token_ids": [int(i) for i in ids]} for ids in request["prompts"] for _ in range(copies)]
+    results = llm.generate(prompts, params, use_tqdm=False)
+    groups = []
+    for first in range(0, len(results), copies):
+        completions = []
+        outputs = [
+            c for result in results[first : first + copies] for c in sorted(result.outputs, key=lambda c: c.index)
+        ]
+        for c in outputs:
+            logprobs = [float(step[token].logprob) for step, token in zip(c.logprobs or [], c.token_ids, strict=True)]
+            completions.append(
+                {"token_ids": list(c.token_ids), "logprobs": logprobs, "finish_reason": c.finish_reason or "length"}
+            )
+        groups.append(completions)
+    return groups
+
+
+def main() -> None:
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # vLLM prints; keep the protocol's stream to ourselves
+    config = json.loads(sys.argv[1])
+    started = time.perf_counter()
+    from vllm import LLM
+
+    llm = LLM(
+        model=config["model"],
+        dtype=config.get("dtype", "auto"),
+        max_model_len=int(config["max_model_len"]),
+        seed=int(config.get("seed", 0)),
+        gpu_memory_utilization=float(config.get("memory_fraction", 0.1)),
+        enable_prefix_caching=True,
+        logprobs_mode="processed_logprobs",
+        max_logprobs=1,
+    )
+    answer(out, {"ready": True, "seconds": time.perf_counter() - started})
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            if request["op"] == "sample":
+                answer(out, {"ok": sample(llm, request)})
+            elif request["op"] == "reload":
+                began = time.perf_counter()
+                llm.collective_rpc("reload_weights", kwargs={"weights_path": request["path"]})
+                llm.reset_prefix_cache()
+                answer(out, {"ok": time.perf_counter() - began})
+            elif request["op"] == "close":
+                answer(out, {"ok": True})
+                return
+            else:
+                answer(out, {"error": f"unknown op {request['op']!r}"})
+        except Exception as error:
+            answer(out, {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()[-4000:]})
+
+
+if __name__ == "__main__":
+    main()
