@@ -69,9 +69,9 @@ class Settings(BaseSettings):
     # `rollout_engine` extra overrides this.
     rollout_engine: Literal["auto", "torch", "vllm"] = "auto"
     vllm_python: str = ""
-    # The vLLM sidecar (workers/rl/vllm_engine.py): the share of device memory (of host memory on
-    # CPU) its KV cache may take, and its CPU threads (0: every core).
-    vllm_memory_fraction: float = Field(default=0.1, gt=0, le=1)
+    # The vLLM sidecar (workers/rl/vllm_engine.py): the memory its KV cache takes (GiB, device memory
+    # on CUDA, host memory on CPU), and its CPU threads (0: every core).
+    vllm_kv_cache_gib: float = Field(default=1.0, gt=0)
     vllm_threads: int = Field(default=0, ge=0)
     # Python graders: the interpreter of their own environment (None: `.venv-grader` beside the service's
     # venv, which `make install` creates) and the bubblewrap binary that builds their sandboxes.

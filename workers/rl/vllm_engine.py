@@ -57,7 +57,7 @@ class VllmEngine:
             "dtype": "float32" if next(model.parameters()).dtype == torch.float32 else "bfloat16",
             "max_model_len": min(max_model_len, int(getattr(model.config, "max_position_embeddings", max_model_len))),
             "seed": 0,
-            "memory_fraction": settings.vllm_memory_fraction,
+            "kv_cache_bytes": int(settings.vllm_kv_cache_gib * 2**30),
         }
         self._proc = subprocess.Popen(
             [settings.vllm_python, str(SIDECAR), json.dumps(config)],

@@ -80,7 +80,7 @@ def main() -> None:
         dtype=config.get("dtype", "auto"),
         max_model_len=int(config["max_model_len"]),
         seed=int(config.get("seed", 0)),
-        gpu_memory_utilization=float(config.get("memory_fraction", 0.1)),
+        kv_cache_memory_bytes=int(config["kv_cache_bytes"]),  # a size, not a share of what is free
         enable_prefix_caching=True,
         logprobs_mode="processed_logprobs",
         max_logprobs=1,

@@ -1,0 +1,112 @@
+"""Rollout engines side by side: the torch decode loop and vLLM (`make vllm`) on the same model and prompts.
+
+    python bench/engine_sampling.py [--model smollm2-135m-instruct] [--prompts 8] [--samples 4]
+                                    [--tokens 64] [--rounds 3] [--threads N] [--dtype fp32|bf16]
+
+Both engines sample the same conversations through the `RolloutEngine` interface the training loop
+uses (`workers/rl/engine.py`), rounds alternating so that both see the same background load. Shown:
+completion tokens per second (median round), the vLLM sidecar's start-up, and its weight sync (write
+the trainer's weights to /dev/shm and reload them in place) after a perturbation, as the loop does
+after every optimizer step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from service.core.settings import Settings  # noqa: E402
+from service.models.registry import load_fresh, resolve  # noqa: E402
+from workers.rl.engine import RolloutEngine, TorchEngine  # noqa: E402
+
+QUESTIONS = [
+    "What is 17 + 25? Answer with the number.",
+    "Name a prime number between 20 and 30.",
+    "Spell the word 'cat' backwards.",
+    "What is the capital of France?",
+    "Give one word that rhymes with 'light'.",
+    "How many legs does a spider have?",
+    "What is 9 times 7?",
+    "Write the next number: 2, 4, 8, 16, ...",
+]
+
+
+def conversations(n: int) -> list[list[dict[str, str]]]:
+    return [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(n)]
+
+
+def timed_sample(engine: RolloutEngine, args: argparse.Namespace, seed: int) -> tuple[float, int]:
+    began = time.perf_counter()
+    rollout = engine.sample(
+        conversations(args.prompts), args.samples, max_new_tokens=args.tokens, temperature=1.0, top_p=1.0, seed=seed
+    )
+    return time.perf_counter() - began, rollout.completion_tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument(
+        "--vllm-python", default=os.environ.get("RFT_VLLM_PYTHON") or str(ROOT / ".venv-vllm/bin/python")
+    )
+    parser.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "rft-bench-data"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    settings = Settings(data_dir=Path(args.data_dir), vllm_python=args.vllm_python, vllm_threads=args.threads)
+    model, tokenizer = load_fresh(resolve(args.model), settings)
+    if args.dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    model.eval()
+    from workers.rl.vllm_engine import VllmEngine
+
+    began = time.perf_counter()
+    engines: dict[str, RolloutEngine] = {"torch": TorchEngine(model, tokenizer)}
+    vllm = VllmEngine(model, tokenizer, settings)
+    engines["vllm"] = vllm
+    print(
+        f"{args.model} {args.dtype}, {args.prompts} prompts x {args.samples} samples x {args.tokens} tokens, "
+        f"{args.threads} threads; vLLM sidecar up in {time.perf_counter() - began:.1f} s "
+        f"(its engine {vllm.start_seconds:.1f} s)"
+    )
+    runs: dict[str, list[tuple[float, int]]] = {name: [] for name in engines}
+    timed_sample(engines["vllm"], args, seed=999)  # warm-up: first-call allocations
+    timed_sample(engines["torch"], args, seed=999)
+    for r in range(args.rounds):
+        for name, engine in engines.items():
+            runs[name].append(timed_sample(engine, args, seed=r))
+    print(f"{'engine':<8}{'tokens/s':>10}{'s/round':>9}   each round (s, tokens)")
+    rates = {}
+    for name, rounds in runs.items():
+        rates[name] = statistics.median(tokens / seconds for seconds, tokens in rounds)
+        each = ", ".join(f"{s:.2f} {t}" for s, t in rounds)
+        print(f"{name:<8}{rates[name]:>10.1f}{statistics.median(s for s, _ in rounds):>9.2f}   {each}")
+    print(f"vLLM / torch sampling rate: {rates['vllm'] / rates['torch']:.2f}x")
+    syncs = []
+    with torch.no_grad():
+        for _ in range(3):
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 1e-4)
+            vllm.update_weights(model)
+            syncs.append(vllm.weight_sync_seconds)
+    print(f"weight sync (write to /dev/shm + reload in place): {', '.join(f'{s:.2f}' for s in syncs)} s")
+    vllm.close()
+
+
+if __name__ == "__main__":
+    main()
