@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from service.app import create_app
@@ -20,7 +20,7 @@ from service.auth.service import create_api_key
 from service.core import db
 from service.core.migrate import upgrade
 from service.core.settings import Settings
-from service.core.tables import Base
+from service.core.tables import Base, Job
 from tests.support import services
 
 # Code that reads the global settings (the Celery app at import) must not touch ~/.rft.
@@ -130,6 +130,34 @@ def upload(client: TestClient, auth: dict[str, str], content: bytes, filename: s
         "/v1/files", headers=auth, files={"file": (filename, content)}, data={"purpose": "fine-tune"}
     )
     return response
+
+
+def train_local_model(
+    client: TestClient,
+    auth: dict[str, str],
+    settings: Settings,
+    folder: Path,
+    lines: list[Any],
+    grader: dict[str, Any],
+    hyperparameters: dict[str, Any],
+) -> str:
+    """Upload `lines`, train the model saved in `folder` on them to the end (in this process, as a
+    worker would), assert the job succeeded; its id."""
+    from workers import runner, validate
+
+    file_id = upload(client, auth, jsonl(lines)).json()["id"]
+    reinforcement = {"grader": grader, "hyperparameters": hyperparameters}
+    body = {"model": str(folder), "training_file": file_id, "seed": 3}
+    body["method"] = {"type": "reinforcement", "reinforcement": reinforcement}
+    response = client.post("/v1/fine_tuning/jobs", headers=auth, json=body)
+    assert response.status_code == 200, response.text
+    job_id = str(response.json()["id"])
+    validate.validate_job(job_id, settings)
+    runner.run_job(job_id, settings)
+    with db.unit_of_work(settings) as session:
+        row = session.scalars(select(Job).where(Job.id == job_id)).one()
+        assert row.status == "succeeded", row.error
+    return job_id
 
 
 def job_body(training_file: str, validation_file: str | None = None, **extra: Any) -> dict[str, Any]:

@@ -20,13 +20,12 @@ from sqlalchemy import select
 from service.auth.service import AuthSubject
 from service.core.db import unit_of_work
 from service.core.settings import Settings
-from service.core.tables import Checkpoint, Job
+from service.core.tables import Checkpoint
 from service.models import inference
 from service.models import service as chat
 from service.models.schemas import ChatCompletionCreate
 from service.models.templates import eos_ids, render_prompt
-from tests.conftest import jsonl, upload
-from workers import runner, validate
+from tests.conftest import train_local_model
 from workers.rl.rollout import sample
 
 LLAMA3 = (
@@ -256,23 +255,10 @@ def test_a_qwen_model_trains_through_the_job_api(
         {"messages": [{"role": "developer", "content": "Lowercase."}, {"role": "user", "content": f"go {i}"}]}
         for i in range(4)
     ]
-    file_id = upload(live_client, live_auth, jsonl(lines)).json()["id"]
     grader = {"type": "python", "name": "lower", "source": LOWERCASE}
     hyper = {"batch_size": 4, "compute_multiplier": 2, "max_completion_tokens": 6, "eval_samples": 2, "n_epochs": 1}
-    body = {
-        "model": str(folder),
-        "training_file": file_id,
-        "seed": 3,
-        "method": {"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": hyper}},
-    }
-    response = live_client.post("/v1/fine_tuning/jobs", headers=live_auth, json=body)
-    assert response.status_code == 200, response.text
-    job_id = response.json()["id"]
-    validate.validate_job(job_id, live_settings)
-    runner.run_job(job_id, live_settings)
+    job_id = train_local_model(live_client, live_auth, live_settings, folder, lines, grader, hyper)
     with unit_of_work(live_settings) as session:
-        row = session.scalars(select(Job).where(Job.id == job_id)).one()
-        assert row.status == "succeeded", row.error
         key = session.scalars(select(Checkpoint.storage_key).where(Checkpoint.job_id == job_id)).first()
     assert key is not None
     trained = load_file(str(live_settings.storage_dir / key / "model.safetensors"))

@@ -16,14 +16,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import select
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from service.core.db import unit_of_work
 from service.core.settings import Settings
-from service.core.tables import Job, JobMetric
-from service.models.registry import tiny_tokenizer
-from tests.conftest import jsonl, upload
-from workers import runner, validate
+from service.core.tables import JobEvent, JobMetric
+from service.models.registry import tiny_llama
+from tests.conftest import train_local_model
 from workers.rl.engine import TorchEngine
 from workers.rl.loss import token_logprobs
 
@@ -37,23 +35,9 @@ from workers.rl.vllm_engine import VllmEngine, merged_state  # noqa: E402
 CONVERSATIONS = [[{"role": "user", "content": "count: 1 2 3"}], [{"role": "developer", "content": "hi"}]]
 
 
-def vllm_sized_model(seed: int = 0) -> tuple[Any, Any]:
-    tokenizer = tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval(), tokenizer
+def vllm_sized_model() -> tuple[Any, Any]:
+    model, tokenizer = tiny_llama(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1)
+    return model.eval(), tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +120,6 @@ def test_a_job_trains_on_vllm_with_weight_sync_and_mismatch_metrics(
     monkeypatch.setattr(live_settings, "vllm_python", VLLM_PYTHON)
     monkeypatch.setattr(live_settings, "vllm_threads", 1)
     lines = [{"messages": [{"role": "user", "content": f"say a {i}"}], "answer": "a"} for i in range(4)]
-    file_id = upload(live_client, live_auth, jsonl(lines)).json()["id"]
     grader = {
         "type": "string_check",
         "name": "a",
@@ -146,23 +129,14 @@ def test_a_job_trains_on_vllm_with_weight_sync_and_mismatch_metrics(
     }
     hyper: dict[str, Any] = {"batch_size": 4, "compute_multiplier": 2, "max_completion_tokens": 6, "n_epochs": 1}
     hyper |= {"eval_samples": 2, "rollout_engine": "vllm"}
-    body = {
-        "model": str(folder),
-        "training_file": file_id,
-        "seed": 3,
-        "method": {"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": hyper}},
-    }
-    response = live_client.post("/v1/fine_tuning/jobs", headers=live_auth, json=body)
-    assert response.status_code == 200, response.text
-    job_id = response.json()["id"]
-    validate.validate_job(job_id, live_settings)
-    runner.run_job(job_id, live_settings)
+    job_id = train_local_model(live_client, live_auth, live_settings, folder, lines, grader, hyper)
     with unit_of_work(live_settings) as session:
-        row = session.scalars(select(Job).where(Job.id == job_id)).one()
-        assert row.status == "succeeded", row.error
         metrics = [m.data for m in session.scalars(select(JobMetric).where(JobMetric.job_id == job_id))]
+        events = list(session.scalars(select(JobEvent.message).where(JobEvent.job_id == job_id)))
+    assert any(e.startswith("Rollout engine: vllm") for e in events), events
     assert metrics
     for data in metrics:
         assert data["timing"]["step"]["weight_sync"] > 0
         mismatch = [data[k] for k in ("mismatch/mean_abs_logp_diff", "mismatch/kl", "mismatch/capped_fraction")]
         assert all(isinstance(v, float) for v in mismatch), mismatch
+        assert mismatch[0] > 0  # another engine's kernels: never exactly the trainer's log-probs

@@ -213,22 +213,31 @@ def tiny_tokenizer() -> Any:
 
 
 def _tiny_model() -> tuple[Any, Any]:
+    return tiny_llama()
+
+
+def tiny_llama(**shape: Any) -> tuple[Any, Any]:
+    """`tiny-random-llama` (seed 0), or a model of its kind with `shape` overriding its config
+    (tests that need, say, vLLM's head sizes)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = tiny_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
+        **{
+            "vocab_size": len(tokenizer),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 1024,
+            "tie_word_embeddings": True,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": None,
+        }
+        | shape
     )
     with torch.random.fork_rng():
         torch.manual_seed(0)
