@@ -23,9 +23,53 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
 from workers.rl.rollout import shared_prefix
+
+# Model types whose causal-LM head is `lm_head(hidden)`, then at most Gemma's tanh softcap: those the
+# chunked path reproduces. Others (Cohere's `logit_scale`, Granite's `logits_scaling`, ...) keep the
+# full-logits path rather than risk a silently different head.
+CHUNKED_TYPES = frozenset(
+    {
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "qwen2_moe",
+        "qwen3_moe",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "phi3",
+        "smollm3",
+    }
+)
+# fp32 logits of one chunk; with a 151936-token vocabulary (Qwen) 441 tokens, with 32000 (Llama 2) 2097.
+CHUNK_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class Head:
+    """A causal LM split where the largest tensor would appear: body -> hidden states -> logits."""
+
+    body: Any  # the decoder stack, final norm included
+    lm_head: Any  # the output projection as a module, so LoRA on it and its hooks still apply
+    softcap: float | None  # Gemma 2/3's final_logit_softcapping
+    vocab: int
+
+
+def head_of(model: Any) -> Head | None:
+    """`model`'s body and head (through PEFT's wrappers, which forward these calls), or None where
+    its logits are more than `lm_head(hidden)` and an optional softcap."""
+    config = model.config  # a multimodal model's own type, not its text part's: its forward does more
+    if config.model_type not in CHUNKED_TYPES:
+        return None
+    body, lm_head = model.get_decoder(), model.get_output_embeddings()
+    if body is None or lm_head is None or body is model:
+        return None
+    return Head(body, lm_head, getattr(config, "final_logit_softcapping", None), int(config.vocab_size))
 
 
 def token_logprobs(
@@ -34,6 +78,8 @@ def token_logprobs(
     attention_mask: torch.Tensor,
     prompt_len: int,
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    *,
+    chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities and entropies (the latter without gradient) of the completion tokens, (N, C).
 
@@ -41,49 +87,96 @@ def token_logprobs(
     `PrefixGrads.rows`) only the last prompt token and the completions run. Otherwise rows whose
     prompt equals the previous row's (a group's samples, laid out together) share one prompt pass
     (`rollout.shared_prefix`). The prompt is most of a sequence here, so either way removes about
-    half of the forward and backward work, with the same result.
+    half of the forward and backward work, with the same result. Under gradient checkpointing the
+    layers drop any KV cache, so there both give way to the plain pass.
+
+    The (N, C, V) logits never exist at once: the head runs over `chunk_tokens` positions at a time
+    (default: `CHUNK_BYTES` of fp32 logits), each chunk recomputed in the backward pass, so the peak
+    is one chunk's logits. `chunk_tokens=0` computes the full logits, as models `head_of` refuses do.
     """
+    head = head_of(model) if chunk_tokens != 0 else None
+    targets = input_ids[:, prompt_len:]  # (N, C)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at 0
-    if prefix is not None:
-        cache = DynamicCache(ddp_cache_data=prefix, config=model.config)
-        logits = model(
+    replayed = model.training and torch.is_grad_enabled() and getattr(model, "is_activation_checkpointing", False)
+    if prefix is not None and not replayed:
+        return _scores(
+            model,
+            head,
+            targets,
+            chunk_tokens,
             input_ids=input_ids[:, prompt_len - 1 : -1],  # (N, C): the last prompt token, then completions
             attention_mask=attention_mask[:, :-1],
             position_ids=positions[:, prompt_len - 1 : -1],
-            cache=cache,
+            cache=DynamicCache(ddp_cache_data=prefix, config=model.config),
             use_cache=True,
-        ).logits
-        return _completion_logprobs(logits, input_ids[:, prompt_len:])
-    shared = shared_prefix(model, input_ids, attention_mask, prompt_len)
+        )
+    shared = None if replayed else shared_prefix(model, input_ids, attention_mask, prompt_len)
     if shared is None:
-        logits = model(
+        return _scores(
+            model,
+            head,
+            targets,
+            chunk_tokens,
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions,
-            logits_to_keep=input_ids.shape[1] - prompt_len + 1,  # the lm_head only where completions are predicted
-        ).logits[:, :-1]
-    elif input_ids.shape[1] - prompt_len == 1:
-        logits = shared[1]
-    else:
-        cache, head = shared  # head (N, 1, V) predicts the first completion token
-        rest = model(
+        )
+    cache, first = shared  # first (N, 1, V) predicts the first completion token
+    logp, entropy = _completion_logprobs(first, targets[:, :1])
+    if targets.shape[1] > 1:
+        rest = _scores(
+            model,
+            head,
+            targets[:, 1:],
+            chunk_tokens,
             input_ids=input_ids[:, prompt_len:-1],  # (N, C - 1)
             attention_mask=attention_mask[:, :-1],
             position_ids=positions[:, prompt_len:-1],
             cache=cache,
             use_cache=True,
-        ).logits  # (N, C - 1, V)
-        logits = torch.cat([head, rest], dim=1)
-    return _completion_logprobs(logits, input_ids[:, prompt_len:])
+        )
+        logp, entropy = torch.cat([logp, rest[0]], dim=1), torch.cat([entropy, rest[1]], dim=1)
+    return logp, entropy
+
+
+def _scores(
+    model: Any, head: Head | None, targets: torch.Tensor, chunk_tokens: int | None, **inputs: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropies of `targets` (N, C), predicted by the C positions before the inputs'
+    last one, or by all of them where the inputs are only C long (the pass over a cache)."""
+    width = targets.shape[1]
+    keep = width + 1 if inputs["input_ids"].shape[1] > width else width
+    if head is None:
+        logits = model(**inputs, logits_to_keep=keep).logits[:, :width]  # (N, C, V)
+        return _completion_logprobs(logits, targets)
+    hidden = head.body(**inputs).last_hidden_state[:, -keep:][:, :width]  # (N, C, H)
+    size = chunk_tokens or max(1, CHUNK_BYTES // (4 * head.vocab))
+    flat, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (N * C, H), (N * C,)
+    parts = []
+    for start in range(0, flat_targets.numel(), size):
+        chunk = (head, flat[start : start + size], flat_targets[start : start + size])
+        if torch.is_grad_enabled():  # keep only the chunk's inputs; the backward pass recomputes its logits
+            parts.append(checkpoint(_chunk_logprobs, *chunk, use_reentrant=False))
+        else:
+            parts.append(_chunk_logprobs(*chunk))
+    logp, entropy = (torch.cat([part[i] for part in parts]).view_as(targets) for i in (0, 1))
+    return logp, entropy
+
+
+def _chunk_logprobs(head: Head, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = head.lm_head(hidden)  # (n, V)
+    if head.softcap is not None:  # as Gemma 2's forward does it, in the logits' dtype
+        logits = torch.tanh(logits / head.softcap) * head.softcap
+    return _completion_logprobs(logits, targets)
 
 
 def _completion_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, C, V) logits predicting (N, C) targets -> (log-probabilities, entropies), (N, C) each."""
+    """(..., V) logits predicting (...) targets -> (log-probabilities, entropies), (...) each."""
     logits = logits.float()
     log_probs = F.log_softmax(logits, dim=-1)
-    logp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N, C)
+    logp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():  # a diagnostic, never part of the loss
-        entropy = -(log_probs.exp() * log_probs).sum(-1)  # (N, C)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
     return logp, entropy
 
 
