@@ -4,18 +4,18 @@
 
 The model is Qwen2.5-0.5B-shaped (hidden 896, vocabulary 151936, tied embeddings) with random
 weights and `--layers` layers: the logits are the same size whatever the depth, and fewer layers
-keep the run short. Each variant runs in a fresh process, since a process's peak RSS never comes
-down; glibc maps every block above 64 KiB on its own and returns it when freed, so the CPU peak is
-of live tensors, not of what the allocator kept. On CUDA the peak is `max_memory_allocated`. The
-rise is over the process's peak before the measured pass (model, gradients' storage and one short
-warm-up pass included).
+keep the run short. Each variant runs in a fresh process, so that nothing earlier holds memory. On
+CPU the peak is the kernel's VmHWM, reset just before the measured pass; glibc maps every block
+above 64 KiB on its own and returns it when freed, so it is the peak of live tensors, not of what
+the allocator kept. On CUDA it is `max_memory_allocated`. The rise is over the memory in use before
+the pass: the model, its gradients' storage (a short warm-up pass made it) and the inputs.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,17 +47,23 @@ def measure(chunked: bool, rows: int, completion: int, layers: int, device: str)
     attn = torch.ones_like(ids)
     chunk = None if chunked else 0
 
-    def peak() -> int:
-        if device == "cuda":
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated()
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    def status(field: str) -> int:
+        return int(re.search(field + r":\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024  # type: ignore[union-attr]
 
     warm = PROMPT + 2  # one-time allocations (gradients' storage, kernels) happen here, not below
     token_logprobs(model, ids[:, :warm], attn[:, :warm], PROMPT, chunk_tokens=chunk)[0].sum().backward()
-    before = peak()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM starts again from the current RSS
+        before = status("VmRSS")
     token_logprobs(model, ids, attn, PROMPT, chunk_tokens=chunk)[0].sum().backward()
-    return before, peak()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return before, torch.cuda.max_memory_allocated()
+    return before, status("VmHWM")
 
 
 def run_variant(chunked: bool, rows: int, completion: int, layers: int, device: str) -> tuple[int, int]:

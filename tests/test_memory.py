@@ -15,8 +15,9 @@ from fastapi.testclient import TestClient
 
 from service.core.settings import Settings
 from tests.conftest import job_body
+from workers.rl.chunked import head_of
 from workers.rl.config import resolve
-from workers.rl.loss import head_of, policy_loss, token_logprobs
+from workers.rl.loss import policy_loss, token_logprobs
 from workers.rl.policy import build_policy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,6 +68,21 @@ def test_chunked_logprobs_equal_the_full_logits_in_value_and_gradient(
     ids, attn = rows(model.config.vocab_size, owners)
     # 5 does not divide the tokens: the last chunk is short.
     assert_same(scored(model, ids, attn, chunk_tokens=5), scored(model, ids, attn, chunk_tokens=0))
+
+
+@pytest.mark.parametrize("targets", [None, ["q_proj", "lm_head"]])
+def test_chunked_logprobs_under_autocast_equal_the_full_logits_to_bf16_precision(
+    settings: Settings, targets: Any
+) -> None:
+    hp = {"lora_rank": 4, "lora_target_modules": targets} if targets else {}
+    model, _ = build_policy("tiny-random-llama", resolve(hp, 3), settings, "cpu", seed=0)
+    ids, attn = rows(model.config.vocab_size, [0, 0, 1, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked, full = scored(model, ids, attn, chunk_tokens=5), scored(model, ids, attn, chunk_tokens=0)
+    fp32 = scored(model, ids, attn, chunk_tokens=0)
+    assert (full[0] - fp32[0]).abs().max() > 1e-4  # autocast did run the head in bf16
+    for a, b in zip(chunked, full, strict=True):
+        assert float((a - b).norm()) <= 1e-2 * float(b.norm()) + 1e-6  # LoRA A: zero while B is
 
 
 def test_gemmas_softcapped_head_is_reproduced() -> None:

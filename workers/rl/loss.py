@@ -22,54 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
+from workers.rl.chunked import Head, chunked_logprobs, completion_logprobs, head_of
 from workers.rl.rollout import shared_prefix
-
-# Model types whose causal-LM head is `lm_head(hidden)`, then at most Gemma's tanh softcap: those the
-# chunked path reproduces. Others (Cohere's `logit_scale`, Granite's `logits_scaling`, ...) keep the
-# full-logits path rather than risk a silently different head.
-CHUNKED_TYPES = frozenset(
-    {
-        "llama",
-        "mistral",
-        "qwen2",
-        "qwen3",
-        "qwen2_moe",
-        "qwen3_moe",
-        "gemma",
-        "gemma2",
-        "gemma3_text",
-        "phi3",
-        "smollm3",
-    }
-)
-# fp32 logits of one chunk; with a 151936-token vocabulary (Qwen) 441 tokens, with 32000 (Llama 2) 2097.
-CHUNK_BYTES = 256 << 20
-
-
-@dataclass(frozen=True)
-class Head:
-    """A causal LM split where the largest tensor would appear: body -> hidden states -> logits."""
-
-    body: Any  # the decoder stack, final norm included
-    lm_head: Any  # the output projection as a module, so LoRA on it and its hooks still apply
-    softcap: float | None  # Gemma 2/3's final_logit_softcapping
-    vocab: int
-
-
-def head_of(model: Any) -> Head | None:
-    """`model`'s body and head (through PEFT's wrappers, which forward these calls), or None where
-    its logits are more than `lm_head(hidden)` and an optional softcap."""
-    config = model.config  # a multimodal model's own type, not its text part's: its forward does more
-    if config.model_type not in CHUNKED_TYPES:
-        return None
-    body, lm_head = model.get_decoder(), model.get_output_embeddings()
-    if body is None or lm_head is None or body is model:
-        return None
-    return Head(body, lm_head, getattr(config, "final_logit_softcapping", None), int(config.vocab_size))
 
 
 def token_logprobs(
@@ -91,8 +47,8 @@ def token_logprobs(
     layers drop any KV cache, so there both give way to the plain pass.
 
     The (N, C, V) logits never exist at once: the head runs over `chunk_tokens` positions at a time
-    (default: `CHUNK_BYTES` of fp32 logits), each chunk recomputed in the backward pass, so the peak
-    is one chunk's logits. `chunk_tokens=0` computes the full logits, as models `head_of` refuses do.
+    (`chunked.chunked_logprobs`). `chunk_tokens=0` computes the full logits, as models whose head
+    `chunked.head_of` cannot reproduce do.
     """
     head = head_of(model) if chunk_tokens != 0 else None
     targets = input_ids[:, prompt_len:]  # (N, C)
@@ -122,7 +78,7 @@ def token_logprobs(
             position_ids=positions,
         )
     cache, first = shared  # first (N, 1, V) predicts the first completion token
-    logp, entropy = _completion_logprobs(first, targets[:, :1])
+    logp, entropy = completion_logprobs(first, targets[:, :1])
     if targets.shape[1] > 1:
         rest = _scores(
             model,
@@ -148,36 +104,9 @@ def _scores(
     keep = width + 1 if inputs["input_ids"].shape[1] > width else width
     if head is None:
         logits = model(**inputs, logits_to_keep=keep).logits[:, :width]  # (N, C, V)
-        return _completion_logprobs(logits, targets)
+        return completion_logprobs(logits, targets)
     hidden = head.body(**inputs).last_hidden_state[:, -keep:][:, :width]  # (N, C, H)
-    size = chunk_tokens or max(1, CHUNK_BYTES // (4 * head.vocab))
-    flat, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (N * C, H), (N * C,)
-    parts = []
-    for start in range(0, flat_targets.numel(), size):
-        chunk = (head, flat[start : start + size], flat_targets[start : start + size])
-        if torch.is_grad_enabled():  # keep only the chunk's inputs; the backward pass recomputes its logits
-            parts.append(checkpoint(_chunk_logprobs, *chunk, use_reentrant=False))
-        else:
-            parts.append(_chunk_logprobs(*chunk))
-    logp, entropy = (torch.cat([part[i] for part in parts]).view_as(targets) for i in (0, 1))
-    return logp, entropy
-
-
-def _chunk_logprobs(head: Head, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = head.lm_head(hidden)  # (n, V)
-    if head.softcap is not None:  # as Gemma 2's forward does it, in the logits' dtype
-        logits = torch.tanh(logits / head.softcap) * head.softcap
-    return _completion_logprobs(logits, targets)
-
-
-def _completion_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(..., V) logits predicting (...) targets -> (log-probabilities, entropies), (...) each."""
-    logits = logits.float()
-    log_probs = F.log_softmax(logits, dim=-1)
-    logp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    with torch.no_grad():  # a diagnostic, never part of the loss
-        entropy = -(log_probs.exp() * log_probs).sum(-1)
-    return logp, entropy
+    return chunked_logprobs(head, hidden, targets, chunk_tokens)
 
 
 def advantages(rewards: torch.Tensor, group_size: int, std_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
