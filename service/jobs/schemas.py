@@ -40,6 +40,15 @@ def auto_or(kind: type[int] | type[float], *, low: float, high: float = math.inf
     return Annotated[Auto | kind, PlainValidator(check, json_schema_input_type=Auto | bounded)]
 
 
+def _auto_or_bool(value: Any) -> Any:
+    if value == "auto" or isinstance(value, bool):
+        return value
+    raise ValueError(f"must be true, false or 'auto', got {value!r}")
+
+
+AutoOrBool = Annotated[Auto | bool, PlainValidator(_auto_or_bool, json_schema_input_type=Auto | bool)]
+
+
 class RftHyperparameters(Strict):
     n_epochs: auto_or(int, low=1, high=50) = "auto"  # type: ignore[valid-type]
     batch_size: auto_or(int, low=1, high=256) = "auto"  # type: ignore[valid-type]
@@ -76,6 +85,8 @@ class RftHyperparameters(Strict):
     lora_alpha: Annotated[float, Field(ge=0)] | None = None  # None: 2 x rank
     lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     lora_target_modules: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] = "all-linear"
+    # Recompute each layer's activations in the backward pass instead of keeping them ("auto": off for now).
+    gradient_checkpointing: AutoOrBool = "auto"
 
 
 class Reinforcement(Strict):

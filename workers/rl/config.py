@@ -10,6 +10,8 @@ Rules (n = training examples):
   16 sequences, at least one group), so a group's shared prompt is computed once.
 - rollout_engine: the engine `service.models.engines.choose_engine` picks (`with_engine`);
   importance_sampling_correction = token where that engine is not the trainer, none where it is.
+- gradient_checkpointing = off when auto, for now: it trades about a third more compute for the
+  layers' activations, and nothing yet plans memory to say when that is needed.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class RLConfig:
     lora_alpha: float
     lora_dropout: float
     lora_target_modules: Any
+    gradient_checkpointing: bool = False
 
     def echo(self) -> dict[str, Any]:
         """What the job object shows as its resolved hyperparameters."""
@@ -119,6 +122,7 @@ def resolve(hp: dict[str, Any], n_train: int) -> RLConfig:
         lora_alpha=float(hp.get("lora_alpha") or 2 * lora_rank),
         lora_dropout=float(hp.get("lora_dropout", 0.0)),
         lora_target_modules=hp.get("lora_target_modules", "all-linear"),
+        gradient_checkpointing=bool(_pick(hp.get("gradient_checkpointing", "auto"), False)),
     )
 
 

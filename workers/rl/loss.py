@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 
+from workers.rl.chunked import Head, chunked_logprobs, completion_logprobs, head_of
 from workers.rl.rollout import shared_prefix
 
 
@@ -34,6 +34,8 @@ def token_logprobs(
     attention_mask: torch.Tensor,
     prompt_len: int,
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    *,
+    chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities and entropies (the latter without gradient) of the completion tokens, (N, C).
 
@@ -41,50 +43,70 @@ def token_logprobs(
     `PrefixGrads.rows`) only the last prompt token and the completions run. Otherwise rows whose
     prompt equals the previous row's (a group's samples, laid out together) share one prompt pass
     (`rollout.shared_prefix`). The prompt is most of a sequence here, so either way removes about
-    half of the forward and backward work, with the same result.
+    half of the forward and backward work, with the same result. Under gradient checkpointing the
+    layers drop any KV cache, so there both give way to the plain pass.
+
+    The (N, C, V) logits never exist at once: the head runs over `chunk_tokens` positions at a time
+    (`chunked.chunked_logprobs`). `chunk_tokens=0` computes the full logits, as models whose head
+    `chunked.head_of` cannot reproduce do.
     """
+    head = head_of(model) if chunk_tokens != 0 else None
+    targets = input_ids[:, prompt_len:]  # (N, C)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at 0
-    if prefix is not None:
-        cache = DynamicCache(ddp_cache_data=prefix, config=model.config)
-        logits = model(
+    replayed = model.training and torch.is_grad_enabled() and getattr(model, "is_activation_checkpointing", False)
+    if prefix is not None and not replayed:
+        return _scores(
+            model,
+            head,
+            targets,
+            chunk_tokens,
             input_ids=input_ids[:, prompt_len - 1 : -1],  # (N, C): the last prompt token, then completions
             attention_mask=attention_mask[:, :-1],
             position_ids=positions[:, prompt_len - 1 : -1],
-            cache=cache,
+            cache=DynamicCache(ddp_cache_data=prefix, config=model.config),
             use_cache=True,
-        ).logits
-        return _completion_logprobs(logits, input_ids[:, prompt_len:])
-    shared = shared_prefix(model, input_ids, attention_mask, prompt_len)
+        )
+    shared = None if replayed else shared_prefix(model, input_ids, attention_mask, prompt_len)
     if shared is None:
-        logits = model(
+        return _scores(
+            model,
+            head,
+            targets,
+            chunk_tokens,
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions,
-            logits_to_keep=input_ids.shape[1] - prompt_len + 1,  # the lm_head only where completions are predicted
-        ).logits[:, :-1]
-    elif input_ids.shape[1] - prompt_len == 1:
-        logits = shared[1]
-    else:
-        cache, head = shared  # head (N, 1, V) predicts the first completion token
-        rest = model(
+        )
+    cache, first = shared  # first (N, 1, V) predicts the first completion token
+    logp, entropy = completion_logprobs(first, targets[:, :1])
+    if targets.shape[1] > 1:
+        rest = _scores(
+            model,
+            head,
+            targets[:, 1:],
+            chunk_tokens,
             input_ids=input_ids[:, prompt_len:-1],  # (N, C - 1)
             attention_mask=attention_mask[:, :-1],
             position_ids=positions[:, prompt_len:-1],
             cache=cache,
             use_cache=True,
-        ).logits  # (N, C - 1, V)
-        logits = torch.cat([head, rest], dim=1)
-    return _completion_logprobs(logits, input_ids[:, prompt_len:])
-
-
-def _completion_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, C, V) logits predicting (N, C) targets -> (log-probabilities, entropies), (N, C) each."""
-    logits = logits.float()
-    log_probs = F.log_softmax(logits, dim=-1)
-    logp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N, C)
-    with torch.no_grad():  # a diagnostic, never part of the loss
-        entropy = -(log_probs.exp() * log_probs).sum(-1)  # (N, C)
+        )
+        logp, entropy = torch.cat([logp, rest[0]], dim=1), torch.cat([entropy, rest[1]], dim=1)
     return logp, entropy
+
+
+def _scores(
+    model: Any, head: Head | None, targets: torch.Tensor, chunk_tokens: int | None, **inputs: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropies of `targets` (N, C), predicted by the C positions before the inputs'
+    last one, or by all of them where the inputs are only C long (the pass over a cache)."""
+    width = targets.shape[1]
+    keep = width + 1 if inputs["input_ids"].shape[1] > width else width
+    if head is None:
+        logits = model(**inputs, logits_to_keep=keep).logits[:, :width]  # (N, C, V)
+        return completion_logprobs(logits, targets)
+    hidden = head.body(**inputs).last_hidden_state[:, -keep:][:, :width]  # (N, C, H)
+    return chunked_logprobs(head, hidden, targets, chunk_tokens)
 
 
 def advantages(rewards: torch.Tensor, group_size: int, std_mode: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,8 +23,11 @@ def build_policy(model_name: str, cfg: RLConfig, settings: Settings, device: str
 
     The adapters' random A matrices are drawn right after seeding with `seed`, not from whatever state
     loading left the global RNG in: the first load of a GGUF model converts it and consumes random
-    numbers, later loads read the cached copy and do not, and the same seed must give the same job."""
+    numbers, later loads read the cached copy and do not, and the same seed must give the same job.
+    `cfg.gradient_checkpointing` keeps only each layer's input and replays the layer in the backward pass."""
     model, tokenizer = load_fresh(resolve(model_name), settings)
+    if cfg.gradient_checkpointing:  # non-reentrant: frozen inputs (LoRA's) still get their layers' gradients
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
 
