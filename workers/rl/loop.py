@@ -126,8 +126,10 @@ class Loop:
         # What a rollback before the first checkpoint returns to (adapters only, under LoRA).
         self.initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         # Sampling runs in eval mode, the update in train mode: the update may reuse sampling's prompt
-        # pass only where the two are the same computation, that is where no dropout is active.
-        self.reuse_prefix = not has_dropout(model)
+        # pass only where the two are the same computation, that is where no dropout is active. Under
+        # gradient checkpointing the update replays its layers and takes no cache (`loss.token_logprobs`),
+        # so a kept prompt pass would only hold its graph in memory for nothing.
+        self.reuse_prefix = not has_dropout(model) and not cfg.gradient_checkpointing
 
     def run(self) -> TrainingResult:
         if self.state["baseline"] is None:
