@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from service.core.settings import Settings
 from tests.conftest import job_body
+from tests.support.models import tiny_config
 from workers.rl.chunked import head_of
 from workers.rl.config import resolve
 from workers.rl.loss import policy_loss, token_logprobs
@@ -86,18 +87,9 @@ def test_chunked_logprobs_under_autocast_equal_the_full_logits_to_bf16_precision
 
 
 def test_gemmas_softcapped_head_is_reproduced() -> None:
-    from transformers import AutoModelForCausalLM, Gemma2Config
+    from transformers import AutoModelForCausalLM
 
-    config = Gemma2Config(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        final_logit_softcapping=0.5,  # small enough that the tanh bends every logit
-    )
+    config = tiny_config("Gemma2Config", 300, final_logit_softcapping=0.5)  # the tanh bends every logit
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).train()
     ids, attn = rows(300, [0, 1, 2])
@@ -107,17 +99,9 @@ def test_gemmas_softcapped_head_is_reproduced() -> None:
 
 
 def test_a_head_the_chunks_cannot_reproduce_keeps_the_full_logits() -> None:
-    from transformers import AutoModelForCausalLM, CohereConfig
+    from transformers import AutoModelForCausalLM
 
-    config = CohereConfig(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        logit_scale=0.25,
-    )
+    config = tiny_config("CohereConfig", 300, num_hidden_layers=1, logit_scale=0.25)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     ids, attn = rows(300, [0, 1])

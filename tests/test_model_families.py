@@ -26,6 +26,7 @@ from service.models import service as chat
 from service.models.schemas import ChatCompletionCreate
 from service.models.templates import eos_ids, render_prompt
 from tests.conftest import train_local_model
+from tests.support.models import tiny_config
 from workers.rl.rollout import sample
 
 LLAMA3 = (
@@ -125,7 +126,6 @@ MESSAGES: list[dict[str, Any]] = [
 def tiny_family(family: Family) -> tuple[Any, Any]:
     """A 2-layer random model of the family's architecture and a byte-level tokenizer with its
     special tokens, template and end ids."""
-    import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -138,14 +138,9 @@ def tiny_family(family: Family) -> tuple[Any, Any]:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, **named)
     tokenizer.add_special_tokens({"additional_special_tokens": list(family.specials)})
     tokenizer.chat_template = family.template
-    config = getattr(transformers, family.config)(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
+    config = tiny_config(
+        family.config,
+        len(tokenizer),
         max_position_embeddings=512,
         tie_word_embeddings=False,
         eos_token_id=tokenizer.eos_token_id,
