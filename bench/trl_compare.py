@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import json
 import os
 import resource
@@ -45,6 +46,7 @@ from service.core.settings import Settings
 from service.graders.engine import Compiled, compile_grader, grade_batch
 from service.graders.schemas import parse_grader
 from service.graders.templates import Sample
+from service.models.engines import EngineName
 from service.models.registry import load_fresh, resolve
 from workers.rl.config import RLConfig, with_engine
 from workers.rl.config import resolve as resolve_config
@@ -72,6 +74,7 @@ class Bench:
     valid_limit: int = 64
     seed: int = 42
     micro_batch_size: int | str = "auto"  # ours: 16 here (whole groups); trl_replay.py's control run uses 8
+    engine: str = "torch"  # ours: the rollout engine (`--engine vllm`: `make vllm`, then importance-corrected)
 
 
 # A random model rarely ends an answer: keep truncated completions in the loss so the update runs.
@@ -113,12 +116,17 @@ def hyperparameters(bench: Bench, lora: bool) -> dict[str, Any]:
 def resolved(bench: Bench, lora: bool, n_train: int) -> RLConfig:
     cfg = resolve_config(hyperparameters(bench, lora), n_train)
     assert cfg.group_size == bench.group_size, f"group size {bench.group_size} is not 4 x a compute multiplier"
-    # Our torch engine, as the job runs with: the sampler is the trainer, no importance correction.
-    return with_engine(replace(cfg, total_steps=bench.steps, eval_interval=bench.steps), "torch", True)
+    # As the job runs with: torch's sampler is the trainer (no importance correction), vLLM's is not.
+    from workers.rl.engine import engine_class
+
+    engine = cast(EngineName, bench.engine)
+    cfg = replace(cfg, total_steps=bench.steps, eval_interval=bench.steps)
+    return with_engine(cfg, engine, engine_class(engine).same_as_trainer)
 
 
 def settings() -> Settings:
-    return Settings(data_dir=Path(os.environ.get("RFT_DATA_DIR", "~/.rft")).expanduser())
+    vllm = os.environ.get("RFT_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
+    return Settings(data_dir=Path(os.environ.get("RFT_DATA_DIR", "~/.rft")).expanduser(), vllm_python=vllm)
 
 
 def validation(bench: Bench) -> list[Example]:
@@ -280,7 +288,7 @@ class Ours:
 def build_ours(bench: Bench, lora: bool) -> Ours:
     from workers.context import JobContext
     from workers.rl.checkpoint import fresh_state
-    from workers.rl.engine import TorchEngine
+    from workers.rl.engine import open_engine
     from workers.rl.loop import Loop
     from workers.rl.memory import keep_freed_memory
     from workers.rl.policy import Reference, build_policy, trainable
@@ -294,7 +302,7 @@ def build_ours(bench: Bench, lora: bool) -> Ours:
     optimizer = torch.optim.AdamW(trainable(model), lr=cfg.learning_rate, weight_decay=0.0, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     ctx = cast(JobContext, BenchContext(bench))
-    engine = TorchEngine(model, tokenizer)
+    engine = open_engine(cast(EngineName, bench.engine), model, tokenizer, settings())
     loop = Loop(
         ctx, cfg, engine, model, reference, tokenizer, optimizer, scheduler, grader, train, valid, fresh_state()
     )
@@ -307,7 +315,7 @@ def run_ours(bench: Bench, lora: bool) -> dict[str, Any]:
     Evaluation, checkpoints and database writes are left out: they are not training."""
     ours = build_ours(bench, lora)
     cfg, loop, model, tokenizer = ours.cfg, ours.loop, ours.model, ours.tokenizer
-    with ours.grader as grader:
+    with ours.grader as grader, contextlib.closing(loop.engine):
         before = evaluate(model, tokenizer, ours.valid, grader, cfg.max_completion_tokens)
         profile = Profile()
         for network in (model, loop.reference.copy):  # the full-fine-tuning reference is a second network
@@ -548,6 +556,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--json-out", type=Path, help="also write every result (and the GEMM peak) here")
     p.add_argument("--smoke", action="store_true", help="tiny random Llama, 2 steps, small batches: seconds")
     p.add_argument("--seed", type=int, help=f"seed of data order, sampling and LoRA init (default {Bench.seed})")
+    p.add_argument("--engine", choices=["torch", "vllm"], default="torch", help="our loop's rollout engine")
     p.add_argument("--trl-bf16", action="store_true", help="run TRL with its default bf16 autocast (unmatched)")
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=["lora", "full"], help=argparse.SUPPRESS)
@@ -566,7 +575,7 @@ def parse_args() -> argparse.Namespace:
 def bench_of(args: argparse.Namespace) -> Bench:
     base = SMOKE if args.smoke else Bench()
     seed = base.seed if args.seed is None else args.seed
-    return replace(base, steps=args.steps or base.steps, seed=seed, trl_bf16=args.trl_bf16)
+    return replace(base, steps=args.steps or base.steps, seed=seed, trl_bf16=args.trl_bf16, engine=args.engine)
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -588,6 +597,7 @@ def spawn(args: argparse.Namespace, framework: str, mode: str) -> dict[str, Any]
         command = [sys.executable, __file__, "--worker", framework, "--mode", mode, "--result", str(result)]
         command += ["--smoke"] if args.smoke else []
         command += ["--trl-bf16"] if args.trl_bf16 else []
+        command += ["--engine", args.engine]
         command += ["--steps", str(args.steps)] if args.steps else []
         command += ["--seed", str(args.seed)] if args.seed is not None else []
         print(f"== {framework} {mode}", flush=True)
