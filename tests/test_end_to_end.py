@@ -221,7 +221,9 @@ def test_embedded_rft_serve_runs_the_flow_with_no_external_service(tmp_path: Pat
         assert (tmp_path / "data" / "rft.db").exists()
         assert len(pids_with_env("RFT_DATA_DIR", env["RFT_DATA_DIR"])) >= 3  # the API and its two workers
     finally:
-        serve.stop()
+        # rft serve waits for its workers' warm shutdown (up to RFT_SHUTDOWN_GRACE_SECONDS); on a
+        # loaded machine that once took over 30 s, and SIGKILLing serve then orphaned them.
+        serve.stop(timeout=150)
     deadline = time.time() + 15
     while pids_with_env("RFT_DATA_DIR", env["RFT_DATA_DIR"]) and time.time() < deadline:
         time.sleep(0.2)

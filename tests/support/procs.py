@@ -38,12 +38,13 @@ class Proc:
             os.killpg(self.popen.pid, sig)
         self.popen.wait(timeout=30)
 
-    def stop(self) -> None:
-        """SIGTERM to the main process (as a service manager would), then SIGKILL to what is left."""
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM to the main process (as a service manager would), then, after `timeout` seconds,
+        SIGKILL to what is left of its process group."""
         if self.popen.poll() is None:
             self.popen.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(timeout=30)
+                self.popen.wait(timeout=timeout)
         self.kill()
         self._out.close()
 
