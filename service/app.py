@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -36,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Self-hosted reinforcement fine-tuning, OpenAI-compatible",
         dependencies=[Depends(refuse_nul_characters)],
+        lifespan=_frozen_while_serving,
     )
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
     app.state.settings = settings
@@ -58,10 +61,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    # What was built at start-up lives as long as the process: out of the collector's sight, a full
-    # collection no longer walks it in the middle of a request (p99 in bench/status_poll_bench.py).
-    gc.freeze()
     return app
+
+
+@asynccontextmanager
+async def _frozen_while_serving(_: FastAPI) -> AsyncIterator[None]:
+    """What was built before serving lives as long as the server: out of the collector's sight, a
+    full collection no longer walks it in the middle of a request (p99 in bench/status_poll_bench.py).
+    Released at shutdown, so a process that builds many apps (the tests) frees the ones it is done with."""
+    gc.freeze()
+    yield
+    gc.unfreeze()
 
 
 def _api_error(_: Request, exc: ApiError) -> JSONResponse:

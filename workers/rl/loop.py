@@ -61,7 +61,7 @@ def run_training(ctx: JobContext) -> TrainingResult:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = build_policy(job["model"], cfg, ctx.settings, device, seed=job["seed"])
     reference = Reference(model, cfg)
-    requested = reinforcement["hyperparameters"].get("rollout_engine", "auto")
+    requested = cfg.rollout_engine  # the job's own wish; `with_engine` below records the engine chosen
     engine_name = choose_engine(cfg.rollout_engine, ctx.settings, job["model"])
     problem = model_problem(engine_name, model.config)
     if problem is not None:
