@@ -129,3 +129,70 @@ def test_sdk_runs_a_model_grader_and_validates_graders(
     assert checked.grader is not None and checked.grader.type == "score_model"
     with pytest.raises(openai.BadRequestError, match="grader.range"):
         sdk.fine_tuning.alpha.graders.validate(grader=score_grader("m", range=[5, 1]))  # type: ignore[arg-type]
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "rate: a"}],
+    [{"role": "system", "content": "judge"}, {"role": "user", "content": "rate this longer answer: b c d"}],
+]
+
+
+def test_a_jobs_engine_judge_answers_as_the_apis_generate_does(model_settings: Settings) -> None:
+    """Greedy, the torch engine's answers are generate's, token for token, usage included."""
+    from service.graders.model_graders import generate
+    from service.graders.schemas import SamplingParams
+    from workers.rl.judge import EngineJudge
+
+    params = SamplingParams(max_completions_tokens=8)
+    judge = EngineJudge("torch", model_settings)
+    try:
+        answers = judge("tiny-random-llama", CONVERSATIONS, params, model_settings, None)
+    finally:
+        judge.close()
+    assert answers == generate("tiny-random-llama", CONVERSATIONS, params, model_settings)
+    assert answers[1].prompt_tokens > answers[0].prompt_tokens and all(a.completion_tokens > 0 for a in answers)
+
+
+def test_model_graders_inside_a_multi_grader_answer_through_the_judge_given(model_settings: Settings) -> None:
+    from workers.rl.judge import EngineJudge
+
+    opened: list[str] = []
+
+    class Engine:
+        def __init__(self, kind: str, model: Any, tokenizer: Any, settings: Settings) -> None:
+            from workers.rl.engine import TorchEngine
+
+            opened.append(kind)
+            self.inner = TorchEngine(model, tokenizer)
+
+        def sample(self, *args: Any, **kwargs: Any) -> Any:
+            return self.inner.sample(*args, **kwargs)
+
+        def close(self) -> None:
+            opened.append("closed")
+
+    judge = EngineJudge("torch", model_settings, opener=Engine)  # type: ignore[arg-type]
+    config = parse_grader(
+        {
+            "type": "multi",
+            "name": "m",
+            "graders": {
+                "judge": score_grader("tiny-random-llama", sampling_params={"max_completions_tokens": 4}),
+                "exact": {
+                    "type": "string_check",
+                    "name": "s",
+                    "input": "{{sample.output_text}}",
+                    "reference": "a",
+                    "operation": "eq",
+                },
+            },
+            "calculate_output": "judge + exact",
+        }
+    )
+    with compile_grader(config, model_settings, None, judge) as compiled:
+        for _ in range(2):  # one engine for the job, opened at first use
+            batch = grade_batch(compiled, [Sample.from_text("a")], [{"question": "q"}])
+    judge.close()
+    assert opened == ["torch", "closed"]
+    usage = batch.grades[0].token_usage["tiny-random-llama"]
+    assert isinstance(usage, dict) and usage["completion_tokens"] > 0

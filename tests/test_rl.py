@@ -232,6 +232,49 @@ def test_data_order_is_a_function_of_seed_and_step() -> None:
     assert batch_for_step(10, 4, 3, seed=3) != epoch[0] or batch_for_step(10, 4, 4, seed=3) != epoch[1]
 
 
+def test_a_jobs_model_grader_judges_through_the_jobs_rollout_engine(
+    live_client: TestClient, live_auth: dict[str, str], live_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workers.rl import judge as judge_module
+
+    calls: list[tuple[str, int]] = []
+    real = judge_module.EngineJudge.__call__
+
+    def spy(self: Any, model_name: str, conversations: Any, *rest: Any) -> Any:
+        calls.append((self.engine, len(conversations)))
+        return real(self, model_name, conversations, *rest)
+
+    monkeypatch.setattr(judge_module.EngineJudge, "__call__", spy)
+    grader = {
+        "type": "score_model",
+        "name": "judge",
+        "model": "tiny-random-llama",
+        "range": [0, 1],
+        "input": [{"role": "user", "content": "rate {{sample.output_text}}"}],
+        "sampling_params": {"max_completions_tokens": 2},
+    }
+    file_id = upload(live_client, live_auth, PROMPTS).json()["id"]
+    body = {
+        "model": "tiny-random-llama",
+        "training_file": file_id,
+        "method": {
+            "type": "reinforcement",
+            "reinforcement": {
+                "grader": grader,
+                "hyperparameters": {"n_epochs": 1, "batch_size": 2, "max_completion_tokens": 4},
+            },
+        },
+    }
+    created = live_client.post("/v1/fine_tuning/jobs", headers=live_auth, json=body)
+    assert created.status_code == 200, created.text
+    validate.validate_job(created.json()["id"], live_settings)
+    runner.run_job(created.json()["id"], live_settings)
+    row = job(live_settings, created.json()["id"])
+    assert row.status == "succeeded", row.error
+    assert calls and {engine for engine, _ in calls} == {"torch"}
+    assert (calls[1][1]) == 2 * 4  # a training step: batch 2 x group 4 completions, one judgement each
+
+
 def test_model_graders_can_use_the_projects_fine_tuned_model_and_nobody_elses(
     live_client: TestClient, live_auth: dict[str, str], live_settings: Settings
 ) -> None:

@@ -61,6 +61,28 @@ def test_vllm_greedy_answers_equal_the_torch_engines(pair: tuple[Any, Any, VllmE
     assert greedy(engine) == greedy(TorchEngine(model, tokenizer))
 
 
+def test_a_vllm_jobs_model_grader_judges_on_vllm_as_torch_would(
+    pair: tuple[Any, Any, VllmEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.graders.schemas import SamplingParams
+    from service.models import registry
+    from workers.rl.judge import EngineJudge
+
+    model, tokenizer, engine = pair
+    monkeypatch.setattr(registry, "load", lambda *_, **__: (model, tokenizer))
+    opened: list[str] = []
+
+    def opener(kind: str, judge_model: Any, judge_tokenizer: Any, settings: Settings) -> Any:
+        opened.append(kind)
+        return engine if kind == "vllm" else TorchEngine(judge_model, judge_tokenizer)
+
+    params, settings = SamplingParams(max_completions_tokens=8), Settings()
+    on_vllm = EngineJudge("vllm", settings, opener=opener)("judge", CONVERSATIONS, params, settings, None)
+    on_torch = EngineJudge("torch", settings, opener=opener)("judge", CONVERSATIONS, params, settings, None)
+    assert opened == ["vllm", "torch"]
+    assert on_vllm == on_torch and all(a.completion_tokens > 0 for a in on_vllm)
+
+
 def test_vllm_log_probs_are_the_trainers_at_temperature_one(pair: tuple[Any, Any, VllmEngine]) -> None:
     model, _, engine = pair
     rollout = engine.sample(CONVERSATIONS, 4, max_new_tokens=12, temperature=1.0, top_p=1.0, seed=5)

@@ -77,9 +77,17 @@ class Grade:
 
 
 class Compiled:
-    def __init__(self, config: GraderConfig, settings: Settings, project_id: str | None = None) -> None:
+    def __init__(
+        self,
+        config: GraderConfig,
+        settings: Settings,
+        project_id: str | None = None,
+        judge: model_graders.Judge | None = None,
+    ) -> None:
         # project_id: whose fine-tuned models (`ft:...`) a model grader may use.
+        # judge: what answers a model grader's prompts (`model_graders.generate` unless a worker's engine).
         self.config, self.settings, self.project_id = config, settings, project_id
+        self.judge = judge or model_graders.generate
         self.name, self.type = config.name, config.type
 
     def grade_batch(self, samples: Sequence[Sample], items: Sequence[dict[str, Any]]) -> list[Grade]:
@@ -152,9 +160,15 @@ class Python(Compiled):
     config: PythonGrader
 
     def __init__(
-        self, config: PythonGrader, settings: Settings, project_id: str | None = None, pool_size: int | None = None
+        self,
+        config: PythonGrader,
+        settings: Settings,
+        project_id: str | None = None,
+        judge: model_graders.Judge | None = None,
+        *,
+        pool_size: int | None = None,
     ) -> None:
-        super().__init__(config, settings, project_id)
+        super().__init__(config, settings, project_id, judge)
         from service.graders.isolation import check_available
         from service.graders.sandbox import PythonGraderPool
 
@@ -195,7 +209,7 @@ class ModelGrader(Compiled):
         ]
         try:
             answers = iter(
-                model_graders.generate(
+                self.judge(
                     self.config.model, conversations, self.config.sampling_params, self.settings, self.project_id
                 )
                 if conversations
@@ -239,10 +253,18 @@ class ModelGrader(Compiled):
 class Multi(Compiled):
     config: MultiGrader
 
-    def __init__(self, config: MultiGrader, settings: Settings, project_id: str | None = None) -> None:
-        super().__init__(config, settings, project_id)
+    def __init__(
+        self,
+        config: MultiGrader,
+        settings: Settings,
+        project_id: str | None = None,
+        judge: model_graders.Judge | None = None,
+    ) -> None:
+        super().__init__(config, settings, project_id, judge)
         self.formula = Formula(config.calculate_output, set(config.graders))
-        self.subs = {key: compile_grader(sub, settings, project_id) for key, sub in sub_graders(config).items()}
+        self.subs = {
+            key: compile_grader(sub, settings, project_id, self.judge) for key, sub in sub_graders(config).items()
+        }
 
     def grade_batch(self, samples: Sequence[Sample], items: Sequence[dict[str, Any]]) -> list[Grade]:
         per_key = {key: sub.grade_batch(samples, items) for key, sub in self.subs.items()}
@@ -272,16 +294,23 @@ class Multi(Compiled):
             sub.close()
 
 
-def compile_grader(config: GraderConfig, settings: Settings, project_id: str | None = None) -> Compiled:
+def compile_grader(
+    config: GraderConfig,
+    settings: Settings,
+    project_id: str | None = None,
+    judge: model_graders.Judge | None = None,
+) -> Compiled:
+    """The grader `config` describes; its model graders answer through `judge` where one is given
+    (a training job's rollout engine, `workers.rl.judge`), else through `model_graders.generate`."""
     if isinstance(config, StringCheckGrader):
-        return StringCheck(config, settings, project_id)
+        return StringCheck(config, settings, project_id, judge)
     if isinstance(config, TextSimilarityGrader):
-        return TextSimilarity(config, settings, project_id)
+        return TextSimilarity(config, settings, project_id, judge)
     if isinstance(config, PythonGrader):
-        return Python(config, settings, project_id)
+        return Python(config, settings, project_id, judge)
     if isinstance(config, ScoreModelGrader | LabelModelGrader):
-        return ModelGrader(config, settings, project_id)
-    return Multi(config, settings, project_id)
+        return ModelGrader(config, settings, project_id, judge)
+    return Multi(config, settings, project_id, judge)
 
 
 @dataclass

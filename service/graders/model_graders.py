@@ -1,6 +1,8 @@
 """score_model and label_model: a local causal LM reads the templated messages and answers.
 
-Generation is batched (left padding) over all samples of a call. The answer is parsed on our side:
+Generation is batched (left padding) over all samples of a call: `generate` here, where the API grades
+(`/graders/run`), or a training job's rollout engine (`workers.rl.judge`), which the job passes as the
+`judge` of `compile_grader`. The answer is parsed on our side:
 `score_model` takes the first number and clips it to `range`; `label_model` takes the label the
 answer names. An answer that refuses, or that has no number / no label, is a counted error with
 reward 0.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +30,11 @@ class Answer:
     text: str
     prompt_tokens: int
     completion_tokens: int
+
+
+# (model name, conversations, sampling params, settings, project id) -> one Answer per conversation:
+# `generate` below, or a training job's rollout engine (`workers.rl.judge.EngineJudge`).
+Judge = Callable[[str, list[list[dict[str, str]]], SamplingParams | None, Settings, str | None], list[Answer]]
 
 
 def generate(

@@ -31,6 +31,7 @@ from workers.rl.config import RLConfig, with_engine
 from workers.rl.config import resolve as resolve_config
 from workers.rl.data import Example, batch_for_step, load_examples
 from workers.rl.engine import RolloutEngine, engine_class, engine_message, model_problem, open_engine
+from workers.rl.judge import EngineJudge
 from workers.rl.loss import Mismatch, advantages, policy_loss, token_logprobs
 from workers.rl.memory import keep_freed_memory
 from workers.rl.policy import Reference, build_policy, trainable
@@ -91,13 +92,15 @@ def run_training(ctx: JobContext) -> TrainingResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     state = checkpoint.restore(ctx, model, optimizer, scheduler)
     engine = open_engine(engine_name, model, tokenizer, ctx.settings)  # after restore: the weights it resumes
+    judge = EngineJudge(engine_name, ctx.settings)  # model graders answer through the same kind of engine
     try:
-        with compile_grader(parse_grader(reinforcement["grader"]), ctx.settings, job["project_id"]) as grader:
+        with compile_grader(parse_grader(reinforcement["grader"]), ctx.settings, job["project_id"], judge) as grader:
             loop = Loop(
                 ctx, cfg, engine, model, reference, tokenizer, optimizer, scheduler, grader, train, valid, state
             )
             return loop.run()
     finally:
+        judge.close()
         engine.close()
 
 
