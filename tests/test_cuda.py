@@ -41,6 +41,16 @@ def test_a_job_trains_on_cuda(
     train_local_model(live_client, live_auth, live_settings, tmp_path / "tiny", lines, grader, hyper)
 
 
+def test_a_lora_policy_on_cuda_holds_its_frozen_base_in_bf16_by_default() -> None:
+    from workers.rl.config import resolve
+    from workers.rl.policy import build_policy
+
+    cfg = resolve({"lora_rank": 4}, n_train=4)
+    model, _ = build_policy("tiny-random-llama", cfg, Settings(), "cuda", seed=0)
+    kinds = {(p.requires_grad, p.dtype, p.device.type) for p in model.parameters()}
+    assert kinds == {(False, torch.bfloat16, "cuda"), (True, torch.float32, "cuda")}
+
+
 def peak_of(model: Any, ids: torch.Tensor, chunk_tokens: int) -> tuple[float, torch.Tensor]:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

@@ -22,8 +22,8 @@ from workers import runner, validate
 from workers.rl import engine as engine_module
 from workers.rl import loop as loop_module
 from workers.rl.data import batch_for_step
-from workers.rl.loop import autocast_dtype
 from workers.rl.loss import advantages
+from workers.rl.policy import autocast_dtype
 
 # Dense reward a random byte-level model can climb: the share of lowercase ASCII letters it writes.
 LOWERCASE = """
@@ -139,12 +139,15 @@ def test_training_precision_sets_the_autocast_of_sampling_and_update(
 ) -> None:
     """bf16 is the CUDA default; RFT_TRAINING_PRECISION=bf16 runs the same autocast path on a CPU."""
     seen: list[tuple[str, bool, torch.dtype]] = []
+    weight_types: set[tuple[bool, torch.dtype]] = set()  # (trained, dtype) of the policy's parameters
 
     def spy(module: Any, name: str) -> None:
         original = getattr(module, name)
 
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             seen.append((name, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            if name == "token_logprobs":
+                weight_types.update((p.requires_grad, p.dtype) for p in args[0].parameters())
             return original(*args, **kwargs)
 
         monkeypatch.setattr(module, name, wrapped)
@@ -163,6 +166,10 @@ def test_training_precision_sets_the_autocast_of_sampling_and_update(
     assert all(m["kl"] is not None and m["kl"] >= 0 and m["grad_norm"] is not None for m in history)
     weights = final_weights(chosen, job_id)
     assert all(t.dtype == torch.float32 for t in weights.values())  # master weights stay fp32
+    if lora_rank and precision == "bf16":  # the frozen base is held in bf16, the adapters in fp32
+        assert weight_types == {(False, torch.bfloat16), (True, torch.float32)}
+    else:
+        assert {dtype for _, dtype in weight_types} == {torch.float32}
     if lora_rank:  # the adapters' B matrices start at zero: the update moved them
         assert any("lora_B" in name and bool(t.abs().sum() > 0) for name, t in weights.items())
     else:

@@ -136,18 +136,22 @@ def forget_loaded(folder: Path) -> None:
             del _cache[key]
 
 
-def load_fresh(spec: ModelSpec, settings: Settings) -> tuple[Any, Any]:
-    """A new (model, tokenizer) pair: trainers need their own copy to update."""
+def load_fresh(spec: ModelSpec, settings: Settings, dtype: Any = None) -> tuple[Any, Any]:
+    """A new (model, tokenizer) pair: trainers need their own copy to update. `dtype` (a torch
+    dtype; None: fp32) is the weights' type as loaded, so a bf16 model never exists in fp32 first
+    where transformers can load it so (from a folder)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if spec.kind == "tiny":
-        return _tiny_model()
+        model, tokenizer = _tiny_model()
+        return (model if dtype is None else model.to(dtype)), tokenizer
     if spec.kind == "gguf":
-        return _converted_gguf(spec, settings)
+        return _converted_gguf(spec, settings, dtype)
     adapter = Path(spec.location) / "adapter_config.json"
     if spec.kind == "local" and adapter.exists():
-        return merged_adapter(Path(spec.location), settings)
-    model = AutoModelForCausalLM.from_pretrained(spec.location)
+        model, tokenizer = merged_adapter(Path(spec.location), settings)
+        return (model if dtype is None else model.to(dtype)), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(spec.location, **({} if dtype is None else {"dtype": dtype}))
     tokenizer = AutoTokenizer.from_pretrained(spec.location)
     return model, _with_pad(tokenizer)
 
@@ -171,7 +175,7 @@ def _with_pad(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _converted_gguf(spec: ModelSpec, settings: Settings) -> tuple[Any, Any]:
+def _converted_gguf(spec: ModelSpec, settings: Settings, dtype: Any = None) -> tuple[Any, Any]:
     """Dequantize the GGUF once (about 17 s) and reuse the safetensors copy afterwards."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -192,7 +196,7 @@ def _converted_gguf(spec: ModelSpec, settings: Settings) -> tuple[Any, Any]:
         tokenizer.save_pretrained(staging)
         make_tree_private(staging)
         staging.rename(cache)
-    model = AutoModelForCausalLM.from_pretrained(cache)
+    model = AutoModelForCausalLM.from_pretrained(cache, **({} if dtype is None else {"dtype": dtype}))
     return model, _with_pad(AutoTokenizer.from_pretrained(cache))
 
 

@@ -34,17 +34,10 @@ from workers.rl.engine import RolloutEngine, engine_class, engine_message, model
 from workers.rl.judge import EngineJudge
 from workers.rl.loss import Mismatch, advantages, policy_loss, token_logprobs
 from workers.rl.memory import keep_freed_memory
-from workers.rl.policy import Reference, build_policy, trainable
+from workers.rl.policy import Reference, autocast_dtype, build_policy, trainable
 from workers.rl.rollout import PrefixGrads, Rollout, concat, select_rows
 
 EVAL_SEED_SALT = 7919
-
-
-def autocast_dtype(precision: str, device_type: str) -> torch.dtype | None:
-    """bf16 where asked for, or by default on CUDA; None (fp32) on CPU unless asked for."""
-    if precision == "bf16" or (precision == "auto" and device_type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 def step_seed(job_seed: int, step: int) -> int:

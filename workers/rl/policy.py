@@ -3,6 +3,11 @@
 Full fine-tuning trains every weight and keeps a frozen copy as the reference. LoRA (peft) trains
 low-rank adapters only; its reference is the same network with the adapters disabled, so no second
 copy is loaded. With beta = 0 there is no reference at all.
+
+Precision: the forward passes run under bf16 autocast where `RFT_TRAINING_PRECISION` says bf16, and
+by default on CUDA (`autocast_dtype`). Trained weights and the optimizer stay fp32 there; a LoRA
+job's frozen base, which no optimizer touches, is then held in bf16 itself: half the memory of the
+largest tensors in the job, and the matmuls autocast would have run in bf16 anyway.
 """
 
 from __future__ import annotations
@@ -18,6 +23,13 @@ from workers.rl.config import RLConfig
 from workers.rl.loss import token_logprobs
 
 
+def autocast_dtype(precision: str, device_type: str) -> torch.dtype | None:
+    """bf16 where asked for, or by default on CUDA; None (fp32) on CPU unless asked for."""
+    if precision == "bf16" or (precision == "auto" and device_type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 def build_policy(model_name: str, cfg: RLConfig, settings: Settings, device: str, *, seed: int) -> tuple[Any, Any]:
     """The model to train: the base model, wrapped in fresh LoRA adapters when `cfg.lora_rank` > 0.
 
@@ -25,7 +37,8 @@ def build_policy(model_name: str, cfg: RLConfig, settings: Settings, device: str
     loading left the global RNG in: the first load of a GGUF model converts it and consumes random
     numbers, later loads read the cached copy and do not, and the same seed must give the same job.
     `cfg.gradient_checkpointing` keeps only each layer's input and replays the layer in the backward pass."""
-    model, tokenizer = load_fresh(resolve(model_name), settings)
+    frozen_base = autocast_dtype(settings.training_precision, torch.device(device).type) if cfg.lora_rank else None
+    model, tokenizer = load_fresh(resolve(model_name), settings, dtype=frozen_base)
     if cfg.gradient_checkpointing:  # non-reentrant: frozen inputs (LoRA's) still get their layers' gradients
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_rank > 0:
@@ -40,7 +53,7 @@ def build_policy(model_name: str, cfg: RLConfig, settings: Settings, device: str
             base_model_name_or_path=model_name,
         )
         torch.manual_seed(seed)
-        model = get_peft_model(model, lora)
+        model = get_peft_model(model, lora, autocast_adapter_dtype=True)  # adapters in fp32 over a bf16 base
     return model.to(device).train(), tokenizer
 
 
