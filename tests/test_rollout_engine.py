@@ -236,3 +236,14 @@ def test_job_asking_for_vllm_on_a_worker_without_it_fails_saying_why(
     assert failed.error["code"] == "rollout_engine_unavailable"
     assert failed.error["param"] == PARAM + "rollout_engine"
     assert "RFT_VLLM_PYTHON is not set" in failed.error["message"]
+
+
+def test_vllm_holds_the_weights_in_the_type_training_runs_in_unless_told() -> None:
+    from workers.rl.vllm_engine import sampling_dtype
+
+    fp32, bf16 = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).to(torch.bfloat16)
+    assert sampling_dtype(fp32, Settings()) == torch.float32  # CPU, auto: the trainer's fp32
+    assert sampling_dtype(fp32, Settings(training_precision="bf16")) == torch.bfloat16
+    assert sampling_dtype(bf16, Settings()) == torch.bfloat16
+    assert sampling_dtype(fp32, Settings(vllm_dtype="bfloat16")) == torch.bfloat16
+    assert sampling_dtype(bf16, Settings(vllm_dtype="float32")) == torch.float32

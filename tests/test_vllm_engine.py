@@ -111,6 +111,23 @@ def test_the_engine_samples_from_the_weights_it_was_last_given(pair: tuple[Any, 
     assert greedy(engine) == before, "restoring the weights did not restore the answer"
 
 
+def test_a_bf16_vllm_samples_from_an_fp32_trainer_within_a_small_mismatch() -> None:
+    from safetensors import safe_open
+
+    model, tokenizer = vllm_sized_model()
+    engine = VllmEngine(model, tokenizer, Settings(vllm_python=VLLM_PYTHON, vllm_threads=1, vllm_dtype="bfloat16"))
+    try:
+        with safe_open(str(engine.folder / "model.safetensors"), "pt") as weights:
+            assert {weights.get_slice(k).get_dtype() for k in weights.keys()} == {"BF16"}  # noqa: SIM118
+        rollout = engine.sample(CONVERSATIONS, 4, max_new_tokens=8, temperature=1.0, top_p=1.0, seed=1)
+    finally:
+        engine.close()
+    logp, _ = token_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+    mask = rollout.completion_mask.bool()
+    gap = (logp.detach() - rollout.sampler_logprobs)[mask].abs()
+    assert 0 < float(gap.mean()) < 0.05, float(gap.mean())  # bf16's rounding, not another distribution
+
+
 def test_lora_weights_reach_vllm_merged_without_merging_the_trainer() -> None:
     from peft import LoraConfig, get_peft_model
 

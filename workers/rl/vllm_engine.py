@@ -35,6 +35,17 @@ SIDECAR = Path(__file__).with_name("vllm_sidecar.py")
 SHARED_MEMORY = Path("/dev/shm")
 
 
+def sampling_dtype(model: Any, settings: Settings) -> torch.dtype:
+    """The type vLLM holds the weights in (`RFT_VLLM_DTYPE`)."""
+    from workers.rl.policy import autocast_dtype
+
+    if settings.vllm_dtype != "auto":
+        return torch.bfloat16 if settings.vllm_dtype == "bfloat16" else torch.float32
+    trained = next(model.parameters()).dtype
+    autocast = autocast_dtype(settings.training_precision, next(model.parameters()).device.type)
+    return torch.bfloat16 if torch.bfloat16 in (trained, autocast) else torch.float32
+
+
 class SidecarFailed(RuntimeError):
     """The vLLM process died or answered an error; the message carries its last words."""
 
@@ -49,12 +60,13 @@ class VllmEngine:
         base = SHARED_MEMORY if SHARED_MEMORY.is_dir() else None
         self.folder = Path(tempfile.mkdtemp(prefix="rft-vllm-", dir=base))
         self.weight_sync_seconds = 0.0
+        self.dtype = sampling_dtype(model, settings)
         self._write(model)
         tokenizer.save_pretrained(self.folder)
         self._log = tempfile.TemporaryFile("w+")
         config = {
             "model": str(self.folder),
-            "dtype": "float32" if next(model.parameters()).dtype == torch.float32 else "bfloat16",
+            "dtype": "float32" if self.dtype == torch.float32 else "bfloat16",
             "max_model_len": min(max_model_len, int(getattr(model.config, "max_position_embeddings", max_model_len))),
             "seed": 0,
             "kv_cache_bytes": int(settings.vllm_kv_cache_gib * 2**30),
@@ -133,7 +145,7 @@ class VllmEngine:
     def _write(self, model: Any) -> None:
         from safetensors.torch import save_file
 
-        state = merged_state(model)
+        state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in merged_state(model).items()}
         staging = self.folder / "model.safetensors.partial"
         save_file(state, str(staging), metadata={"format": "pt"})
         staging.replace(self.folder / "model.safetensors")  # the sidecar never reads half a file
