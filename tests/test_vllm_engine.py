@@ -124,6 +124,7 @@ def test_a_bf16_vllm_samples_from_an_fp32_trainer_within_a_small_mismatch() -> N
         engine.close()
     logp, _ = token_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
     mask = rollout.completion_mask.bool()
+    assert rollout.sampler_logprobs is not None
     gap = (logp.detach() - rollout.sampler_logprobs)[mask].abs()
     assert 0 < float(gap.mean()) < 0.05, float(gap.mean())  # bf16's rounding, not another distribution
 
