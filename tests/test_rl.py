@@ -586,9 +586,9 @@ def test_lora_adapters_depend_on_the_seed_not_on_what_loading_drew(
     plain = adapters(1)
     load = policy.load_fresh
 
-    def converting_load(*args: object) -> tuple[object, object]:
+    def converting_load(*args: object, **kwargs: object) -> tuple[object, object]:
         torch.rand(1000)  # as a first-time conversion does
-        return load(*args)  # type: ignore[arg-type]
+        return load(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(policy, "load_fresh", converting_load)
     after_draws = adapters(1)
