@@ -87,6 +87,18 @@ def completion_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[to
     return logp, entropy
 
 
+def _values(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`completion_logprobs` of (n, V) logits without a graph, holding two (n, V) tensors at once
+    instead of four (log-softmax, its exp and their product): log p = logit - logsumexp, entropy =
+    logsumexp - sum(p * logit), the sum a batched dot product that makes no (n, V) product."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).sub_(lse).squeeze(-1)
+    probs = logits.sub(lse).exp_()
+    entropy = lse.squeeze(-1) - torch.bmm(probs.unsqueeze(1), logits.unsqueeze(2)).view(-1)
+    return logp, entropy
+
+
 def _module_chunk(head: Head, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logits = head.lm_head(hidden)  # (n, V)
     if head.softcap is not None:  # as Gemma 2's forward does it, in the logits' dtype
@@ -112,7 +124,8 @@ class _LinearHeadLogprobs(torch.autograd.Function):
             for start in range(0, targets.numel(), size):
                 logits = _capped(hidden[start : start + size].to(ctx.dtype) @ w.T, softcap)  # (chunk, V)
                 part = slice(start, start + size)
-                logp[part], entropy[part] = completion_logprobs(logits, targets[part])
+                logp[part], entropy[part] = _values(logits, targets[part])
+                del logits
         ctx.save_for_backward(hidden, weight, targets)
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
