@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     # an fp32 trainer too (about 2.5x faster sampling and half the weight sync on this CPU; the
     # importance-sampling correction covers the larger mismatch, which the metrics report).
     vllm_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # The memory a training job may fill (GiB; service/models/memory_plan.py): 0 is the machine's own,
+    # a worker's GPU memory or else its host memory. The API, which has no GPU, refuses jobs that
+    # cannot fit this much; set it to the workers' memory where they run elsewhere.
+    worker_memory_gib: float = Field(default=0.0, ge=0)
     # Python graders: the interpreter of their own environment (None: `.venv-grader` beside the service's
     # venv, which `make install` creates) and the bubblewrap binary that builds their sandboxes.
     grader_python: Path | None = None

@@ -33,6 +33,7 @@ from service.graders.service import require_runnable
 from service.jobs import repository
 from service.jobs.schemas import JobCreate, JobError, JobObject
 from service.models.engines import choose_engine
+from service.models.memory_plan import refuse_if_too_large
 from service.models.registry import forget_loaded
 from service.models.registry import resolve as resolve_model
 
@@ -111,8 +112,10 @@ def create_job(
     _check_method(body)
     assert body.method is not None and body.method.reinforcement is not None
     grader = parse_grader(body.method.reinforcement.grader, "method.reinforcement.grader")
-    resolve_model(body.model)
-    choose_engine(body.method.reinforcement.hyperparameters.rollout_engine, settings, body.model)
+    spec = resolve_model(body.model)
+    hyperparameters = body.method.reinforcement.hyperparameters
+    engine = choose_engine(hyperparameters.rollout_engine, settings, body.model)
+    refuse_if_too_large(body.model, hyperparameters.model_dump(mode="json"), engine, settings, spec.location or None)
     try:
         require_runnable(grader, settings)
     except SandboxUnavailable as exc:

@@ -10,8 +10,9 @@ Rules (n = training examples):
   16 sequences, at least one group), so a group's shared prompt is computed once.
 - rollout_engine: the engine `service.models.engines.choose_engine` picks (`with_engine`);
   importance_sampling_correction = token where that engine is not the trainer, none where it is.
-- gradient_checkpointing = off when auto, for now: it trades about a third more compute for the
-  layers' activations, and nothing yet plans memory to say when that is needed.
+- micro_batch_size and gradient_checkpointing under auto are then the worker's memory plan's
+  (`workers/rl/plan.py`): the rule above and no checkpointing (it costs about a third more compute)
+  where that fits the worker's memory, else smaller micro-batches, then checkpointing.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from service.graders.schemas import parse_grader
 from service.graders.templates import Sample
 from service.models.engines import EngineUnavailable, choose_engine
 from workers.context import JobContext, TrainingResult
-from workers.rl import checkpoint, guards, selection
+from workers.rl import checkpoint, guards, plan, selection
 from workers.rl.config import RLConfig, with_engine
 from workers.rl.config import resolve as resolve_config
 from workers.rl.data import Example, batch_for_step, load_examples
@@ -34,7 +34,7 @@ from workers.rl.engine import RolloutEngine, engine_class, engine_message, model
 from workers.rl.judge import EngineJudge
 from workers.rl.loss import Mismatch, advantages, policy_loss, token_logprobs
 from workers.rl.memory import keep_freed_memory
-from workers.rl.policy import Reference, autocast_dtype, build_policy, trainable
+from workers.rl.policy import Reference, autocast_dtype, build_policy, checkpoint_activations, trainable
 from workers.rl.rollout import PrefixGrads, Rollout, concat, select_rows
 
 EVAL_SEED_SALT = 7919
@@ -54,7 +54,6 @@ def run_training(ctx: JobContext) -> TrainingResult:
     torch.manual_seed(job["seed"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = build_policy(job["model"], cfg, ctx.settings, device, seed=job["seed"])
-    reference = Reference(model, cfg)
     requested = cfg.rollout_engine  # the job's own wish; `with_engine` below records the engine chosen
     engine_name = choose_engine(cfg.rollout_engine, ctx.settings, job["model"])
     problem = model_problem(engine_name, model.config)
@@ -63,6 +62,12 @@ def run_training(ctx: JobContext) -> TrainingResult:
             raise EngineUnavailable(engine_name, problem)
         engine_name = "torch"  # auto: the engine that runs every model
     cfg = with_engine(cfg, engine_name, engine_class(engine_name).same_as_trainer)
+    budget = plan.device_memory(ctx.settings, device)
+    work = plan.workload(cfg, tokenizer, train, ctx.settings, device, keeps_prefix=not has_dropout(model))
+    cfg, memory = plan.plan(cfg, reinforcement["hyperparameters"], model.config.to_dict(), work, budget)
+    if cfg.gradient_checkpointing:
+        checkpoint_activations(model)
+    reference = Reference(model, cfg)  # after the plan: a full fine-tuning reference is a second model
     ctx.update_job(
         method={
             **job["method"],
@@ -75,6 +80,9 @@ def run_training(ctx: JobContext) -> TrainingResult:
             },
         }
     )
+    if memory is not None:
+        message, data = plan.event(memory, budget)
+        ctx.event(message, data=data, dedupe_key="memory_plan")
     ctx.event(
         engine_message(cfg, requested, ctx.settings, job["model"], problem),
         data={k: getattr(cfg, k) for k in ("rollout_engine", "importance_sampling_correction")},

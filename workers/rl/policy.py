@@ -39,8 +39,8 @@ def build_policy(model_name: str, cfg: RLConfig, settings: Settings, device: str
     `cfg.gradient_checkpointing` keeps only each layer's input and replays the layer in the backward pass."""
     frozen_base = autocast_dtype(settings.training_precision, torch.device(device).type) if cfg.lora_rank else None
     model, tokenizer = load_fresh(resolve(model_name), settings, dtype=frozen_base)
-    if cfg.gradient_checkpointing:  # non-reentrant: frozen inputs (LoRA's) still get their layers' gradients
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:
+        checkpoint_activations(model)
     if cfg.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -55,6 +55,12 @@ def build_policy(model_name: str, cfg: RLConfig, settings: Settings, device: str
         torch.manual_seed(seed)
         model = get_peft_model(model, lora, autocast_adapter_dtype=True)  # adapters in fp32 over a bf16 base
     return model.to(device).train(), tokenizer
+
+
+def checkpoint_activations(model: Any) -> None:
+    """Keep only each layer's input and replay the layer in the backward pass (through PEFT's
+    wrappers too). Non-reentrant: frozen inputs (LoRA's) still get their layers' gradients."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def trainable(model: Any) -> list[torch.nn.Parameter]:

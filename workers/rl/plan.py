@@ -1,0 +1,90 @@
+"""The worker's memory plan for a job: `service.models.memory_plan` with what only the worker knows
+(the device and its memory, the prompts' lengths in the model's tokens), deciding the micro-batch
+and gradient checkpointing where the job left them at `auto`."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from service.core.settings import Settings
+from service.models import memory_plan
+from service.models.templates import render_prompt
+from workers.rl.config import RLConfig
+from workers.rl.data import Example
+from workers.rl.policy import autocast_dtype
+
+
+def device_memory(settings: Settings, device: str) -> int:
+    """Bytes a job may use: `RFT_WORKER_MEMORY_GIB`, else the GPU's memory, else the host's."""
+    if settings.worker_memory_gib:
+        return int(settings.worker_memory_gib * memory_plan.GIB)
+    if device == "cuda":
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    return memory_plan.host_memory()
+
+
+def workload(
+    cfg: RLConfig, tokenizer: Any, examples: list[Example], settings: Settings, device: str, keeps_prefix: bool
+) -> memory_plan.Workload:
+    bf16 = autocast_dtype(settings.training_precision, device) is not None
+    longest = max((len(tokenizer(render_prompt(tokenizer, e.messages))["input_ids"]) for e in examples), default=1)
+    return memory_plan.Workload(
+        prompts=cfg.batch_size,
+        group_size=cfg.group_size,
+        prompt_tokens=longest,
+        completion_tokens=cfg.max_completion_tokens,
+        micro_batch_size=cfg.micro_batch_size,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        lora_rank=cfg.lora_rank,
+        lora_targets=cfg.lora_target_modules,
+        beta=cfg.beta,
+        device="cuda" if device == "cuda" else "cpu",
+        bf16=bf16,
+        engine="vllm" if cfg.rollout_engine == "vllm" else "torch",
+        vllm_kv_cache_gib=settings.vllm_kv_cache_gib,
+        vllm_bf16=settings.vllm_dtype == "bfloat16" or (settings.vllm_dtype == "auto" and bf16),
+        keeps_prefix=keeps_prefix and not cfg.gradient_checkpointing,
+    )
+
+
+def plan(
+    cfg: RLConfig,
+    hyperparameters: dict[str, Any],
+    model_config: dict[str, Any],
+    work: memory_plan.Workload,
+    budget: int,
+) -> tuple[RLConfig, memory_plan.Estimate | None]:
+    """`cfg` with the micro-batch and checkpointing that fit `budget`, and the plan; (cfg, None) for
+    a model whose config the planner cannot count. A job that cannot fit is a 400 naming why."""
+    try:
+        shape = memory_plan.Shape.from_config(model_config)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return cfg, None
+    auto = {k: hyperparameters.get(k, "auto") == "auto" for k in ("micro_batch_size", "gradient_checkpointing")}
+    chosen = memory_plan.fit(
+        shape,
+        work,
+        budget,
+        micro_batch_auto=auto["micro_batch_size"],
+        checkpointing_auto=auto["gradient_checkpointing"],
+    )
+    w = chosen.workload
+    return replace(cfg, micro_batch_size=w.micro_batch_size, gradient_checkpointing=w.gradient_checkpointing), chosen
+
+
+def event(estimate: memory_plan.Estimate, budget: int) -> tuple[str, dict[str, Any]]:
+    """The job event that shows the plan: its message and data."""
+    w = estimate.workload
+    message = f"Memory plan: {estimate.describe()}, of the {memory_plan.gib(budget)} this worker has."
+    return message, {
+        "peak": estimate.peak,
+        "budget": budget,
+        "parts": estimate.parts,
+        "parameters": estimate.parameters,
+        "micro_batch_size": w.micro_batch_size,
+        "gradient_checkpointing": w.gradient_checkpointing,
+        "prompt_tokens": w.prompt_tokens,
+    }
