@@ -201,6 +201,16 @@ def test_multi_runtime_formula_error_is_a_counted_error() -> None:
             "grader.calculate_output",
         ),
         ({"type": "vibes"}, "grader.type"),
+        (  # JSON true is not a temperature of 1 (the fuzzer found it accepted)
+            {
+                "type": "score_model",
+                "name": "x",
+                "model": "m",
+                "input": [{"role": "user", "content": "hi"}],
+                "sampling_params": {"temperature": True},
+            },
+            "grader.sampling_params.temperature",
+        ),
     ],
 )
 def test_invalid_grader_configs_name_the_bad_field(grader: dict[str, Any], param: str) -> None:

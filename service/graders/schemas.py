@@ -109,10 +109,11 @@ class InputMessage(Strict):
 
 
 class SamplingParams(Strict):
-    seed: int | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    max_completions_tokens: Annotated[int, Field(ge=1, le=4096)] | None = None
+    # strict: a JSON true is no temperature (lax pydantic would read it as 1.0); ints still pass as floats
+    seed: Annotated[int, Field(strict=True)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1, strict=True)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2, strict=True)] | None = None
+    max_completions_tokens: Annotated[int, Field(ge=1, le=4096, strict=True)] | None = None
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
 
 
