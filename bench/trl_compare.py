@@ -258,10 +258,26 @@ def peak_rss_mib() -> float:
 
 
 class BenchContext:
-    """The slice of JobContext that `Loop.train_step` touches (a rollback asks for a checkpoint)."""
+    """The slice of JobContext that `loop.set_up` and `Loop.train_step` touch: the job's row (the
+    arithmetic example's files, its grader, the bench's hyperparameters), events printed, no
+    checkpoint to resume from or roll back to."""
 
-    def __init__(self, bench: Bench) -> None:
-        self.job = {"seed": bench.seed, "model": bench.model}
+    def __init__(self, bench: Bench, lora: bool) -> None:
+        folder = Path(tempfile.mkdtemp(prefix="trl-compare-"))
+        atexit.register(shutil.rmtree, folder, True)
+        valid = folder / "valid.jsonl"
+        valid.write_text("".join(json.dumps(e.item) + "\n" for e in validation(bench)))
+        grader = json.loads((EXAMPLE / "grader.json").read_text())
+        hp = {**hyperparameters(bench, lora), "rollout_engine": bench.engine}
+        self.job = {
+            "id": "bench",
+            "seed": bench.seed,
+            "model": bench.model,
+            "project_id": None,
+            "training_path": EXAMPLE / "train.jsonl",
+            "validation_path": valid,
+            "method": {"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": hp}},
+        }
         self.settings = settings()
         self.events: list[str] = []
 
@@ -269,44 +285,45 @@ class BenchContext:
         self.events.append(message)
         print(f"  event: {message}", flush=True)
 
+    def update_job(self, **_: Any) -> None:
+        pass
+
     def latest_checkpoint(self) -> None:
         return None
 
 
 @dataclass
 class Ours:
-    """Our loop's parts, built as `workers/rl/loop.py:run_training` builds them."""
+    """Our loop, built by the worker's own `workers.rl.loop.set_up`."""
 
     cfg: RLConfig
     loop: Any  # workers.rl.loop.Loop
-    model: Any
-    tokenizer: Any
-    valid: list[Example]
+    parts: Any  # workers.rl.loop.Parts
     grader: Compiled
+
+    @property
+    def model(self) -> Any:
+        return self.parts.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.parts.tokenizer
+
+    @property
+    def valid(self) -> list[Example]:
+        return list(self.parts.valid)
 
 
 def build_ours(bench: Bench, lora: bool) -> Ours:
     from workers.context import JobContext
-    from workers.rl.checkpoint import fresh_state
-    from workers.rl.engine import open_engine
-    from workers.rl.loop import Loop
-    from workers.rl.memory import keep_freed_memory
-    from workers.rl.policy import Reference, build_policy, trainable
+    from workers.rl.loop import Loop, set_up
 
-    keep_freed_memory()  # as run_training does
-    train, valid, grader = arithmetic(bench)
-    cfg = resolved(bench, lora, len(train))
-    torch.manual_seed(bench.seed)
-    model, tokenizer = build_policy(bench.model, cfg, settings(), "cpu", seed=bench.seed)
-    reference = Reference(model, cfg)
-    optimizer = torch.optim.AdamW(trainable(model), lr=cfg.learning_rate, weight_decay=0.0, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
-    ctx = cast(JobContext, BenchContext(bench))
-    engine = open_engine(cast(EngineName, bench.engine), model, tokenizer, settings())
-    loop = Loop(
-        ctx, cfg, engine, model, reference, tokenizer, optimizer, scheduler, grader, train, valid, fresh_state()
-    )
-    return Ours(cfg, loop, model, tokenizer, valid, grader)
+    ctx = cast(JobContext, BenchContext(bench, lora))
+    parts = set_up(ctx)
+    expected = resolved(bench, lora, len(parts.train))
+    assert (parts.cfg.group_size, parts.cfg.rollout_engine) == (expected.group_size, expected.rollout_engine)
+    grader = parts.compile_grader()
+    return Ours(parts.cfg, Loop(ctx, parts, grader), parts, grader)
 
 
 def run_ours(bench: Bench, lora: bool) -> dict[str, Any]:
@@ -314,9 +331,9 @@ def run_ours(bench: Bench, lora: bool) -> dict[str, Any]:
 
     Evaluation, checkpoints and database writes are left out: they are not training."""
     ours = build_ours(bench, lora)
-    cfg, loop, model, tokenizer = ours.cfg, ours.loop, ours.model, ours.tokenizer
-    with ours.grader as grader, contextlib.closing(loop.engine):
-        before = evaluate(model, tokenizer, ours.valid, grader, cfg.max_completion_tokens)
+    cfg, loop, model, tokenizer, valid = ours.cfg, ours.loop, ours.model, ours.tokenizer, ours.valid
+    with ours.grader as grader, contextlib.closing(ours.parts):
+        before = evaluate(model, tokenizer, valid, grader, cfg.max_completion_tokens)
         profile = Profile()
         for network in (model, loop.reference.copy):  # the full-fine-tuning reference is a second network
             if network is not None:
@@ -329,7 +346,7 @@ def run_ours(bench: Bench, lora: bool) -> dict[str, Any]:
                 metrics = loop.train_step(step)
                 steps.append(step_record(metrics))
                 print(f"  ours step {step}: {json.dumps(steps[-1])}", flush=True)
-        after = evaluate(model, tokenizer, ours.valid, grader, cfg.max_completion_tokens)
+        after = evaluate(model, tokenizer, valid, grader, cfg.max_completion_tokens)
     return summary(bench, cfg, steps, profile, update_flops(model, profile, lora), before, after)
 
 

@@ -28,6 +28,7 @@ from service.graders.templates import Sample
 from workers.context import JobContext, TrainingResult
 from workers.rl.config import resolve
 from workers.rl.selection import finish
+from workers.rl.state import TrainerState
 
 KL_LIMIT = 0.5
 
@@ -175,5 +176,5 @@ def _evaluate(ctx: JobContext, evaluator: _Evaluator, metrics: dict[str, Any]) -
 def _finish(ctx: JobContext, evals: list[dict[str, Any]], baseline: float, total: int) -> TrainingResult:
     """The RL loop's own final-model selection and its event."""
     cfg = SimpleNamespace(kl_limit=KL_LIMIT)
-    result = finish(ctx, {"evals": evals, "baseline": {"reward": baseline}}, cfg)  # type: ignore[arg-type]
+    result = finish(ctx, TrainerState(evals=evals, baseline={"reward": baseline}), cfg)  # type: ignore[arg-type]
     return dataclasses.replace(result, trained_tokens=total * 512)

@@ -13,13 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from workers.context import JobContext
-from workers.rl.guards import fresh_guard_state
+from workers.rl.state import TrainerState
 
 STATE_FILE = "trainer_state.pt"
-
-
-def fresh_state() -> dict[str, Any]:
-    return {"step": 0, "baseline": None, "evals": [], "resumed_at": None, "guard": fresh_guard_state()}
 
 
 def save(
@@ -29,7 +25,7 @@ def save(
     tokenizer: Any,
     optimizer: Any,
     scheduler: Any,
-    state: dict[str, Any],
+    state: TrainerState,
     metrics: dict[str, Any],
 ) -> str:
     def write(folder: Path) -> None:
@@ -46,7 +42,7 @@ def save(
                 "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "state": copy.deepcopy(state),
+                "state": copy.deepcopy(state.to_dict()),
             },
             folder / STATE_FILE,
         )
@@ -54,19 +50,19 @@ def save(
     return ctx.save_checkpoint(step, write, metrics)
 
 
-def restore(ctx: JobContext, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+def restore(ctx: JobContext, model: Any, optimizer: Any, scheduler: Any) -> TrainerState:
     """Load the latest checkpoint into the given objects; the trainer state to continue from."""
     latest = ctx.latest_checkpoint()
     if latest is None:
-        return fresh_state()
+        return TrainerState()
     step, folder = latest
     saved = load_into(folder, model, optimizer, scheduler)
     torch.set_rng_state(saved["torch_rng"])
     if saved["cuda_rng"]:
         torch.cuda.set_rng_state_all(saved["cuda_rng"])
-    state: dict[str, Any] = saved["state"]
-    state["step"], state["resumed_at"] = step, step
-    ctx.event(f"Resumed from the checkpoint at step {step}.", dedupe_key=f"resume:{step}:{len(state['evals'])}")
+    state = TrainerState.from_dict(saved["state"])
+    state.step, state.resumed_at = step, step
+    ctx.event(f"Resumed from the checkpoint at step {step}.", dedupe_key=f"resume:{step}:{len(state.evals)}")
     return state
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from workers.rl.state import derive_seed
+
 
 @dataclass(frozen=True)
 class Example:
@@ -31,5 +33,5 @@ def batch_for_step(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     steps_per_epoch = -(-n // batch_size)
     epoch, index = divmod(step, steps_per_epoch)
     order = list(range(n))
-    random.Random(f"{seed}:{epoch}").shuffle(order)
+    random.Random(derive_seed(seed, "epoch", epoch)).shuffle(order)
     return order[index * batch_size : (index + 1) * batch_size]

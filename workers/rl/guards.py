@@ -15,6 +15,7 @@ import statistics
 from typing import Any
 
 from service.core.errors import ApiError
+from workers.rl.state import GuardState
 
 SPIKE_FACTOR = 10.0
 SPIKE_WARMUP = 5
@@ -28,11 +29,7 @@ class TrainingUnstable(ApiError):
     code = "training_unstable"
 
 
-def fresh_guard_state() -> dict[str, Any]:
-    return {"grad_norms": [], "rollbacks": 0, "lr_scale": 1.0, "entropy0": None}
-
-
-def refusal(guard: dict[str, Any], loss: float, grad_norm: float, clip: float) -> str | None:
+def refusal(guard: GuardState, loss: float, grad_norm: float, clip: float) -> str | None:
     """Why this update must not be applied, or None (and then the norm joins the history).
 
     A spike is measured against the recent median but never against less than the clipping norm:
@@ -40,21 +37,21 @@ def refusal(guard: dict[str, Any], loss: float, grad_norm: float, clip: float) -
     update must not look like a spike next to them."""
     if not math.isfinite(loss) or not math.isfinite(grad_norm):
         return f"non-finite loss or gradient (loss {loss}, gradient norm {grad_norm})"
-    norms = guard["grad_norms"]
+    norms = guard.grad_norms
     if len(norms) >= SPIKE_WARMUP:
         typical = max(statistics.median(norms), clip)
         if grad_norm > SPIKE_FACTOR * max(typical, 1e-8):
             return (
                 f"gradient norm spike ({grad_norm:.3g}, {grad_norm / max(typical, 1e-8):.0f}x the median {typical:.3g})"
             )
-    guard["grad_norms"] = (norms + [grad_norm])[-HISTORY:]
+    guard.grad_norms = (norms + [grad_norm])[-HISTORY:]
     return None
 
 
-def count_rollback(guard: dict[str, Any], reason: str, step: int) -> None:
-    guard["rollbacks"] += 1
-    guard["lr_scale"] *= 0.5
-    if guard["rollbacks"] > MAX_ROLLBACKS:
+def count_rollback(guard: GuardState, reason: str, step: int) -> None:
+    guard.rollbacks += 1
+    guard.lr_scale *= 0.5
+    if guard.rollbacks > MAX_ROLLBACKS:
         raise TrainingUnstable(
             f"Training is unstable: step {step} had a {reason} after {MAX_ROLLBACKS} rollbacks with the learning "
             "rate halved each time. Lower learning_rate_multiplier or max_grad_norm, or raise beta."
@@ -62,7 +59,7 @@ def count_rollback(guard: dict[str, Any], reason: str, step: int) -> None:
 
 
 def warnings(
-    guard: dict[str, Any], metrics: dict[str, Any], evals: list[dict[str, Any]], kl_limit: float
+    guard: GuardState, metrics: dict[str, Any], evals: list[dict[str, Any]], kl_limit: float
 ) -> list[tuple[str, str]]:
     """(dedupe key, message) for each drift worth a `warn` event after this step."""
     step, out = metrics["step"], []
@@ -76,14 +73,14 @@ def warnings(
             )
         )
     entropy = metrics.get("entropy")
-    if entropy and guard["entropy0"] is None:
-        guard["entropy0"] = entropy
-    if entropy is not None and guard["entropy0"] and entropy < 0.1 * guard["entropy0"]:
+    if entropy and guard.entropy0 is None:
+        guard.entropy0 = entropy
+    if entropy is not None and guard.entropy0 and entropy < 0.1 * guard.entropy0:
         out.append(
             (
                 "entropy-collapse",
                 f"Step {step}: policy entropy fell to {entropy:.4f} from "
-                f"{guard['entropy0']:.4f}; the model has stopped exploring.",
+                f"{guard.entropy0:.4f}; the model has stopped exploring.",
             )
         )
     gaps = [e["train_reward_mean"] - e["valid_reward_mean"] for e in evals[-3:] if "valid_reward_mean" in e]

@@ -6,9 +6,13 @@ advantages, and take one AdamW step on the clipped surrogate + beta * KL to the 
 accumulated over micro-batches. A baseline evaluation runs before step 1, then every
 `eval_interval` steps and at the end; every evaluation writes a checkpoint. The final model is the
 checkpoint with the best validation reward whose KL from the initial policy stays under `kl_limit`.
-Seeds derive from (job seed, step), so a resumed run samples what the uninterrupted one would.
-Completions come from the job's rollout engine (`engine.py`), which takes the new weights after
-every optimizer step (timed as `timing.step.weight_sync`).
+Seeds derive from the job's seed and what they are for (`state.derive_seed`), so a resumed run
+samples what the uninterrupted one would. Completions come from the job's rollout engine
+(`engine.py`), which takes the new weights after every optimizer step (timed as
+`timing.step.weight_sync`).
+
+`set_up` builds a job's parts (the worker's and the benchmarks' one way to do it); `Loop` runs
+them, its methods in the order a step calls them.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ import contextlib
 import math
 import random
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from service.core.settings import Settings
 from service.graders.engine import BatchGrades, Compiled, compile_grader, grade_batch
 from service.graders.schemas import parse_grader
 from service.graders.templates import Sample
@@ -36,15 +42,50 @@ from workers.rl.loss import Mismatch, advantages, policy_loss, token_logprobs
 from workers.rl.memory import keep_freed_memory
 from workers.rl.policy import Reference, autocast_dtype, build_policy, checkpoint_activations, trainable
 from workers.rl.rollout import PrefixGrads, Rollout, concat, select_rows
-
-EVAL_SEED_SALT = 7919
-
-
-def step_seed(job_seed: int, step: int) -> int:
-    return (job_seed * 1_000_003 + step) % (2**31)
+from workers.rl.state import TrainerState, derive_seed
 
 
 def run_training(ctx: JobContext) -> TrainingResult:
+    parts = set_up(ctx)
+    try:
+        with parts.compile_grader() as grader:
+            return Loop(ctx, parts, grader).run()
+    finally:
+        parts.close()
+
+
+@dataclass
+class Parts:
+    """What a job trains with, built by `set_up`."""
+
+    cfg: RLConfig
+    model: Any
+    tokenizer: Any
+    reference: Reference
+    optimizer: Any
+    scheduler: Any
+    engine: RolloutEngine
+    judge: EngineJudge
+    train: list[Example]
+    valid: list[Example]
+    state: TrainerState
+    grader_spec: Any  # the job's grader, parsed
+    settings: Settings
+    project_id: str | None
+
+    def compile_grader(self) -> Any:
+        """The job's grader, compiled (a context manager); model graders answer through `judge`."""
+        return compile_grader(self.grader_spec, self.settings, self.project_id, self.judge)
+
+    def close(self) -> None:
+        self.judge.close()
+        self.engine.close()
+
+
+def set_up(ctx: JobContext) -> Parts:
+    """A job's parts from its row: resolved hyperparameters, the policy and its reference, the
+    rollout engine, the memory plan, optimizer and scheduler, the state to resume from. Echoes the
+    resolved values into the job and explains the engine and memory choices in events."""
     job = ctx.job
     reinforcement = job["method"]["reinforcement"]
     train = load_examples(job["training_path"])
@@ -93,39 +134,38 @@ def run_training(ctx: JobContext) -> TrainingResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     state = checkpoint.restore(ctx, model, optimizer, scheduler)
     engine = open_engine(engine_name, model, tokenizer, ctx.settings)  # after restore: the weights it resumes
-    judge = EngineJudge(engine_name, ctx.settings)  # model graders answer through the same kind of engine
     try:
-        with compile_grader(parse_grader(reinforcement["grader"]), ctx.settings, job["project_id"], judge) as grader:
-            loop = Loop(
-                ctx, cfg, engine, model, reference, tokenizer, optimizer, scheduler, grader, train, valid, state
-            )
-            return loop.run()
-    finally:
-        judge.close()
+        judge = EngineJudge(engine_name, ctx.settings)  # model graders answer through the same kind of engine
+        grader = parse_grader(reinforcement["grader"])
+    except BaseException:
         engine.close()
+        raise
+    return Parts(
+        cfg=cfg,
+        model=model,
+        tokenizer=tokenizer,
+        reference=reference,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        engine=engine,
+        judge=judge,
+        train=train,
+        valid=valid,
+        state=state,
+        grader_spec=grader,
+        settings=ctx.settings,
+        project_id=job.get("project_id"),
+    )
 
 
 class Loop:
-    def __init__(
-        self,
-        ctx: JobContext,
-        cfg: RLConfig,
-        engine: RolloutEngine,
-        model: Any,
-        reference: Reference,
-        tokenizer: Any,
-        optimizer: Any,
-        scheduler: Any,
-        grader: Compiled,
-        train: list[Example],
-        valid: list[Example],
-        state: dict[str, Any],
-    ) -> None:
-        self.ctx, self.cfg, self.model, self.reference, self.tokenizer = ctx, cfg, model, reference, tokenizer
-        self.engine = engine
-        self.optimizer, self.scheduler, self.grader = optimizer, scheduler, grader
-        self.train, self.valid, self.state = train, valid, state
+    def __init__(self, ctx: JobContext, parts: Parts, grader: Compiled) -> None:
+        self.ctx, self.cfg, self.grader = ctx, parts.cfg, grader
+        self.model, self.reference, self.tokenizer = parts.model, parts.reference, parts.tokenizer
+        self.engine, self.optimizer, self.scheduler = parts.engine, parts.optimizer, parts.scheduler
+        self.train, self.valid, self.state = parts.train, parts.valid, parts.state
         self.seed = int(ctx.job["seed"])
+        model, cfg = self.model, self.cfg
         self.timing = {"sampling": 0.0, "scoring": 0.0, "weight_sync": 0.0}
         # What a rollback before the first checkpoint returns to (adapters only, under LoRA).
         self.initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -136,89 +176,30 @@ class Loop:
         self.reuse_prefix = not has_dropout(model) and not cfg.gradient_checkpointing
 
     def run(self) -> TrainingResult:
-        if self.state["baseline"] is None:
+        if self.state.baseline is None:
             with self.precision():
                 baseline = self.evaluate(0)
-            self.state["baseline"] = baseline
+            self.state.baseline = baseline
             self.ctx.event(
                 f"Baseline validation reward of the untouched model: {baseline['reward']:.4f}",
                 data=baseline,
                 dedupe_key="baseline",
             )
         started = time.time()
-        for step in range(self.state["step"] + 1, self.cfg.total_steps + 1):
+        for step in range(self.state.step + 1, self.cfg.total_steps + 1):
             metrics = self.train_step(step)  # backward runs outside autocast, inside update()
-            evaluated = step % self.cfg.eval_interval == 0 or step == self.cfg.total_steps
-            if evaluated:
-                t0 = time.perf_counter()
-                with self.precision():
-                    result = self.evaluate(step)
-                metrics["valid_reward_mean"] = result["reward"]
-                metrics["valid_kl"] = result["kl"]
-                metrics["valid_samples"] = result["samples"]
-                for grader in metrics["scores"]["graders"]:
-                    grader["valid_reward_mean"] = result["graders"].get(grader["name"])
-                metrics["timing"]["step"]["eval"] = time.perf_counter() - t0
-                if step == self.cfg.total_steps:
-                    metrics["full_valid_mean_reward"] = result["reward"]
-            self.state["step"] = step
-            if evaluated:
-                self.state["evals"].append({"step": step, **metrics_of(metrics)})
-                self.save(step, metrics)
-                checkpoint.prune(self.ctx, self.state["evals"], step, self.cfg.kl_limit)
-            self.ctx.metrics(step, metrics)
-            for key, message in guards.warnings(self.state["guard"], metrics, self.state["evals"], self.cfg.kl_limit):
-                self.ctx.event(message, level="warn", dedupe_key=key)
-            done = step - (self.state.get("resumed_at") or 0)
-            eta = (time.time() - started) / max(done, 1) * (self.cfg.total_steps - step)
-            self.ctx.update_job(estimated_finish=int(time.time() + eta))
-            request = self.ctx.control()
-            if request == "cancel":
-                return TrainingResult("cancelled")
-            if request in ("pause", "stop"):  # stop: this worker is shutting down; the job requeues
-                if not evaluated:
-                    self.save(step, metrics)
-                return TrainingResult("paused" if request == "pause" else "requeued")
+            stop = self.after_step(step, metrics, started)
+            if stop is not None:
+                return stop
         return selection.finish(self.ctx, self.state, self.cfg)
-
-    def rollback(self, step: int, reason: str) -> None:
-        """Refuse this update: back to the last checkpoint (or the base weights), learning rate halved."""
-        guard = self.state["guard"]
-        guards.count_rollback(guard, reason, step)
-        latest = self.ctx.latest_checkpoint()
-        if latest is not None:
-            checkpoint.load_into(latest[1], self.model, self.optimizer, self.scheduler)
-            source = f"the checkpoint at step {latest[0]}"
-        else:
-            self.model.load_state_dict(self.initial, strict=False)
-            self.optimizer.state.clear()
-            source = "the base weights"
-        self.scheduler.base_lrs = [self.cfg.learning_rate * guard["lr_scale"] for _ in self.scheduler.base_lrs]
-        self.ctx.event(
-            f"Step {step}: {reason}. Update skipped, weights rolled back to {source}, learning rate halved to "
-            f"{self.cfg.learning_rate * guard['lr_scale']:.3g} "
-            f"(rollback {guard['rollbacks']} of {guards.MAX_ROLLBACKS}).",
-            level="warn",
-            dedupe_key=f"rollback:{step}",
-        )
-
-    def precision(self) -> Any:
-        """The forward passes' autocast (`RFT_TRAINING_PRECISION`); weights and optimizer stay fp32."""
-        device = self.model.device.type
-        if autocast_dtype(self.ctx.settings.training_precision, device) is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device, dtype=torch.bfloat16)
-
-    def save(self, step: int, metrics: dict[str, Any]) -> None:
-        checkpoint.save(
-            self.ctx, step, self.model, self.tokenizer, self.optimizer, self.scheduler, self.state, metrics_of(metrics)
-        )
 
     def train_step(self, step: int) -> dict[str, Any]:
         cfg, t0 = self.cfg, time.perf_counter()
         self.timing = {"sampling": 0.0, "scoring": 0.0, "weight_sync": 0.0}
         indexes = batch_for_step(len(self.train), cfg.batch_size, step - 1, self.seed)
-        rollout, sampled = self.sample_and_grade(indexes, step_seed(self.seed, step))
+        rollout, sampled = self.sample_and_grade(
+            [self.train[i] for i in indexes], cfg.group_size, derive_seed(self.seed, "train", step)
+        )
         zero_before = self.zero_std_groups(sampled)
         # Rewards are reported for the step's own prompts; refill only changes what is trained on.
         rollout, grades, refilled = self.refill(step, rollout, sampled, zero_before)
@@ -258,21 +239,28 @@ class Loop:
             },
         }
 
-    def sample_and_grade(self, indexes: list[int], seed: int) -> tuple[Rollout, BatchGrades]:
-        cfg, chosen = self.cfg, [self.train[i] for i in indexes]
+    def sample_and_grade(
+        self, examples: list[Example], n: int, seed: int, *, evaluation: bool = False
+    ) -> tuple[Rollout, BatchGrades]:
+        """`n` completions of each example's prompt, graded: training's samples (`temperature`,
+        keeping the prompt pass for the update where it can) or evaluation's (`eval_temperature`,
+        greedy at 0). Time goes to the step's sampling and scoring."""
+        cfg = self.cfg
+        temperature = cfg.eval_temperature if evaluation else cfg.temperature
         t0 = time.perf_counter()
         with self.precision():
             rollout = self.engine.sample(
-                [e.messages for e in chosen],
-                cfg.group_size,
+                [e.messages for e in examples],
+                n,
                 max_new_tokens=cfg.max_completion_tokens,
-                temperature=cfg.temperature,
+                temperature=temperature,
                 top_p=cfg.top_p,
                 seed=seed,
-                keep_prefix=self.reuse_prefix,
+                greedy=evaluation and temperature == 0,
+                keep_prefix=self.reuse_prefix and not evaluation,
             )
         t1 = time.perf_counter()
-        items = [e.item for e in chosen for _ in range(cfg.group_size)]
+        items = [e.item for e in examples for _ in range(n)]
         grades = grade_batch(self.grader, [Sample.from_text(t) for t in rollout.texts], items)
         self.timing["sampling"] += t1 - t0
         self.timing["scoring"] += time.perf_counter() - t1
@@ -291,9 +279,11 @@ class Loop:
         for round_ in range(1, self.cfg.refill_rounds + 1):
             if not zero:
                 break
-            rng = random.Random(f"{self.seed}:{step}:refill:{round_}")
+            rng = random.Random(derive_seed(self.seed, "refill prompts", step, round_))
             extra_idx = rng.sample(range(len(self.train)), min(len(zero), len(self.train)))
-            extra, extra_grades = self.sample_and_grade(extra_idx, step_seed(self.seed, step) + 7_919 * round_)
+            extra, extra_grades = self.sample_and_grade(
+                [self.train[i] for i in extra_idx], G, derive_seed(self.seed, "refill", step, round_)
+            )
             useful = [g for g in range(len(extra_idx)) if g not in self.zero_std_groups(extra_grades)]
             swaps = list(zip(zero, useful, strict=False))
             if not swaps:
@@ -348,7 +338,7 @@ class Loop:
             if prefix is not None:
                 prefix.backward()  # the prompts' share of the gradient, once for all micro-batches
         grad_norm = clip_gradients(self.model, cfg.max_grad_norm)
-        reason = guards.refusal(self.state["guard"], loss_total, grad_norm, cfg.max_grad_norm)
+        reason = guards.refusal(self.state.guard, loss_total, grad_norm, cfg.max_grad_norm)
         if reason:
             self.optimizer.zero_grad(set_to_none=True)
             self.rollback(step, reason)
@@ -377,21 +367,50 @@ class Loop:
         self.engine.update_weights(self.model)
         self.timing["weight_sync"] += time.perf_counter() - t0
 
+    def after_step(self, step: int, metrics: dict[str, Any], started: float) -> TrainingResult | None:
+        """Everything between two steps: evaluation and its checkpoint, the metrics event, the guards'
+        warnings, the ETA, and a pause, stop or cancel asked for meanwhile (the result to end with)."""
+        evaluated = step % self.cfg.eval_interval == 0 or step == self.cfg.total_steps
+        if evaluated:
+            t0 = time.perf_counter()
+            with self.precision():
+                result = self.evaluate(step)
+            metrics["valid_reward_mean"] = result["reward"]
+            metrics["valid_kl"] = result["kl"]
+            metrics["valid_samples"] = result["samples"]
+            for grader in metrics["scores"]["graders"]:
+                grader["valid_reward_mean"] = result["graders"].get(grader["name"])
+            metrics["timing"]["step"]["eval"] = time.perf_counter() - t0
+            if step == self.cfg.total_steps:
+                metrics["full_valid_mean_reward"] = result["reward"]
+        self.state.step = step
+        if evaluated:
+            self.state.evals.append({"step": step, **metrics_of(metrics)})
+            self.save(step, metrics)
+            checkpoint.prune(self.ctx, self.state.evals, step, self.cfg.kl_limit)
+        self.ctx.metrics(step, metrics)
+        for key, message in guards.warnings(self.state.guard, metrics, self.state.evals, self.cfg.kl_limit):
+            self.ctx.event(message, level="warn", dedupe_key=key)
+        done = step - (self.state.resumed_at or 0)
+        eta = (time.time() - started) / max(done, 1) * (self.cfg.total_steps - step)
+        self.ctx.update_job(estimated_finish=int(time.time() + eta))
+        request = self.ctx.control()
+        if request == "cancel":
+            return TrainingResult("cancelled")
+        if request in ("pause", "stop"):  # stop: this worker is shutting down; the job requeues
+            if not evaluated:
+                self.save(step, metrics)
+            return TrainingResult("paused" if request == "pause" else "requeued")
+        return None
+
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, Any]:
-        """Validation reward (and KL to the initial policy, when a reference is loaded) at `step`."""
+        """Validation reward (and KL to the initial policy, when a reference is loaded) at `step`.
+        Every evaluation draws with the same seed, so two evaluations differ by the weights alone."""
         cfg = self.cfg
-        rollout = self.engine.sample(
-            [e.messages for e in self.valid],
-            cfg.eval_samples,
-            max_new_tokens=cfg.max_completion_tokens,
-            temperature=cfg.eval_temperature,
-            top_p=cfg.top_p,
-            seed=step_seed(self.seed, EVAL_SEED_SALT),
-            greedy=cfg.eval_temperature == 0,
+        rollout, grades = self.sample_and_grade(
+            self.valid, cfg.eval_samples, derive_seed(self.seed, "eval"), evaluation=True
         )
-        items = [e.item for e in self.valid for _ in range(cfg.eval_samples)]
-        grades = grade_batch(self.grader, [Sample.from_text(t) for t in rollout.texts], items)
         kl = None
         if self.reference.enabled:
             mask = rollout.completion_mask.float()
@@ -418,6 +437,39 @@ class Loop:
             "graders": per_grader,
             "samples": samples,
         }
+
+    def rollback(self, step: int, reason: str) -> None:
+        """Refuse this update: back to the last checkpoint (or the base weights), learning rate halved."""
+        guard = self.state.guard
+        guards.count_rollback(guard, reason, step)
+        latest = self.ctx.latest_checkpoint()
+        if latest is not None:
+            checkpoint.load_into(latest[1], self.model, self.optimizer, self.scheduler)
+            source = f"the checkpoint at step {latest[0]}"
+        else:
+            self.model.load_state_dict(self.initial, strict=False)
+            self.optimizer.state.clear()
+            source = "the base weights"
+        self.scheduler.base_lrs = [self.cfg.learning_rate * guard.lr_scale for _ in self.scheduler.base_lrs]
+        self.ctx.event(
+            f"Step {step}: {reason}. Update skipped, weights rolled back to {source}, learning rate halved to "
+            f"{self.cfg.learning_rate * guard.lr_scale:.3g} "
+            f"(rollback {guard.rollbacks} of {guards.MAX_ROLLBACKS}).",
+            level="warn",
+            dedupe_key=f"rollback:{step}",
+        )
+
+    def save(self, step: int, metrics: dict[str, Any]) -> None:
+        checkpoint.save(
+            self.ctx, step, self.model, self.tokenizer, self.optimizer, self.scheduler, self.state, metrics_of(metrics)
+        )
+
+    def precision(self) -> Any:
+        """The forward passes' autocast (`RFT_TRAINING_PRECISION`); weights and optimizer stay fp32."""
+        device = self.model.device.type
+        if autocast_dtype(self.ctx.settings.training_precision, device) is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device, dtype=torch.bfloat16)
 
 
 def live_part(mask: torch.Tensor, start: int, size: int) -> tuple[torch.Tensor, int]:

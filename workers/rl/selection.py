@@ -11,6 +11,7 @@ from service.jobs.service import fine_tuned_model_name
 from workers.context import JobContext, TrainingResult
 from workers.retry import in_transaction
 from workers.rl.config import RLConfig
+from workers.rl.state import TrainerState
 
 
 def choose(evals: list[dict[str, Any]], kl_limit: float) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
@@ -22,9 +23,10 @@ def choose(evals: list[dict[str, Any]], kl_limit: float) -> tuple[dict[str, Any]
     return max(within, key=lambda e: (e["valid_reward_mean"], -e["step"])), excluded
 
 
-def finish(ctx: JobContext, state: dict[str, Any], cfg: RLConfig) -> TrainingResult:
-    evals = state["evals"]
-    baseline = state["baseline"]["reward"]
+def finish(ctx: JobContext, state: TrainerState, cfg: RLConfig) -> TrainingResult:
+    evals = state.evals
+    assert state.baseline is not None  # evaluated before step 1
+    baseline = state.baseline["reward"]
     chosen, excluded = choose(evals, cfg.kl_limit)
     if chosen is None:  # every checkpoint drifted too far: keep the one closest to the initial policy
         chosen = min(evals, key=lambda e: e["valid_kl"])
