@@ -146,6 +146,50 @@ def test_lora_weights_reach_vllm_merged_without_merging_the_trainer() -> None:
         torch.testing.assert_close(tensor, reference[name])
 
 
+def test_lora_adapters_reach_vllm_as_adapters_and_follow_every_update() -> None:
+    """RFT_VLLM_LORA=adapter: vLLM holds the base once and samples through the adapters it was
+    last sent, as the merged model would; only the adapters travel."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = vllm_sized_model()
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # adapters that change the answer
+    settings = Settings(vllm_python=VLLM_PYTHON, vllm_threads=1, vllm_lora="adapter")
+    engine = VllmEngine(lora, tokenizer, settings)
+    try:
+        assert engine.adapters and engine.lora_note is None
+        assert (engine.folder / "adapter-1" / "adapter_model.safetensors").is_file()
+        before = greedy(engine)
+        assert before == greedy(TorchEngine(lora, tokenizer))
+        saved = {k: v.clone() for k, v in lora.state_dict().items() if "lora_" in k}
+        with torch.no_grad():
+            for name, p in lora.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+        engine.update_weights(lora)
+        changed = greedy(engine)
+        assert changed != before, "the greedy answer did not move with the adapters"
+        assert changed == greedy(TorchEngine(lora, tokenizer))
+        assert not (engine.folder / "adapter-1").exists()  # the previous adapter is dropped
+        lora.load_state_dict(saved, strict=False)
+        engine.update_weights(lora)
+        assert greedy(engine) == before, "restoring the adapters did not restore the answer"
+    finally:
+        engine.close()
+    # adapters vLLM cannot hold as adapters (an embedding here) are merged instead, and say why
+    embedded, tokenizer = vllm_sized_model()
+    odd = get_peft_model(embedded, LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+    engine = VllmEngine(odd, tokenizer, settings)
+    try:
+        assert not engine.adapters and "embed_tokens" in str(engine.lora_note)
+        assert greedy(engine) == greedy(TorchEngine(odd, tokenizer))
+    finally:
+        engine.close()
+
+
 def test_a_job_trains_on_vllm_with_weight_sync_and_mismatch_metrics(
     live_client: TestClient,
     live_auth: dict[str, str],

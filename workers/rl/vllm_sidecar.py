@@ -17,6 +17,8 @@ answers each request with one line: `{"ok": ...}` or `{"error": "..."}`.
   (`logprobs_mode="processed_logprobs"`), what importance-sampling correction divides by.
 - `{"op": "reload", "path": folder}`: the weights again from the safetensors in `folder`, in place,
   and the prefix cache dropped (its keys and values belong to the old weights).
+- `{"op": "adapter", "path": folder, "id": n}` (started with `max_lora_rank`): sample with the PEFT
+  adapter in `folder` from now on, the previous adapter dropped, and the prefix cache too.
 - `{"op": "close"}`: exit.
 """
 
@@ -35,7 +37,7 @@ def answer(out: Any, body: dict[str, Any]) -> None:
     out.flush()
 
 
-def sample(llm: Any, request: dict[str, Any]) -> list[list[dict[str, Any]]]:
+def sample(llm: Any, request: dict[str, Any], adapter: Any = None) -> list[list[dict[str, Any]]]:
     from vllm import SamplingParams
 
     greedy, n = float(request["temperature"]) == 0.0, int(request["n"])
@@ -52,7 +54,7 @@ def sample(llm: Any, request: dict[str, Any]) -> list[list[dict[str, Any]]]:
     )
     copies = n if greedy else 1
     prompts = [{"prompt_token_ids": [int(i) for i in ids]} for ids in request["prompts"] for _ in range(copies)]
-    results = llm.generate(prompts, params, use_tqdm=False)
+    results = llm.generate(prompts, params, use_tqdm=False, lora_request=adapter)
     groups = []
     for first in range(0, len(results), copies):
         completions = []
@@ -75,7 +77,10 @@ def main() -> None:
     started = time.perf_counter()
     from vllm import LLM
 
+    rank = config.get("max_lora_rank")
+    lora = {"enable_lora": True, "max_lora_rank": int(rank), "max_loras": 1} if rank else {}
     llm = LLM(
+        **lora,
         model=config["model"],
         dtype=config.get("dtype", "auto"),
         max_model_len=int(config["max_model_len"]),
@@ -86,14 +91,25 @@ def main() -> None:
         max_logprobs=1,
     )
     answer(out, {"ready": True, "seconds": time.perf_counter() - started})
+    adapter = None
     for line in sys.stdin:
         request = json.loads(line)
         try:
             if request["op"] == "sample":
-                answer(out, {"ok": sample(llm, request)})
+                answer(out, {"ok": sample(llm, request, adapter)})
             elif request["op"] == "reload":
                 began = time.perf_counter()
                 llm.collective_rpc("reload_weights", kwargs={"weights_path": request["path"]})
+                llm.reset_prefix_cache()
+                answer(out, {"ok": time.perf_counter() - began})
+            elif request["op"] == "adapter":
+                from vllm.lora.request import LoRARequest
+
+                began, previous = time.perf_counter(), adapter
+                adapter = LoRARequest(f"rft-{request['id']}", int(request["id"]), request["path"])
+                llm.llm_engine.add_lora(adapter)  # loaded now, so the next sample does not pay for it
+                if previous is not None:
+                    llm.llm_engine.remove_lora(previous.lora_int_id)
                 llm.reset_prefix_cache()
                 answer(out, {"ok": time.perf_counter() - began})
             elif request["op"] == "close":
