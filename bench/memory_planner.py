@@ -124,7 +124,7 @@ def create_job(case: Case, model: Path, data: Path) -> tuple[str, dict[str, Any]
 
     from service.app import create_app
     from service.auth.service import create_api_key
-    from service.core import db
+    from service.core import queue
     from service.core.db import unit_of_work
     from service.core.migrate import upgrade
     from service.core.settings import Settings
@@ -133,7 +133,7 @@ def create_job(case: Case, model: Path, data: Path) -> tuple[str, dict[str, Any]
     env = {"RFT_DATA_DIR": str(data), "RFT_BROKER_URL": "memory://", "RFT_ROLLOUT_ENGINE": "torch"}
     settings = Settings(data_dir=data, broker_url="memory://", rollout_engine="torch")
     upgrade(settings.sqlalchemy_url)
-    db.set_task_sender(lambda *_: None)
+    queue.set_task_sender(lambda *_: None)
     with unit_of_work(settings) as session:
         _, key = create_api_key(session, settings, "bench")
     auth = {"Authorization": f"Bearer {key}"}

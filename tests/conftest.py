@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from service.app import create_app
 from service.auth.service import create_api_key
-from service.core import db
+from service.core import db, queue
 from service.core.migrate import upgrade
 from service.core.settings import Settings
 from service.core.tables import Base, Job
@@ -80,9 +80,9 @@ def settings(tmp_path: Path, pg_database: str) -> Settings:
 def sent_tasks() -> Iterator[list[tuple[str, list[Any], str]]]:
     """Wake-up messages the code under test sent (after its commits), instead of a broker."""
     sent: list[tuple[str, list[Any], str]] = []
-    db.set_task_sender(lambda name, args, queue: sent.append((name, args, queue)))
+    queue.set_task_sender(lambda name, args, queue_name: sent.append((name, args, queue_name)))
     yield sent
-    db.set_task_sender(None)
+    queue.set_task_sender(None)
 
 
 @pytest.fixture

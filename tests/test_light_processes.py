@@ -12,7 +12,8 @@ import sys
 from fastapi.testclient import TestClient
 from service.app import create_app
 from service.auth.service import create_api_key
-from service.core.db import set_task_sender, unit_of_work
+from service.core.db import unit_of_work
+from service.core.queue import set_task_sender
 from service.core.migrate import upgrade
 from service.core.settings import Settings
 

@@ -13,13 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.core.ids import new_id
 from service.core.settings import Settings
 from service.core.storage import Storage, job_folder
-from service.core.tables import Checkpoint, Job
+from service.core.tables import Job
 from service.files.repository import files_of_job
 from service.jobs import repository
 from service.jobs.service import fine_tuned_model_name
@@ -155,7 +153,7 @@ class JobContext:
         the next save of the same step replaces.
         """
         key = f"{job_folder(self.job['project_id'], self.job_id)}/step-{step:06d}"
-        existing = self._write(lambda session, job: _checkpoint_at(session, job, step))
+        existing = self._write(lambda session, job: repository.checkpoint_at(session, job.id, step))
         if existing is None:  # a recorded folder is never rewritten: a crash then would leave half of it
             staging = self.storage.staging_dir(key)
             try:
@@ -169,22 +167,8 @@ class JobContext:
                 raise
 
         def record(session: Any, job: Job) -> str:
-            existing = _checkpoint_at(session, job, step)
-            if existing is not None:
-                existing.metrics = metrics
-                return str(existing.id)
-            ckpt = Checkpoint(
-                id=new_id("ftckpt-"),
-                project_id=job.project_id,
-                job_id=job.id,
-                step_number=step,
-                fine_tuned_model_checkpoint=f"{fine_tuned_model_name(job)}:ckpt-step-{step}",
-                metrics=metrics,
-                storage_key=key,
-            )
-            session.add(ckpt)
-            session.flush()
-            return ckpt.id
+            name = f"{fine_tuned_model_name(job)}:ckpt-step-{step}"
+            return repository.record_checkpoint(session, job, step, name, key, metrics)
 
         checkpoint_id: str = self._write(record)
         return checkpoint_id
@@ -193,10 +177,7 @@ class JobContext:
         """Delete the job's checkpoints (rows, then files) whose step is not in `keep_steps`."""
 
         def drop(session: Any, job: Job) -> list[str]:
-            doomed = [c for c in repository.checkpoints_of(session, job.id) if c.step_number not in keep_steps]
-            for ckpt in doomed:
-                session.delete(ckpt)
-            return [c.storage_key for c in doomed]
+            return repository.delete_checkpoints_except(session, job.id, keep_steps)
 
         for key in self._write(drop):  # the rows are gone (committed) before the files go
             self.storage.delete(key)
@@ -206,8 +187,3 @@ class JobContext:
         if not rows:
             return None
         return rows[-1].step_number, self.storage.path(rows[-1].storage_key)
-
-
-def _checkpoint_at(session: Session, job: Job, step: int) -> Checkpoint | None:
-    stmt = select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step_number == step)
-    return session.scalars(stmt).one_or_none()

@@ -15,13 +15,12 @@ import threading
 import time
 from contextlib import nullcontext
 
-from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from service.core.limits import limits_for
 from service.core.queue import wake_training, wake_validation
 from service.core.settings import Settings
-from service.core.tables import Job, now
+from service.core.tables import now
 from service.jobs import repository
 
 log = logging.getLogger(__name__)
@@ -34,46 +33,24 @@ def worker_identity() -> str:
 def claim(session: Session, job_id: str, worker_id: str, settings: Settings, from_status: str, to_status: str) -> bool:
     """Move the job from `from_status` to `to_status` under our lease, if nobody holds a live one
     and (starting a queued job) its project runs fewer jobs than its `max_running_jobs`."""
-    t = time.time()
-    stmt = (
-        update(Job)
-        .where(
-            Job.id == job_id,
-            Job.status == from_status,
-            (Job.lease_expires_at.is_(None)) | (Job.lease_expires_at < t),
-        )
-        .values(
-            status=to_status,
-            worker_id=worker_id,
-            lease_expires_at=t + settings.lease_seconds,
-            heartbeat_at=t,
-            attempts=Job.attempts + (1 if from_status == "queued" else 0),
-        )
-    )
-    project_id = session.scalar(select(Job.project_id).where(Job.id == job_id))
+    project_id = repository.project_of(session, job_id)
     if from_status != "queued" or project_id is None:
-        return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
-    # Counted in the UPDATE itself; on PostgreSQL two workers claiming at the same instant can each
-    # see the other's job as not yet running and overshoot by one: a fairness bound, not a ledger.
+        return repository.claim_lease(session, job_id, worker_id, settings.lease_seconds, from_status, to_status)
     limit = limits_for(settings, project_id, lambda: nullcontext(session)).max_running_jobs
-    running = select(func.count(Job.seq)).where(Job.project_id == project_id, Job.status == "running")
-    if session.execute(stmt.where(running.scalar_subquery() < limit)).rowcount == 1:  # type: ignore[attr-defined]
+    if repository.claim_lease(session, job_id, worker_id, settings.lease_seconds, from_status, to_status, limit):
         return True
-    _defer_if_at_limit(session, job_id, project_id, limit, settings, t)
+    _defer_if_at_limit(session, job_id, project_id, limit, settings)
     return False
 
 
-def _defer_if_at_limit(
-    session: Session, job_id: str, project_id: str, limit: int, settings: Settings, t: float
-) -> None:
+def _defer_if_at_limit(session: Session, job_id: str, project_id: str, limit: int, settings: Settings) -> None:
     """A queued job refused for its project's running limit stays queued; backdating `enqueued_at`
     makes the reaper wake it again within about two reaper intervals, when a slot may be free."""
-    running = session.scalar(select(func.count(Job.seq)).where(Job.project_id == project_id, Job.status == "running"))
-    if running is None or running < limit:
+    running = repository.count_running(session, project_id)
+    if running < limit:
         return  # refused for another reason (not queued, leased): not ours to touch
-    wake_at = t - settings.stale_queued_seconds + 2 * settings.reaper_interval_seconds
-    stmt = update(Job).where(Job.id == job_id, Job.status == "queued").values(enqueued_at=wake_at)
-    if session.execute(stmt).rowcount == 1:  # type: ignore[attr-defined]
+    wake_at = time.time() - settings.stale_queued_seconds + 2 * settings.reaper_interval_seconds
+    if repository.backdate_queued(session, job_id, wake_at):
         job = repository.get_unscoped(session, job_id)
         assert job is not None
         repository.add_event(
@@ -87,13 +64,7 @@ def _defer_if_at_limit(
 
 def renew(session: Session, job_id: str, worker_id: str, settings: Settings) -> bool:
     """Extend our lease; False means we lost it (the reaper gave the job to someone else)."""
-    t = time.time()
-    stmt = (
-        update(Job)
-        .where(Job.id == job_id, Job.worker_id == worker_id)
-        .values(heartbeat_at=t, lease_expires_at=t + settings.lease_seconds)
-    )
-    return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+    return repository.renew_lease(session, job_id, worker_id, settings.lease_seconds)
 
 
 class Heartbeat:
@@ -131,8 +102,7 @@ def reap(session: Session, settings: Settings) -> dict[str, int]:
     """Requeue running jobs whose lease lapsed; fail those out of attempts; re-wake stale ones."""
     t = time.time()
     counts = {"requeued": 0, "failed": 0, "rewoken": 0}
-    lapsed = session.scalars(select(Job).where(Job.status == "running", Job.lease_expires_at < t)).all()
-    for job in lapsed:
+    for job in repository.lapsed_leases(session, t):
         if job.attempts >= settings.max_attempts:
             error: dict[str, str | None] = {
                 "code": "worker_lost",
@@ -140,10 +110,10 @@ def reap(session: Session, settings: Settings) -> dict[str, int]:
                 f"(no heartbeat for {settings.lease_seconds:.0f}s); giving up after {settings.max_attempts} attempts.",
                 "param": None,
             }
-            if _lapsed_transition(session, job, t, status="failed", error=error, finished_at=now()):
+            if repository.release_lapsed(session, job.id, t, status="failed", error=error, finished_at=now()):
                 repository.add_event(session, job, str(error["message"]), level="error")
                 counts["failed"] += 1
-        elif _lapsed_transition(session, job, t, status="queued", enqueued_at=t):
+        elif repository.release_lapsed(session, job.id, t, status="queued", enqueued_at=t):
             repository.add_event(
                 session,
                 job,
@@ -153,20 +123,9 @@ def reap(session: Session, settings: Settings) -> dict[str, int]:
             )
             wake_training(session, job.id)
             counts["requeued"] += 1
-    stale = t - settings.stale_queued_seconds
-    waiting = select(Job).where(Job.status.in_(["validating_files", "queued"]), Job.enqueued_at < stale)
-    for job in session.scalars(waiting).all():
+    for job in repository.waiting_since_before(session, t - settings.stale_queued_seconds):
         (wake_validation if job.status == "validating_files" else wake_training)(session, job.id)
         job.enqueued_at = t
         counts["rewoken"] += 1
     session.flush()
     return counts
-
-
-def _lapsed_transition(session: Session, job: Job, t: float, **values: object) -> bool:
-    stmt = (
-        update(Job)
-        .where(Job.id == job.id, Job.status == "running", Job.lease_expires_at < t)
-        .values(worker_id=None, lease_expires_at=None, **values)
-    )
-    return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]

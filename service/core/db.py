@@ -1,8 +1,9 @@
 """Engine, sessions, and the unit of work that owns the transaction.
 
 Services only `flush()`; `unit_of_work()` (used by the HTTP dependency, the CLI and the Celery
-tasks) commits or rolls back. Tasks queued with `enqueue_after_commit` are sent to the broker only
-after the commit that wrote their rows succeeds, and dropped on rollback.
+tasks) commits or rolls back. Callbacks registered with `on_commit` (the queue's wake-ups,
+`service.core.queue`) run only after the commit that wrote their rows succeeds, and are dropped on
+rollback.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from service.core.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 AFTER_COMMIT = "rft_after_commit"
-TaskSender = Callable[[str, list[Any], str], None]
 
 
 def make_engine(url: str) -> Engine:
@@ -118,24 +118,6 @@ def on_commit(session: Session, callback: Callable[[], None]) -> None:
     """Run `callback` once the session's transaction commits; drop it on rollback."""
     session.connection()  # begin the transaction now, so a rollback before any SQL still drops it
     session.info.setdefault(AFTER_COMMIT, []).append(callback)
-
-
-def enqueue_after_commit(session: Session, task_name: str, args: list[Any], queue: str) -> None:
-    on_commit(session, lambda: (_sender or _default_sender)(task_name, args, queue))
-
-
-_sender: TaskSender | None = None
-
-
-def set_task_sender(sender: TaskSender | None) -> None:
-    global _sender
-    _sender = sender
-
-
-def _default_sender(task_name: str, args: list[Any], queue: str) -> None:
-    from service.core.queue import send_task
-
-    send_task(task_name, args, queue)
 
 
 @event.listens_for(Session, "after_commit")

@@ -1,7 +1,8 @@
-"""Every SQL query on jobs, their events, metrics and checkpoints."""
+"""Every SQL query on jobs, their events, metrics, checkpoints and leases."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -126,9 +127,125 @@ def get_checkpoint(session: Session, subject: AuthSubject, job_id: str, checkpoi
     return session.scalars(stmt).one_or_none()
 
 
-def checkpoint_named(session: Session, project_id: str, model_name: str) -> Checkpoint | None:
-    """The project's checkpoint named `model_name` (a job's final model is one of them)."""
-    stmt = select(Checkpoint).where(
-        Checkpoint.project_id == project_id, Checkpoint.fine_tuned_model_checkpoint == model_name
+# -- leases: who runs a job is decided by its row (workers/lease.py holds the policy) ---------------
+
+
+def claim_lease(
+    session: Session,
+    job_id: str,
+    worker_id: str,
+    lease_seconds: float,
+    from_status: str,
+    to_status: str,
+    running_limit: int | None = None,
+) -> bool:
+    """One conditional UPDATE: the job from `from_status` to `to_status` under `worker_id`'s lease,
+    if nobody holds a live one and (where `running_limit` is given) its project runs fewer jobs than
+    that. Counted in the UPDATE itself; on PostgreSQL two workers claiming at the same instant can
+    each see the other's job as not yet running and overshoot by one: a fairness bound, not a ledger."""
+    t = time.time()
+    stmt = (
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.status == from_status,
+            (Job.lease_expires_at.is_(None)) | (Job.lease_expires_at < t),
+        )
+        .values(
+            status=to_status,
+            worker_id=worker_id,
+            lease_expires_at=t + lease_seconds,
+            heartbeat_at=t,
+            attempts=Job.attempts + (1 if from_status == "queued" else 0),
+        )
     )
-    return session.scalars(stmt).first()
+    if running_limit is not None:
+        project = select(Job.project_id).where(Job.id == job_id).scalar_subquery()
+        running = select(func.count(Job.seq)).where(Job.project_id == project, Job.status == "running")
+        stmt = stmt.where(running.scalar_subquery() < running_limit)
+    return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+
+
+def project_of(session: Session, job_id: str) -> str | None:
+    return session.scalar(select(Job.project_id).where(Job.id == job_id))
+
+
+def count_running(session: Session, project_id: str) -> int:
+    return int(
+        session.scalar(select(func.count(Job.seq)).where(Job.project_id == project_id, Job.status == "running")) or 0
+    )
+
+
+def backdate_queued(session: Session, job_id: str, enqueued_at: float) -> bool:
+    """Set a still-queued job's `enqueued_at` (the reaper re-wakes jobs queued too long)."""
+    stmt = update(Job).where(Job.id == job_id, Job.status == "queued").values(enqueued_at=enqueued_at)
+    return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+
+
+def renew_lease(session: Session, job_id: str, worker_id: str, lease_seconds: float) -> bool:
+    """Extend `worker_id`'s lease; False where it no longer holds the job."""
+    t = time.time()
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.worker_id == worker_id)
+        .values(heartbeat_at=t, lease_expires_at=t + lease_seconds)
+    )
+    return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+
+
+def lapsed_leases(session: Session, t: float) -> Sequence[Job]:
+    """Running jobs whose lease ran out before `t` (their worker stopped renewing it)."""
+    return session.scalars(select(Job).where(Job.status == "running", Job.lease_expires_at < t)).all()
+
+
+def release_lapsed(session: Session, job_id: str, t: float, **values: Any) -> bool:
+    """Hand back a job whose lease lapsed before `t`, setting `values`; False where it was renewed meanwhile."""
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running", Job.lease_expires_at < t)
+        .values(**RELEASE_LEASE, **values)
+    )
+    return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+
+
+def waiting_since_before(session: Session, t: float) -> Sequence[Job]:
+    """Jobs validating files or queued whose wake-up was sent before `t`."""
+    stmt = select(Job).where(Job.status.in_(["validating_files", "queued"]), Job.enqueued_at < t)
+    return session.scalars(stmt).all()
+
+
+# -- checkpoints, as the trainer writes them ---------------------------------------------------------
+
+
+def checkpoint_at(session: Session, job_id: str, step: int) -> Checkpoint | None:
+    stmt = select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step_number == step)
+    return session.scalars(stmt).one_or_none()
+
+
+def record_checkpoint(session: Session, job: Job, step: int, name: str, key: str, metrics: dict[str, Any]) -> str:
+    """The checkpoint row of `step` (its metrics refreshed where it exists): the commit point of a
+    checkpoint whose folder is written. Its id."""
+    existing = checkpoint_at(session, job.id, step)
+    if existing is not None:
+        existing.metrics = metrics
+        return str(existing.id)
+    ckpt = Checkpoint(
+        id=new_id("ftckpt-"),
+        project_id=job.project_id,
+        job_id=job.id,
+        step_number=step,
+        fine_tuned_model_checkpoint=name,
+        metrics=metrics,
+        storage_key=key,
+    )
+    session.add(ckpt)
+    session.flush()
+    return ckpt.id
+
+
+def delete_checkpoints_except(session: Session, job_id: str, keep_steps: set[int]) -> list[str]:
+    """Delete the job's checkpoint rows whose step is not in `keep_steps`; their storage keys."""
+    doomed = [c for c in checkpoints_of(session, job_id) if c.step_number not in keep_steps]
+    for ckpt in doomed:
+        session.delete(ckpt)
+    return [c.storage_key for c in doomed]

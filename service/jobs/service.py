@@ -36,6 +36,7 @@ from service.models.engines import choose_engine
 from service.models.memory_plan import refuse_if_too_large
 from service.models.registry import forget_loaded
 from service.models.registry import resolve as resolve_model
+from service.models.repository import checkpoint_named
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 CANCELLABLE_AT_ONCE = ("validating_files", "queued", "paused")
@@ -59,7 +60,7 @@ def get_checkpoint(session: Session, subject: AuthSubject, job_id: str, checkpoi
 def final_checkpoint(session: Session, subject: AuthSubject, job_id: str) -> Checkpoint:
     """The checkpoint the job chose as its fine-tuned model."""
     job = get_job(session, subject, job_id)
-    ckpt = repository.checkpoint_named(session, job.project_id, job.fine_tuned_model) if job.fine_tuned_model else None
+    ckpt = checkpoint_named(session, job.project_id, job.fine_tuned_model) if job.fine_tuned_model else None
     if ckpt is None:
         raise NotFound(
             f"Job {job_id} has no downloadable fine-tuned model (status {job.status!r}); "

@@ -100,7 +100,7 @@ def resolve_for_project(
         return resolve(name)
     from service.core.db import unit_of_work
     from service.core.storage import Storage
-    from service.jobs.repository import checkpoint_named
+    from service.models.repository import checkpoint_named
 
     key = None
     if project_id is not None:
