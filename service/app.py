@@ -10,14 +10,16 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.auth.service import KeyCache
 from service.core.bodylimit import BodySizeLimit
 from service.core.db import session_factory
-from service.core.errors import ApiError, InvalidRequest
+from service.core.errors import ApiError, InvalidRequest, NotFound, Unauthorized
 from service.core.http import refuse_nul_characters
+from service.core.observability import Observability, RequestObserver, admin_allowed
 from service.core.openapi import openapi_document
 from service.core.ratelimit import make_buckets
 from service.core.settings import Settings, get_settings
@@ -46,6 +48,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessionmaker = session_factory(settings)
     app.state.rate_buckets = make_buckets(settings)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_json_body_bytes)
+    # the database is read through app.state.sessionmaker at each scrape (tests swap it after this)
+    app.state.observability = Observability(lambda: app.state.sessionmaker())
+    app.add_middleware(RequestObserver, observability=app.state.observability)  # outermost: 413s count too
     app.state.key_cache = KeyCache(settings.auth_cache_seconds)
     app.include_router(files_router)
     app.include_router(jobs_router)
@@ -60,6 +65,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/health", include_in_schema=False)
     def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics(request: Request) -> Response:
+        """Prometheus metrics for the operator (service/core/observability.py)."""
+        if not settings.admin_key:
+            raise NotFound("Metrics are off: set RFT_ADMIN_KEY and scrape /metrics with it as a bearer token.")
+        if not admin_allowed(settings, request.headers.get("authorization")):
+            raise Unauthorized("The metrics need RFT_ADMIN_KEY as a bearer token, not a project's API key.")
+        return Response(app.state.observability.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

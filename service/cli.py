@@ -101,8 +101,10 @@ def worker_argv(settings: Settings, queues: str, beat: bool) -> list[str]:
 
 
 def _run_worker(settings: Settings, queues: str, beat: bool) -> int:
+    from service.core.observability import configure_logging
     from workers.celery_app import app
 
+    configure_logging(settings)
     private_dir(settings.data_dir)
     app.worker_main(worker_argv(settings, queues, beat))
     return 0
@@ -133,7 +135,9 @@ def _serve(settings: Settings, host: str, port: int, with_workers: bool) -> int:
     from sqlalchemy import make_url
 
     from service.app import create_app
+    from service.core.observability import configure_logging
 
+    configure_logging(settings)
     _migrate(settings)
     # A ready key is a dev convenience; a production server's keys come from `rft keys create`.
     key = _dev_key(settings) if settings.env == "dev" else "(create one with `rft keys create --project NAME`)"
@@ -148,7 +152,9 @@ def _serve(settings: Settings, host: str, port: int, with_workers: bool) -> int:
         flush=True,
     )
     try:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+        # JSON logs: uvicorn's own lines go through the root handler too, so every line is JSON
+        log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info", log_config=log_config)
     finally:
         _stop_workers(workers, settings.shutdown_grace_seconds)
     return 0

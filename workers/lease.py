@@ -18,6 +18,7 @@ from contextlib import nullcontext
 from sqlalchemy.orm import Session
 
 from service.core.limits import limits_for
+from service.core.observability import RECLAIM_KEY
 from service.core.queue import wake_training, wake_validation
 from service.core.settings import Settings
 from service.core.tables import now
@@ -120,6 +121,7 @@ def reap(session: Session, settings: Settings) -> dict[str, int]:
                 f"Worker stopped responding; job requeued (attempt {job.attempts + 1} of "
                 f"{settings.max_attempts}) and resumes from its last checkpoint.",
                 level="warn",
+                dedupe_key=f"{RECLAIM_KEY}{job.attempts}",  # counted by /metrics as a lease reclaim
             )
             wake_training(session, job.id)
             counts["requeued"] += 1

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from service.core.errors import ApiError
+from service.core.observability import JOB_ID
 from service.core.queue import wake_training
 from service.core.settings import Settings
 from service.core.storage import Storage
@@ -30,6 +31,14 @@ DONE_MESSAGES = {
 
 
 def run_job(job_id: str, settings: Settings) -> None:
+    token = JOB_ID.set(job_id)  # on every log line of this job (service/core/observability.py)
+    try:
+        _run_job(job_id, settings)
+    finally:
+        JOB_ID.reset(token)
+
+
+def _run_job(job_id: str, settings: Settings) -> None:
     worker_id = worker_identity()
     if shutdown.requested():  # stopping before the job started: leave it to the next worker
         in_transaction(settings, lambda session: wake_training(session, job_id))

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     broker_url: str = ""  # empty: kombu's filesystem transport under data_dir
     storage_root: Path | None = None  # None: data_dir / "storage"
     secret_key: str = DEV_SECRET  # HMAC key for API-key hashes
+    # The operator's bearer token for `/metrics` (service/core/observability.py); empty turns it off.
+    admin_key: str = ""
+    # Log lines as text (with [request=... job=...]) or one JSON object each, for log shippers.
+    log_format: Literal["text", "json"] = "text"
     host: str = "127.0.0.1"
     port: int = 8000
 
