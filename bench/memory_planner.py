@@ -24,27 +24,15 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-QWEN2_05B = {  # Qwen2-0.5B's shape: 494M parameters
-    "model_type": "qwen2",
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "vocab_size": 151936,
-    "tie_word_embeddings": True,
-}
-SMOLLM2_135M = {  # SmolLM2-135M's shape
-    "model_type": "llama",
-    "hidden_size": 576,
-    "intermediate_size": 1536,
-    "num_hidden_layers": 30,
-    "num_attention_heads": 9,
-    "num_key_value_heads": 3,
-    "vocab_size": 49152,
-    "tie_word_embeddings": True,
-}
+from engine_sampling import RANDOM  # noqa: E402  (bench/, beside this script)
+
+from service.models.memory_plan import BUILTIN_CONFIGS  # noqa: E402
+
+# Qwen2-0.5B's shape (494M parameters): engine_sampling's config with its vocabulary.
+QWEN2_05B = {k: v for k, v in RANDOM["qwen2-0.5b"].items() if k != "max_position_embeddings"} | {"vocab_size": 151936}
+SMOLLM2_135M = BUILTIN_CONFIGS["smollm2-135m-instruct"]
 
 
 @dataclass(frozen=True)
