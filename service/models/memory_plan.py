@@ -22,7 +22,8 @@ from `estimate`, whose parts are:
 - baseline: the worker process itself (the interpreter, torch, transformers), measured on CPU;
   on CUDA the context and the caching allocator's slack.
 
-- allocator: what the update's temporaries cost the process beyond their bytes (`UPDATE_OVERHEAD`).
+- allocator: what the layers' temporaries cost the process beyond the activations' bytes
+  (`ACTIVATION_OVERHEAD`).
 
 The peak is what stays (weights, gradients, moments, reference, the sidecar) plus the largest of
 what comes and goes (the update's activations, logits and allocator overhead, sampling's cache, a
@@ -51,13 +52,14 @@ CHUNKED_TYPES = frozenset(
 CPU_BASELINE = int(0.75 * GIB)  # a training worker's resident memory before it loads a model (measured)
 CUDA_BASELINE = int(0.75 * GIB)  # the CUDA context, cuBLAS workspaces and allocator slack
 HEADROOM = 0.9  # the share of a worker's memory a plan may fill
-# What the update's memory costs the process beyond the bytes its tensors hold. On CPU, glibc's heap
+# What the layers' activations cost the process beyond the bytes autograd keeps. On CPU, glibc's heap
 # (kept, not unmapped: workers.rl.memory) does not hand the temporaries one layer or micro-batch
-# frees back to the next in full: the resident rise of the update measured 1.5x-1.7x its tensors'
-# bytes (SmolLM2-shaped LoRA jobs at two shapes, bench/memory_planner.py); 1.6 is their middle. On
-# CUDA the caching allocator's overhead is not measured yet (no GPU lent): 1.0, the CUDA baseline's
-# slack aside.
-UPDATE_OVERHEAD = {"cpu": 1.6, "cuda": 1.0}
+# frees back to the next in full: the body's resident rise measured 1.5x-1.9x its saved tensors
+# (SmolLM2-shaped LoRA jobs at two shapes and a Qwen2-0.5B-shaped one, bench/memory_planner.py),
+# while the logits' chunks, large buffers of one size, rose by exactly their bytes; 1.7 is the
+# middle. On CUDA the caching allocator's overhead is not measured yet (no GPU lent): 1.0, the CUDA
+# baseline's slack aside.
+ACTIVATION_OVERHEAD = {"cpu": 1.7, "cuda": 1.0}
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PLAN_PARAM = "method.reinforcement.hyperparameters"
 
@@ -221,9 +223,8 @@ def estimate(shape: Shape, work: Workload) -> Estimate:
         "kv_cache": _kv_cache(shape, work) if work.engine == "torch" else 0,
         "checkpoint_write": 4 * trained,
     }
-    tensors = passing["activations"] + passing["logits"]
-    passing["allocator"] = int(tensors * (UPDATE_OVERHEAD[work.device] - 1))
-    update = tensors + passing["allocator"]
+    passing["allocator"] = int(passing["activations"] * (ACTIVATION_OVERHEAD[work.device] - 1))
+    update = passing["activations"] + passing["logits"] + passing["allocator"]
     peak = sum(staying.values()) + max(update, passing["kv_cache"], passing["checkpoint_write"])
     return Estimate({**staying, **passing}, peak, work, P)
 
