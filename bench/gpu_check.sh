@@ -21,6 +21,7 @@ if [ "${1:-}" = "--cpu" ]; then
     --tokens 4 --rounds 1 --threads 1 || exit 1
   "$PY" bench/engine_sampling.py --random qwen2-0.5b --engines torch --prompts 1 --samples 2 \
     --tokens 2 --rounds 1 --threads 1 || exit 1
+  "$PY" bench/memory_planner.py --help >/dev/null || exit 1
   step "done"
   exit 0
 fi
@@ -53,4 +54,7 @@ timeout 150 "$PY" bench/engine_sampling.py --model smollm2-135m-instruct --dtype
 step "random Qwen2-1.5B shape, bf16, engines: $ENGINES"
 timeout 150 "$PY" bench/engine_sampling.py --random qwen2-1.5b --dtype bf16 --engines $ENGINES \
   --prompts 16 --samples 8 --tokens 128 --rounds 3
+step "memory plan against the GPU's peak (the planner's CUDA allocator factor, unmeasured so far)"
+timeout 150 "$PY" bench/memory_planner.py --case smollm2-lora-long qwen2-0.5b-lora
+
 step "done"

@@ -6,8 +6,10 @@ Each case is a randomly initialised model saved as a local Hugging Face folder (
 tokenizer of `tiny-random-llama`, the config's own vocabulary) and a job on it, created through the
 API (SQLite, local storage) and run by `workers.runner.run_job` in a fresh process, as a worker
 runs it: baseline evaluation, training steps, a final evaluation and its checkpoint. The measured
-peak is that process's VmHWM; the estimate is `service.models.memory_plan.estimate` of the plan
-the worker chose (its `Memory plan` event). tests/test_memory_plan.py runs the same cases.
+peak is that process's VmHWM (on a CUDA machine torch's `max_memory_reserved`, the GPU's peak:
+bench/gpu_check.sh compares it with the plan's CUDA estimate); the estimate is
+`service.models.memory_plan.estimate` of the plan the worker chose (its `Memory plan` event).
+tests/test_memory_plan.py runs three of the cases.
 """
 
 from __future__ import annotations
@@ -170,6 +172,9 @@ threading.Thread(target=watch, daemon=True).start()
 runner.run_job(sys.argv[1], Settings())
 status = Path("/proc/self/status").read_text()
 peak = int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) * 1024
+import torch
+if torch.cuda.is_available():  # the job's memory is the GPU's there: what the caching allocator reserved
+    peak = torch.cuda.max_memory_reserved()
 print(json.dumps({"peak": peak, "where": where[-4:]}))
 """
 
@@ -234,7 +239,10 @@ def main() -> None:
     work = args.keep or Path(tempfile.mkdtemp(prefix="memory-planner-"))
     work.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    print(f"commit {commit.stdout.strip()}; {sys.platform}; the worker process's VmHWM against the plan\n")
+    import torch
+
+    measured = "GPU max_memory_reserved" if torch.cuda.is_available() else "VmHWM"
+    print(f"commit {commit.stdout.strip()}; {sys.platform}; the worker process's {measured} against the plan\n")
     print("| case | parameters | plan | estimated | measured | error |")
     print("|---|---|---|---|---|---|")
     for name in args.case:
