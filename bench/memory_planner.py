@@ -48,7 +48,8 @@ class Case:
 
 
 # The cases tests/test_memory_plan.py runs (three sizes, a few minutes); the others are the bench's.
-TESTED = ("smollm2-full", "smollm2-lora-long", "qwen2-0.5b-lora")
+# smollm2-lora-long is not among them: its peak is bimodal (see README), so a test of it would be flaky.
+TESTED = ("smollm2-full", "smollm2-lora-micro", "qwen2-0.5b-lora")
 CASES = {
     # Full fine-tuning with its reference copy: the weights, moments and reference dominate.
     "smollm2-full": Case("smollm2-full", SMOLLM2_135M, {"batch_size": 2, "max_completion_tokens": 8}),
