@@ -551,8 +551,7 @@ def test_update_over_samplings_prompt_pass_gives_the_gradients_of_running_the_pr
     that split a group, after a refill-like concat (prompts re-padded) and row selection."""
     from workers.rl import loss
     from workers.rl.config import resolve
-    from workers.rl.loop import has_dropout
-    from workers.rl.policy import build_policy
+    from workers.rl.policy import build_policy, has_dropout
     from workers.rl.rollout import PrefixGrads, concat, sample, select_rows
 
     cfg = resolve({"lora_rank": 4 if lora else 0, "compute_multiplier": 1}, 3)
@@ -593,8 +592,7 @@ def test_update_over_samplings_prompt_pass_gives_the_gradients_of_running_the_pr
 
 def test_dropout_turns_off_reuse_of_samplings_prompt_pass(settings: Settings) -> None:
     from workers.rl.config import resolve
-    from workers.rl.loop import has_dropout
-    from workers.rl.policy import build_policy
+    from workers.rl.policy import build_policy, has_dropout
 
     cfg = resolve({"lora_rank": 4, "lora_dropout": 0.1, "compute_multiplier": 1}, 3)
     assert has_dropout(build_policy("tiny-random-llama", cfg, settings, "cpu", seed=0)[0])

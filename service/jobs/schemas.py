@@ -40,6 +40,13 @@ def auto_or(kind: type[int] | type[float], *, low: float, high: float = math.inf
     return Annotated[Auto | kind, PlainValidator(check, json_schema_input_type=Auto | bounded)]
 
 
+def samples_per_prompt(compute_multiplier: Any) -> int:
+    """The group size a `compute_multiplier` asks for: clamp(round(4 x multiplier), 2, 64), `auto` = 1.
+    One rule for the API's memory check and the worker's resolved hyperparameters."""
+    compute = 1.0 if compute_multiplier == "auto" else float(compute_multiplier)
+    return min(max(round(4 * compute), 2), 64)
+
+
 def _auto_or_bool(value: Any) -> Any:
     if value == "auto" or isinstance(value, bool):
         return value

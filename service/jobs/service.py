@@ -31,7 +31,7 @@ from service.graders.isolation import SandboxUnavailable
 from service.graders.schemas import parse_grader
 from service.graders.service import require_runnable
 from service.jobs import repository
-from service.jobs.schemas import JobCreate, JobError, JobObject
+from service.jobs.schemas import JobCreate, JobError, JobObject, samples_per_prompt
 from service.models.engines import choose_engine
 from service.models.memory_plan import refuse_if_too_large
 from service.models.registry import forget_loaded
@@ -116,7 +116,10 @@ def create_job(
     spec = resolve_model(body.model)
     hyperparameters = body.method.reinforcement.hyperparameters
     engine = choose_engine(hyperparameters.rollout_engine, settings, body.model)
-    refuse_if_too_large(body.model, hyperparameters.model_dump(mode="json"), engine, settings, spec.location or None)
+    group_size = samples_per_prompt(hyperparameters.compute_multiplier)
+    refuse_if_too_large(
+        body.model, hyperparameters.model_dump(mode="json"), group_size, engine, settings, spec.location or None
+    )
     try:
         require_runnable(grader, settings)
     except SandboxUnavailable as exc:

@@ -323,7 +323,12 @@ def advice(plan: Estimate) -> str:
 
 
 def refuse_if_too_large(
-    model: str, hyperparameters: dict[str, Any], engine: str, settings: Settings, location: str | None = None
+    model: str,
+    hyperparameters: dict[str, Any],
+    group_size: int,
+    engine: str,
+    settings: Settings,
+    location: str | None = None,
 ) -> None:
     """The API's check at job creation: a 400 where even the job's smallest plan (one-token prompts,
     the smallest micro-batch and checkpointing its `auto`s allow, a bf16 LoRA base where training
@@ -337,12 +342,11 @@ def refuse_if_too_large(
         hp.get("micro_batch_size", "auto") == "auto",
         hp.get("gradient_checkpointing", "auto") == "auto",
     )
-    compute = 1.0 if hp.get("compute_multiplier", "auto") == "auto" else float(hp["compute_multiplier"])
     batch = 1 if hp.get("batch_size", "auto") == "auto" else int(hp["batch_size"])
     bf16 = settings.training_precision != "fp32"
     work = Workload(
         prompts=batch,
-        group_size=min(max(round(4 * compute), 2), 64),
+        group_size=group_size,
         prompt_tokens=1,
         completion_tokens=int(hp.get("max_completion_tokens", 64)),
         micro_batch_size=1 if auto_mb else int(hp["micro_batch_size"]),

@@ -21,6 +21,8 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from service.jobs.schemas import samples_per_prompt
+
 BASE_LEARNING_RATE = 1e-5
 LORA_LEARNING_RATE = 1e-4
 
@@ -79,7 +81,7 @@ def _or(value: Any, default: Any) -> Any:
 
 def resolve(hp: dict[str, Any], n_train: int) -> RLConfig:
     compute = float(_pick(hp.get("compute_multiplier", "auto"), 1.0))
-    group = min(max(round(4 * compute), 2), 64)
+    group = samples_per_prompt(compute)
     batch = int(_pick(hp.get("batch_size", "auto"), min(8, n_train)))
     epochs = int(_pick(hp.get("n_epochs", "auto"), 3))
     steps_per_epoch = math.ceil(n_train / batch)

@@ -40,7 +40,14 @@ from workers.rl.engine import RolloutEngine, engine_class, engine_message, model
 from workers.rl.judge import EngineJudge
 from workers.rl.loss import Mismatch, advantages, policy_loss, token_logprobs
 from workers.rl.memory import keep_freed_memory
-from workers.rl.policy import Reference, autocast_dtype, build_policy, checkpoint_activations, trainable
+from workers.rl.policy import (
+    Reference,
+    autocast_dtype,
+    build_policy,
+    checkpoint_activations,
+    reuses_prefix,
+    trainable,
+)
 from workers.rl.rollout import PrefixGrads, Rollout, concat, select_rows
 from workers.rl.state import TrainerState, derive_seed
 
@@ -104,7 +111,7 @@ def set_up(ctx: JobContext) -> Parts:
         engine_name = "torch"  # auto: the engine that runs every model
     cfg = with_engine(cfg, engine_name, engine_class(engine_name).same_as_trainer)
     budget = plan.device_memory(ctx.settings, device)
-    work = plan.workload(cfg, tokenizer, train, ctx.settings, device, keeps_prefix=not has_dropout(model))
+    work = plan.workload(cfg, model, tokenizer, train, ctx.settings, device)
     cfg, memory = plan.plan(cfg, reinforcement["hyperparameters"], model.config.to_dict(), work, budget)
     if cfg.gradient_checkpointing:
         checkpoint_activations(model)
@@ -169,11 +176,7 @@ class Loop:
         self.timing = {"sampling": 0.0, "scoring": 0.0, "weight_sync": 0.0}
         # What a rollback before the first checkpoint returns to (adapters only, under LoRA).
         self.initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        # Sampling runs in eval mode, the update in train mode: the update may reuse sampling's prompt
-        # pass only where the two are the same computation, that is where no dropout is active. Under
-        # gradient checkpointing the update replays its layers and takes no cache (`loss.token_logprobs`),
-        # so a kept prompt pass would only hold its graph in memory for nothing.
-        self.reuse_prefix = not has_dropout(model) and not cfg.gradient_checkpointing
+        self.reuse_prefix = reuses_prefix(model, cfg)
 
     def run(self) -> TrainingResult:
         if self.state.baseline is None:
@@ -481,14 +484,6 @@ def live_part(mask: torch.Tensor, start: int, size: int) -> tuple[torch.Tensor, 
         return rows, 0
     used = part[rows].sum(dim=0).nonzero().flatten()
     return rows + start, int(used.max()) + 1
-
-
-def has_dropout(model: Any) -> bool:
-    """Whether training mode changes the model's output: a dropout layer or a config dropout above 0."""
-    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
-        return True
-    settings = getattr(getattr(model, "config", None), "__dict__", {})
-    return any("dropout" in name and isinstance(value, float) and value > 0 for name, value in settings.items())
 
 
 def clip_gradients(model: Any, max_norm: float) -> float:

@@ -14,7 +14,8 @@ from service.models import memory_plan
 from service.models.templates import render_prompt
 from workers.rl.config import RLConfig
 from workers.rl.data import Example
-from workers.rl.policy import autocast_dtype
+from workers.rl.policy import autocast_dtype, reuses_prefix
+from workers.rl.vllm_engine import sampling_dtype
 
 
 def device_memory(settings: Settings, device: str) -> int:
@@ -27,8 +28,9 @@ def device_memory(settings: Settings, device: str) -> int:
 
 
 def workload(
-    cfg: RLConfig, tokenizer: Any, examples: list[Example], settings: Settings, device: str, keeps_prefix: bool
+    cfg: RLConfig, model: Any, tokenizer: Any, examples: list[Example], settings: Settings, device: str
 ) -> memory_plan.Workload:
+    """What `model` training under `cfg` holds on `device`, its prompts measured in `tokenizer`'s tokens."""
     bf16 = autocast_dtype(settings.training_precision, device) is not None
     longest = max((len(tokenizer(render_prompt(tokenizer, e.messages))["input_ids"]) for e in examples), default=1)
     return memory_plan.Workload(
@@ -45,8 +47,8 @@ def workload(
         bf16=bf16,
         engine="vllm" if cfg.rollout_engine == "vllm" else "torch",
         vllm_kv_cache_gib=settings.vllm_kv_cache_gib,
-        vllm_bf16=settings.vllm_dtype == "bfloat16" or (settings.vllm_dtype == "auto" and bf16),
-        keeps_prefix=keeps_prefix and not cfg.gradient_checkpointing,
+        vllm_bf16=sampling_dtype(model, settings) == torch.bfloat16,
+        keeps_prefix=reuses_prefix(model, cfg),
     )
 
 

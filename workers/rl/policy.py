@@ -63,6 +63,22 @@ def checkpoint_activations(model: Any) -> None:
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
+def has_dropout(model: Any) -> bool:
+    """Whether training mode changes the model's output: a dropout layer or a config dropout above 0."""
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    settings = getattr(getattr(model, "config", None), "__dict__", {})
+    return any("dropout" in name and isinstance(value, float) and value > 0 for name, value in settings.items())
+
+
+def reuses_prefix(model: Any, cfg: RLConfig) -> bool:
+    """Whether the update may reuse sampling's prompt pass. Sampling runs in eval mode, the update in
+    train mode: they are the same computation only where no dropout is active. Under gradient
+    checkpointing the update replays its layers and takes no cache (`loss.token_logprobs`), so a
+    kept prompt pass would only hold its graph in memory for nothing."""
+    return not has_dropout(model) and not cfg.gradient_checkpointing
+
+
 def trainable(model: Any) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
