@@ -62,6 +62,7 @@ HEADROOM = 0.9  # the share of a worker's memory a plan may fill
 ACTIVATION_OVERHEAD = {"cpu": 1.7, "cuda": 1.0}
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PLAN_PARAM = "method.reinforcement.hyperparameters"
+STAYING = ("baseline", "weights", "reference", "gradients", "optimizer", "sampler")  # held for the whole job
 
 # The built-in models' shapes (service.models.registry), so that planning never loads them.
 BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
@@ -191,12 +192,19 @@ class Estimate:
     parameters: int
 
     def describe(self) -> str:
-        shown = ", ".join(f"{name} {gib(size)}" for name, size in self.parts.items() if size >= 0.01 * GIB)
+        """The peak and its parts. The parts that come and go are listed apart: only the largest of
+        the update (activations, logits and allocator together), the KV cache and a checkpoint write
+        counts towards the peak."""
+
+        def listed(names: Any) -> str:
+            return ", ".join(f"{n} {gib(self.parts[n])}" for n in names if self.parts[n] >= 0.01 * GIB)
+
         w = self.workload
-        return (
-            f"{gib(self.peak)} at micro_batch_size {w.micro_batch_size}, gradient checkpointing "
-            f"{'on' if w.gradient_checkpointing else 'off'} ({shown})"
-        )
+        checkpointing = "on" if w.gradient_checkpointing else "off"
+        setup = f"micro_batch_size {w.micro_batch_size}, gradient checkpointing {checkpointing}"
+        passing = listed(n for n in self.parts if n not in STAYING)
+        then = f"; plus the largest of the update, kv_cache and checkpoint_write: {passing}" if passing else ""
+        return f"{gib(self.peak)} at {setup} ({listed(STAYING)}{then})"
 
 
 def gib(size: float) -> str:
