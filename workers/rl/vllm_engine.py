@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +80,8 @@ class VllmEngine:
         self.weight_sync_seconds = 0.0
         self.dtype = sampling_dtype(model, settings)
         lora = hasattr(model, "peft_config") and settings.vllm_lora == "adapter"
-        self.adapters = lora and adapter_problem(model) is None
         self.lora_note = adapter_problem(model) if lora else None  # why adapters were merged after all
+        self.adapters = lora and self.lora_note is None
         self._updates = 0
         self._write(model, base_only=self.adapters)
         tokenizer.save_pretrained(self.folder)
@@ -252,14 +253,16 @@ class VllmEngine:
         return self._log.read()[-2000:]
 
 
+def _base_tensors(inner: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """A PEFT-wrapped model's own tensors, adapters left out, under the base model's names."""
+    for name, tensor in inner.state_dict().items():
+        if "lora_" not in name:
+            yield name.replace(".base_layer.", "."), tensor
+
+
 def base_state(model: Any) -> dict[str, torch.Tensor]:
     """A LoRA model's frozen base weights under the base model's own names (copies, as `merged_state`)."""
-    inner = model.base_model.model
-    return {
-        name.replace(".base_layer.", "."): tensor.detach().clone()
-        for name, tensor in inner.state_dict().items()
-        if "lora_" not in name
-    }
+    return {name: tensor.detach().clone() for name, tensor in _base_tensors(model.base_model.model)}
 
 
 def merged_state(model: Any) -> dict[str, torch.Tensor]:
@@ -284,11 +287,9 @@ def merged_state(model: Any) -> dict[str, torch.Tensor]:
             bias = getattr(module.get_base_layer(), "bias", None)
             if bias is not None:
                 state[f"{module_name}.bias"] = bias.detach().clone()
-    for name, tensor in inner.state_dict().items():
-        if "lora_" in name:
-            continue
-        clean = name.replace(".base_layer.", ".")
-        state.setdefault(clean, tensor.detach().clone())
+    for name, tensor in _base_tensors(inner):
+        if name not in state:
+            state[name] = tensor.detach().clone()
     return state
 
 
