@@ -32,7 +32,9 @@ def workload(
 ) -> memory_plan.Workload:
     """What `model` training under `cfg` holds on `device`, its prompts measured in `tokenizer`'s tokens."""
     bf16 = autocast_dtype(settings.training_precision, device) is not None
-    longest = max((len(tokenizer(render_prompt(tokenizer, e.messages))["input_ids"]) for e in examples), default=1)
+    # one batched call: a fast tokenizer encodes the whole training file at once (a job may hold 50,000 lines)
+    prompts = [render_prompt(tokenizer, e.messages) for e in examples]
+    longest = max((len(ids) for ids in tokenizer(prompts)["input_ids"]), default=1) if prompts else 1
     return memory_plan.Workload(
         prompts=cfg.batch_size,
         group_size=cfg.group_size,
