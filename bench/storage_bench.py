@@ -32,7 +32,7 @@ import httpx
 
 from service.core.db import unit_of_work
 from service.core.settings import Settings
-from service.core.storage import Storage
+from service.core.storage import LocalStorage
 from service.core.tables import Checkpoint, Job, Project
 
 MIB = 1024 * 1024
@@ -97,7 +97,7 @@ def place_checkpoint(settings: Settings, size: int) -> tuple[str, str]:
     with unit_of_work(settings) as session:
         project = session.query(Project).filter(Project.name == "bench").one()
         key = f"checkpoints/{project.id}/{job_id}/step-000001"
-        storage = Storage(settings.storage_dir)
+        storage = LocalStorage(settings.storage_dir)
         staging = storage.staging_dir(key)
         with open(staging / "model.safetensors", "wb") as f:
             for _ in range(size // MIB):

@@ -23,7 +23,7 @@ from service.core.observability import Observability, RequestObserver, admin_all
 from service.core.openapi import openapi_document
 from service.core.ratelimit import make_buckets
 from service.core.settings import Settings, get_settings
-from service.core.storage import Storage
+from service.core.storage import storage_for
 from service.dashboard import mount_dashboard
 from service.files.endpoints import router as files_router
 from service.graders.endpoints import router as graders_router
@@ -44,7 +44,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
     app.state.settings = settings
-    app.state.storage = Storage(settings.storage_dir)
+    app.state.storage = storage_for(settings)
+    app.state.storage.check()  # a wrong bucket or endpoint stops start-up, not the first upload
     app.state.sessionmaker = session_factory(settings)
     app.state.rate_buckets = make_buckets(settings)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_json_body_bytes)

@@ -217,6 +217,41 @@ def live_auth(live_settings: Settings) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+@pytest.fixture(scope="session")
+def s3_server() -> str:
+    try:
+        return services.s3_endpoint()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+
+
+def s3_bucket(endpoint: str) -> str:
+    """A new, empty bucket on the test S3 server."""
+    import uuid
+
+    import boto3
+
+    name = f"rft-{uuid.uuid4().hex[:12]}"
+    keys = services.S3_KEY
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=keys["s3_access_key_id"],
+        aws_secret_access_key=keys["s3_secret_access_key"],
+        region_name=keys["s3_region"],
+    ).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3_settings(live_settings: Settings, s3_server: str) -> Settings:
+    """`live_settings` with every byte in a fresh bucket of the S3 server (under a prefix, as operators do)."""
+    bucket = s3_bucket(s3_server)
+    return live_settings.model_copy(
+        update={"storage_url": f"s3://{bucket}/rft", "s3_endpoint_url": s3_server, **services.S3_KEY}
+    )
+
+
 def set_job_flags(settings: Settings, job_id: str, **values: Any) -> None:
     """Set columns of a job row in a committed transaction (e.g. pause_requested=True)."""
     from service.core.tables import Job

@@ -144,9 +144,11 @@ def test_final_model_of_a_job_without_one_is_a_clear_404(
 
 @pytest.mark.parametrize("merged", [False, True])
 def test_archive_bytes_are_deterministic(tmp_path: Path, live_settings: Settings, merged: bool) -> None:
+    from service.core.storage import LocalStorage
     from service.models.archive import archive_of
 
     model, tokenizer = registry.load_fresh(registry.resolve("tiny-random-llama"), live_settings)
+    storage = LocalStorage(tmp_path)
     digests = []
     for copy in ("a", "b"):
         folder = tmp_path / copy
@@ -154,7 +156,7 @@ def test_archive_bytes_are_deterministic(tmp_path: Path, live_settings: Settings
         tokenizer.save_pretrained(folder)
         for file in folder.iterdir():  # the same checkpoint, written at the same time
             os.utime(file, (1_700_000_000, 1_700_000_000))
-        digests.append(archive_of(folder, live_settings, merged=merged, name="x").sha256)
+        digests.append(archive_of(storage, copy, live_settings, merged=merged, name="x").sha256)
     assert digests[0] == digests[1]
 
 
@@ -164,14 +166,14 @@ def test_deleting_a_job_removes_its_rows_checkpoints_archives_and_loaded_model(
     from sqlalchemy import func, select
 
     from service.core import db
-    from service.core.storage import Storage, job_folder
+    from service.core.storage import LocalStorage, job_folder
     from service.core.tables import Checkpoint, JobEvent, JobMetric
 
     job_id = run_job(live_client, live_auth, live_settings, n_epochs=1)
     row = job(live_settings, job_id)
     download(live_client, live_auth, f"/v1/fine_tuning/jobs/{job_id}/content")  # writes an archive
     service_logits(live_settings, job_id)  # and loads the final model, as chat does
-    folder = Storage(live_settings.storage_dir).path(job_folder(row.project_id, job_id))
+    folder = LocalStorage(live_settings.storage_dir).path(job_folder(row.project_id, job_id))
     assert list(folder.rglob("*.tar")) and list(folder.rglob("*.safetensors"))
     with db.unit_of_work(live_settings) as session:
         other = make_key(session, live_settings, "intruder")

@@ -23,7 +23,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.core.private import make_tree_private, private_dir, write_private
-from service.core.storage import Storage
+from service.core.storage import LocalStorage
 from tests.conftest import GOOD_LINES, GRADER, jsonl, upload
 from tests.support.procs import Proc, free_port, printed_api_key, wait_healthy
 
@@ -172,7 +172,7 @@ def test_private_dir_claims_only_folders_it_owns(tmp_path: Path) -> None:
     try:
         made = private_dir(shared / "a" / "b", own=False)
         write_private(made / "f", b"x")
-        Storage(tmp_path / "store")
+        LocalStorage(tmp_path / "store")
     finally:
         os.umask(previous)
     assert stat.S_IMODE(shared.stat().st_mode) == 0o755, "an existing folder we do not own keeps its mode"

@@ -235,14 +235,14 @@ def test_reaper_requeues_a_job_whose_worker_died_then_fails_it_after_max_attempt
 def test_lost_lease_stops_the_old_worker_from_writing(
     live_client: TestClient, live_auth: dict[str, str], ticking: Settings
 ) -> None:
-    from service.core.storage import Storage
+    from service.core.storage import LocalStorage
     from workers.context import JobContext, LeaseLost
 
     job_id = queued_job(live_client, live_auth, ticking)
     with unit_of_work(ticking) as session:
         lease.claim(session, job_id, "old", ticking, "queued", "running")
     beat = lease.Heartbeat(job_id, "old", ticking)
-    ctx = JobContext.load(job_id, ticking, Storage(ticking.storage_dir), beat)
+    ctx = JobContext.load(job_id, ticking, LocalStorage(ticking.storage_dir), beat)
     with unit_of_work(ticking) as session:
         session.scalars(select(Job).where(Job.id == job_id)).one().worker_id = "new"
     with pytest.raises(LeaseLost):

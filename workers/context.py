@@ -81,16 +81,17 @@ class JobContext:
 
     @classmethod
     def load(cls, job_id: str, settings: Settings, storage: Storage, heartbeat: Heartbeat) -> JobContext:
-        def read(session: Session) -> tuple[dict[str, Any], dict[str, str]]:
+        def read(session: Session) -> tuple[dict[str, Any], dict[str, tuple[str, str]]]:
             row = repository.get_unscoped(session, job_id)
             assert row is not None
             snapshot = {c.key: getattr(row, c.key) for c in Job.__mapper__.column_attrs}
-            return snapshot, {i: f.storage_key for i, f in files_of_job(session, row).items()}
+            return snapshot, {i: (f.storage_key, f.sha256) for i, f in files_of_job(session, row).items()}
 
         snapshot, keys = in_transaction(settings, read)
-        snapshot["training_path"] = storage.path(keys[snapshot["training_file"]])
+        # A local copy of each file (this host's cache when the bytes live in an object store).
+        snapshot["training_path"] = storage.local_file(*keys[snapshot["training_file"]])
         if snapshot["validation_file"]:
-            snapshot["validation_path"] = storage.path(keys[snapshot["validation_file"]])
+            snapshot["validation_path"] = storage.local_file(*keys[snapshot["validation_file"]])
         return cls(job_id, settings, storage, heartbeat, snapshot)
 
     def _write(self, fn: Callable[[Any, Job], Any]) -> Any:
@@ -186,4 +187,4 @@ class JobContext:
         rows = in_transaction(self.settings, lambda session: repository.checkpoints_of(session, self.job_id))
         if not rows:
             return None
-        return rows[-1].step_number, self.storage.path(rows[-1].storage_key)
+        return rows[-1].step_number, self.storage.local_dir(rows[-1].storage_key)

@@ -12,7 +12,7 @@ from service.core.errors import ApiError
 from service.core.observability import JOB_ID
 from service.core.queue import wake_training
 from service.core.settings import Settings
-from service.core.storage import Storage
+from service.core.storage import storage_for
 from service.core.tables import Job, now
 from service.jobs import repository
 from service.jobs.service import fine_tuned_model_name
@@ -48,7 +48,7 @@ def _run_job(job_id: str, settings: Settings) -> None:
         return
     with Heartbeat(job_id, worker_id, settings) as heartbeat:
         try:
-            ctx = JobContext.load(job_id, settings, Storage(settings.storage_dir), heartbeat)
+            ctx = JobContext.load(job_id, settings, storage_for(settings), heartbeat)
             result = load_trainer(settings.trainer)(ctx)
         except LeaseLost:
             log.warning("job %s: lease lost; another worker owns it now", job_id)

@@ -8,7 +8,7 @@ from typing import Any
 from service.core.db import unit_of_work
 from service.core.queue import wake_training
 from service.core.settings import Settings
-from service.core.storage import Storage
+from service.core.storage import storage_for
 from service.core.tables import now
 from service.files.repository import files_of_job
 from service.files.validation import FileReport, validate_jsonl
@@ -53,7 +53,7 @@ def check_files(
     settings: Settings, files: dict[str, tuple[str, str, str]], training_file: str, validation_file: str | None
 ) -> tuple[dict[str, Any] | None, list[tuple[str, str]]]:
     """Validate the job's files; return (error for the job or None, events to add)."""
-    storage = Storage(settings.storage_dir)
+    storage = storage_for(settings)
     notes: list[tuple[str, str]] = []
     reports: dict[str, FileReport] = {}
     checks = [("training_file", training_file, settings.max_training_lines)]

@@ -37,6 +37,21 @@ class Settings(BaseSettings):
     database_url: str = ""  # empty: SQLite under data_dir
     broker_url: str = ""  # empty: kombu's filesystem transport under data_dir
     storage_root: Path | None = None  # None: data_dir / "storage"
+    # Object storage for uploads, checkpoints and archives (service/core/s3.py): `s3://bucket/prefix`
+    # on AWS, MinIO, Ceph or R2 instead of the local folder. Credentials default to boto3's usual
+    # chain (AWS_* variables, ~/.aws, an instance role); the endpoint is for anything but AWS.
+    # Hosts keep what they read from it under `cache_root`.
+    storage_url: str = ""
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = ""
+    # Downloads answer 307 to a presigned URL (the client fetches from the store, not through the API),
+    # valid this long; presigned for `s3_presign_endpoint_url` where users reach the store by another name.
+    s3_presigned_downloads: bool = False
+    s3_presign_seconds: int = Field(default=900, ge=1, le=7 * 24 * 3600)
+    s3_presign_endpoint_url: str = ""
+    cache_root: Path | None = None  # None: data_dir / "cache"
     secret_key: str = DEV_SECRET  # HMAC key for API-key hashes
     # The operator's bearer token for `/metrics` (service/core/observability.py); empty turns it off.
     admin_key: str = ""
@@ -114,6 +129,14 @@ class Settings(BaseSettings):
     trainer: str = "workers.training:run_training"
 
     @model_validator(mode="after")
+    def _check_storage_url(self) -> Settings:
+        if self.storage_url:
+            from service.core.s3 import parse_url
+
+            parse_url(self.storage_url)
+        return self
+
+    @model_validator(mode="after")
     def _refuse_unsafe_defaults(self) -> Settings:
         if self.env == "dev":
             return self
@@ -154,6 +177,10 @@ class Settings(BaseSettings):
     @property
     def storage_dir(self) -> Path:
         return self.storage_root or self.data_dir / "storage"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.cache_root or self.data_dir / "cache"
 
 
 @lru_cache

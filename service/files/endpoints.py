@@ -3,9 +3,10 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from service.core.downloads import stored_response
 from service.core.http import SessionDep, SettingsDep, StorageDep, SubjectDep, request_transaction
 from service.core.limits import limits_for
 from service.core.pagination import list_body
@@ -29,12 +30,12 @@ async def upload_file(request: Request, subject: SubjectDep, settings: SettingsD
 
     await run_in_threadpool(check_room)
     file_id, key = service.new_file_key(subject)
-    staged = storage.upload_target(key)
-    upload = await receive_upload(request, staged, settings.max_upload_bytes)
+    out = await run_in_threadpool(storage.writer, key)
+    upload = await receive_upload(request, out, settings.max_upload_bytes)
 
     def record() -> FileObject:
         with request_transaction(request) as session:
-            row = service.record_upload(session, storage, subject, limits, (file_id, key, staged), upload)
+            row = service.record_upload(session, storage, subject, limits, (file_id, key, out), upload)
             return FileObject.of(row)
 
     return await run_in_threadpool(record)
@@ -73,14 +74,18 @@ CONTENT_RESPONSES: dict[int | str, dict[str, object]] = {
 
 
 @router.get("/{file_id}/content", response_class=StreamingResponse, responses=CONTENT_RESPONSES)
-def file_content(file_id: str, session: SessionDep, subject: SubjectDep, storage: StorageDep) -> StreamingResponse:
-    """Download a file's raw bytes."""
+def file_content(
+    file_id: str, request: Request, session: SessionDep, subject: SubjectDep, storage: StorageDep
+) -> Response:
+    """Download a file's raw bytes; supports Range and carries its sha256."""
     row = service.get_file(session, subject, file_id)
-    headers = {
-        "Content-Length": str(row.bytes),
-        "Content-Disposition": f'attachment; filename="{row.id}.jsonl"',
-        "X-Content-SHA256": row.sha256,
-    }
-    return StreamingResponse(
-        storage.iter_bytes(row.storage_key), media_type="application/octet-stream", headers=headers
+    return stored_response(
+        request,
+        storage,
+        row.storage_key,
+        size=row.bytes,
+        sha256=row.sha256,
+        filename=f"{row.id}.jsonl",
+        media_type="application/octet-stream",
+        headers={"X-Content-SHA256": row.sha256},
     )

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from sqlalchemy.orm import Session
 
 from service.auth.service import AuthSubject
@@ -12,7 +9,7 @@ from service.core.db import on_commit
 from service.core.errors import InvalidRequest, NotFound
 from service.core.ids import new_id
 from service.core.limits import Limits, check_files
-from service.core.storage import Storage
+from service.core.storage import Storage, Writer
 from service.core.tables import File
 from service.files import repository
 from service.files.upload import Upload
@@ -76,16 +73,16 @@ def record_upload(
     storage: Storage,
     subject: AuthSubject,
     limits: Limits,
-    staged: tuple[str, str, Path],
+    staged: tuple[str, str, Writer],
     upload: Upload,
 ) -> File:
-    """Validate the form, check the project's room, move the staged bytes into place and add the row
-    (removed again on error)."""
-    file_id, key, path = staged
+    """Validate the form, check the project's room, commit the streamed bytes and add the row
+    (the bytes are removed again on error)."""
+    file_id, key, out = staged
     try:
         check_upload(upload)
         check_room(session, subject, limits, upload.bytes)
-        os.replace(path, storage.path(key))
+        out.commit()
         row = File(
             id=file_id,
             project_id=subject.project_id,
@@ -100,7 +97,7 @@ def record_upload(
         session.flush()
         return row
     except BaseException:
-        path.unlink(missing_ok=True)
+        out.abort()
         storage.delete(key)
         raise
 

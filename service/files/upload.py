@@ -1,26 +1,27 @@
 """Streaming multipart upload: the file part goes straight to storage, hashed on the way.
 
 Starlette's form parser spools the whole body to a temporary file before the endpoint runs; this
-parser writes each chunk to the object's temporary name as it arrives and stops at the size cap.
+parser hands each chunk to a storage `Writer` as it arrives (a local temporary name, or the parts of
+an S3 multipart upload) and stops at the size cap. Parsing and writing run in the threadpool, about a
+MiB of body at a time, so neither disk nor network I/O blocks the event loop.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO
 
 from python_multipart.exceptions import ParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from service.core.errors import InvalidRequest, PayloadTooLarge
-from service.core.private import open_private
+from service.core.storage import Writer
 
 MAX_FIELD_BYTES = 64 * 1024
 MULTIPART_OVERHEAD = 64 * 1024
+BATCH_BYTES = 1024 * 1024
 
 
 @dataclass
@@ -32,8 +33,8 @@ class Upload:
 
 
 class _Receiver:
-    def __init__(self, target: Path, limit: int) -> None:
-        self.target, self.limit = target, limit
+    def __init__(self, out: Writer, limit: int) -> None:
+        self.out, self.limit = out, limit
         self.upload = Upload()
         self._digest = hashlib.sha256()
         self._header_field = b""
@@ -41,7 +42,6 @@ class _Receiver:
         self._name: str | None = None
         self._is_file = False
         self._value = bytearray()
-        self._out: IO[bytes] | None = None
 
     def callbacks(self) -> dict[str, object]:
         return {
@@ -72,12 +72,7 @@ class _Receiver:
             if len(self._value) > MAX_FIELD_BYTES:
                 raise InvalidRequest(f"form field {self._name!r} is too long", param=self._name)
             return
-        if self._name != "file":
-            raise InvalidRequest(f"Unexpected file field {self._name!r}; send the file as 'file'.", param=self._name)
-        if self.upload.sha256:
-            raise InvalidRequest("Send exactly one file per upload.", param="file")
-        if self._out is None:
-            self._out = open_private(self.target)
+        self._check_file_part()
         self.upload.bytes += len(chunk)
         if self.upload.bytes > self.limit:
             raise PayloadTooLarge(
@@ -85,26 +80,33 @@ class _Receiver:
                 param="file",
             )
         self._digest.update(chunk)
-        self._out.write(chunk)
+        self.out.write(chunk)
+
+    def _check_file_part(self) -> None:
+        if self._name != "file":
+            raise InvalidRequest(f"Unexpected file field {self._name!r}; send the file as 'file'.", param=self._name)
+        if self.upload.sha256:
+            raise InvalidRequest("Send exactly one file per upload.", param="file")
 
     def _part_end(self) -> None:
         if self._is_file:
-            if self._out is None:  # an empty file part
-                self._out = open_private(self.target)
-            self._out.flush()
-            os.fsync(self._out.fileno())
-            self._out.close()
+            self._check_file_part()  # an empty file part has no data
             self.upload.sha256 = self._digest.hexdigest()
         elif self._name is not None:
             self.upload.fields[self._name] = self._value.decode("utf-8", "replace")
 
-    def close(self) -> None:
-        if self._out is not None and not self._out.closed:
-            self._out.close()
+
+async def receive_upload(request: Request, out: Writer, limit: int) -> Upload:
+    """Parse a multipart body, writing its `file` part to `out` (not yet committed: the caller checks
+    the form first). On any error `out` is aborted."""
+    try:
+        return await _receive(request, out, limit)
+    except BaseException:
+        await run_in_threadpool(out.abort)
+        raise
 
 
-async def receive_upload(request: Request, target: Path, limit: int) -> Upload:
-    """Parse a multipart body, writing its `file` part to `target`. On any error `target` is removed."""
+async def _receive(request: Request, out: Writer, limit: int) -> Upload:
     content_type, params = parse_options_header(request.headers.get("content-type"))
     if content_type != b"multipart/form-data" or b"boundary" not in params:
         raise InvalidRequest("Uploads must be multipart/form-data with 'file' and 'purpose' fields.")
@@ -115,21 +117,19 @@ async def receive_upload(request: Request, target: Path, limit: int) -> Upload:
             "(RFT_MAX_UPLOAD_BYTES).",
             param="file",
         )
-    receiver = _Receiver(target, limit)
+    receiver = _Receiver(out, limit)
     parser = MultipartParser(params[b"boundary"], receiver.callbacks())  # type: ignore[arg-type]
     try:
+        batch = bytearray()
         async for chunk in request.stream():
-            parser.write(chunk)
+            batch += chunk
+            if len(batch) >= BATCH_BYTES:
+                await run_in_threadpool(parser.write, bytes(batch))
+                batch.clear()
+        await run_in_threadpool(parser.write, bytes(batch))
         parser.finalize()
-    except BaseException as exc:
-        receiver.close()
-        target.unlink(missing_ok=True)
-        if isinstance(exc, ParseError):
-            raise InvalidRequest(f"The multipart/form-data body is malformed: {exc}.") from None
-        raise
-    finally:
-        receiver.close()
+    except ParseError as exc:
+        raise InvalidRequest(f"The multipart/form-data body is malformed: {exc}.") from None
     if not receiver.upload.sha256:
-        target.unlink(missing_ok=True)
         raise InvalidRequest("Missing the 'file' field: send the file as multipart field 'file'.", param="file")
     return receiver.upload

@@ -3,12 +3,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response, StreamingResponse
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 
 from service.auth.service import AuthSubject
+from service.core.downloads import stored_response
 from service.core.errors import NotFound
 from service.core.http import SessionDep, SettingsDep, StorageDep, SubjectDep, request_transaction
 from service.core.pagination import list_body
@@ -147,7 +148,9 @@ ARCHIVE_RESPONSES: dict[int | str, dict[str, object]] = {
 Merged = Annotated[bool, Query(description="Merge a LoRA adapter into full weights.")]
 
 
-@router.get("/{job_id}/checkpoints/{checkpoint_id}/content", response_class=FileResponse, responses=ARCHIVE_RESPONSES)
+@router.get(
+    "/{job_id}/checkpoints/{checkpoint_id}/content", response_class=StreamingResponse, responses=ARCHIVE_RESPONSES
+)
 def download_checkpoint(
     job_id: str,
     checkpoint_id: str,
@@ -156,14 +159,14 @@ def download_checkpoint(
     settings: SettingsDep,
     storage: StorageDep,
     merged: Merged = False,
-) -> FileResponse:
+) -> Response:
     """Download a checkpoint as a tar of its Hugging Face directory; supports Range and carries its sha256."""
     with request_transaction(request) as session:  # not held while an archive is built
         ckpt = service.get_checkpoint(session, subject, job_id, checkpoint_id)
-    return _archive_response(ckpt, settings, storage, merged)
+    return _archive_response(request, ckpt, settings, storage, merged)
 
 
-@router.get("/{job_id}/content", response_class=FileResponse, responses=ARCHIVE_RESPONSES)
+@router.get("/{job_id}/content", response_class=StreamingResponse, responses=ARCHIVE_RESPONSES)
 def download_model(
     job_id: str,
     request: Request,
@@ -171,18 +174,28 @@ def download_model(
     settings: SettingsDep,
     storage: StorageDep,
     merged: Merged = False,
-) -> FileResponse:
+) -> Response:
     """Download the job's fine-tuned model (its chosen checkpoint) as a tar of a Hugging Face directory."""
     with request_transaction(request) as session:
         ckpt = service.final_checkpoint(session, subject, job_id)
-    return _archive_response(ckpt, settings, storage, merged)
+    return _archive_response(request, ckpt, settings, storage, merged)
 
 
-def _archive_response(ckpt: Checkpoint, settings: Settings, storage: Storage, merged: bool) -> FileResponse:
+def _archive_response(
+    request: Request, ckpt: Checkpoint, settings: Settings, storage: Storage, merged: bool
+) -> Response:
     name = f"{ckpt.job_id}-step-{ckpt.step_number}"
     try:
-        archive = archive_of(storage.path(ckpt.storage_key), settings, merged=merged, name=name)
+        archive = archive_of(storage, ckpt.storage_key, settings, merged=merged, name=name)
     except FileNotFoundError as exc:  # pruned between the lookup and the build
         raise NotFound(f"Checkpoint {ckpt.id} was removed.", param="checkpoint_id") from exc
-    headers = {"ETag": f'"{archive.sha256}"', "X-Checksum-SHA256": archive.sha256, "Cache-Control": "private"}
-    return FileResponse(archive.path, media_type="application/x-tar", filename=archive.filename, headers=headers)
+    return stored_response(
+        request,
+        storage,
+        archive.key,
+        size=archive.size,
+        sha256=archive.sha256,
+        filename=archive.filename,
+        media_type="application/x-tar",
+        headers={"X-Checksum-SHA256": archive.sha256},
+    )

@@ -210,8 +210,8 @@ def delete_job(session: Session, storage: Storage, subject: AuthSubject, job_id:
 
     # The bytes go only once the rows are gone for good; a failed commit keeps both.
     def remove_bytes() -> None:
+        forget_loaded(storage.local_path(folder))
         storage.delete(folder)
-        forget_loaded(storage.path(folder))
 
     on_commit(session, remove_bytes)
 

@@ -1,8 +1,8 @@
 """Downloadable archives of checkpoints: an uncompressed tar of a Hugging Face model directory.
 
 An archive is built once per checkpoint (and once more for a LoRA checkpoint merged into full
-weights), written to a temporary name, fsynced and renamed inside the checkpoint's own folder, so it
-disappears with the checkpoint when that is pruned. The tar is byte-for-byte deterministic (sorted
+weights) from a local copy of it, then stored under the checkpoint's own key (its digest after it),
+so it disappears with the checkpoint when that is pruned. The tar is byte-for-byte deterministic (sorted
 names, the checkpoint's own write time on every member, no owners), so its sha256 is a stable ETag
 and a broken download can be resumed with `Range` against the same bytes. Trainer state (optimizer,
 RNG) is never shipped.
@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from service.core.private import make_tree_private, open_private, private_dir, write_private
+from service.core.private import make_tree_private, open_private, private_dir
 from service.core.settings import Settings
+from service.core.storage import Storage
 from service.models.registry import SMOLLM2
 
 ARCHIVE_DIR = ".archive"
@@ -35,8 +36,9 @@ _build_lock = threading.Lock()
 
 @dataclass(frozen=True)
 class Archive:
-    path: Path
+    key: str  # the tar's storage key
     sha256: str
+    size: int
     filename: str
 
 
@@ -44,21 +46,36 @@ def is_adapter(folder: Path) -> bool:
     return (folder / "adapter_config.json").exists()
 
 
-def archive_of(folder: Path, settings: Settings, *, merged: bool, name: str) -> Archive:
-    """The archive of a checkpoint folder, built on first use. `merged` only matters for LoRA."""
-    merged = merged and is_adapter(folder)
-    stem = "model-merged" if merged else "model"
-    target = folder / ARCHIVE_DIR / f"{stem}.tar"
-    digest = target.with_suffix(".sha256")
+def archive_of(storage: Storage, key: str, settings: Settings, *, merged: bool, name: str) -> Archive:
+    """The archive of checkpoint folder `key`, built on first use and stored beside it (under its
+    key, so it goes when the checkpoint goes). `merged` only matters for LoRA."""
     with _build_lock:  # one build at a time: merging loads a model, and two copies gain nothing
-        if not digest.exists():
-            source = _merged_dir(folder, settings) if merged else folder
-            try:
-                _write_archive(source, target, digest, mtime=_written_at(folder))
-            finally:
-                if merged:
-                    shutil.rmtree(source, ignore_errors=True)
-    return Archive(target, digest.read_text().strip(), f"{name}{'-merged' if merged else ''}.tar")
+        folder = None
+        if merged and not storage.exists(f"{key}/{ARCHIVE_DIR}/model-merged.sha256"):
+            folder = storage.local_dir(key)
+            merged = is_adapter(folder)
+        stem = "model-merged" if merged else "model"
+        tar, digest = f"{key}/{ARCHIVE_DIR}/{stem}.tar", f"{key}/{ARCHIVE_DIR}/{stem}.sha256"
+        if not storage.exists(digest):
+            _build(storage, folder or storage.local_dir(key), (tar, digest), merged, settings)
+        sha256, size = storage.read_bytes(digest).decode().strip(), storage.size(tar)
+    if size is None:
+        raise FileNotFoundError(tar)
+    return Archive(tar, sha256, size, f"{name}{'-merged' if merged else ''}.tar")
+
+
+def _build(storage: Storage, folder: Path, keys: tuple[str, str], merged: bool, settings: Settings) -> None:
+    """Write the tar beside a local copy of the checkpoint, then store it and, last, its digest."""
+    source = _merged_dir(folder, settings) if merged else folder
+    partial = private_dir(folder / ARCHIVE_DIR) / f".{uuid.uuid4().hex}.partial"
+    try:
+        sha256 = _write_archive(source, partial, mtime=_written_at(folder))
+        storage.put_file(keys[0], partial)
+        storage.put_bytes(keys[1], (sha256 + "\n").encode())
+    finally:
+        partial.unlink(missing_ok=True)
+        if merged:
+            shutil.rmtree(source, ignore_errors=True)
 
 
 def _written_at(folder: Path) -> int:
@@ -78,21 +95,16 @@ def _merged_dir(folder: Path, settings: Settings) -> Path:
     return out
 
 
-def _write_archive(source: Path, target: Path, digest: Path, mtime: int) -> None:
-    private_dir(target.parent)
-    partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}.partial")
-    try:
-        with open_private(partial) as raw:
-            hashing = _HashingWriter(raw)
-            with tarfile.open(fileobj=hashing, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-                for file in sorted(p for p in source.iterdir() if p.name not in SKIPPED and p.is_file()):
-                    _add(tar, file, mtime)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(partial, target)
-        write_private(digest, (hashing.hexdigest() + "\n").encode())
-    finally:
-        partial.unlink(missing_ok=True)
+def _write_archive(source: Path, target: Path, mtime: int) -> str:
+    """Write the tar of `source` to `target` (fsynced); its sha256."""
+    with open_private(target) as raw:
+        hashing = _HashingWriter(raw)
+        with tarfile.open(fileobj=hashing, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+            for file in sorted(p for p in source.iterdir() if p.name not in SKIPPED and p.is_file()):
+                _add(tar, file, mtime)
+        raw.flush()
+        os.fsync(raw.fileno())
+    return hashing.hexdigest()
 
 
 def _add(tar: tarfile.TarFile, file: Path, mtime: int) -> None:

@@ -99,7 +99,7 @@ def resolve_for_project(
     if not name.startswith("ft:"):
         return resolve(name)
     from service.core.db import unit_of_work
-    from service.core.storage import Storage
+    from service.core.storage import storage_for
     from service.models.repository import checkpoint_named
 
     key = None
@@ -108,7 +108,11 @@ def resolve_for_project(
             key = getattr(checkpoint_named(active, project_id, name), "storage_key", None)
     if key is None:
         raise InvalidRequest(f"No fine-tuned model or checkpoint named {name!r} in this project.", param="model")
-    return ModelSpec(name, "local", str(Storage(settings.storage_dir).path(key)))
+    try:
+        folder = storage_for(settings).local_dir(key)
+    except FileNotFoundError as exc:  # pruned or deleted since the lookup
+        raise InvalidRequest(f"The fine-tuned model {name!r} was removed.", param="model") from exc
+    return ModelSpec(name, "local", str(folder))
 
 
 def load(

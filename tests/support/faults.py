@@ -48,7 +48,7 @@ def rl(ctx: JobContext) -> TrainingResult:
 
         commit = ctx.storage.commit_dir
 
-        def commit_then_die(staging: Path, key: str) -> Path:
+        def commit_then_die(staging: Path, key: str) -> None:
             commit(staging, key)
             _die()
             raise AssertionError("unreachable")

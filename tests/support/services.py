@@ -115,3 +115,27 @@ def redis_url() -> str:
             return url
         time.sleep(0.1)
     raise RuntimeError("started redis-server but it does not answer")
+
+
+S3_KEY = {"s3_access_key_id": "rft-test", "s3_secret_access_key": "rft-test-secret", "s3_region": "us-east-1"}
+
+
+def s3_endpoint() -> str:
+    """An S3-compatible server over HTTP: moto's (`moto[server]`, a dev dependency), started here."""
+    import sys
+
+    server = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    if not os.path.exists(server):
+        raise RuntimeError("moto_server is not installed (pip install 'moto[server]', part of the dev extra)")
+    port = _free_port()
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], **quiet)  # type: ignore[call-overload]
+    atexit.register(proc.terminate)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return url
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("started moto_server but it does not answer")
