@@ -1,8 +1,9 @@
 """Big uploads and checkpoint downloads at constant server memory: a real `rft serve` process.
 
-    python bench/storage_bench.py [--sizes-mb 64 512]
+    python bench/storage_bench.py [--sizes-mb 64 512] [--stores local s3]
 
-For each size, side by side in one run: upload a JSONL file of that many MiB (POST /v1/files,
+For each store (the local folder, then an S3 bucket on moto's S3 server over HTTP, started here) and
+each size, side by side in one run: upload a JSONL file of that many MiB (POST /v1/files,
 streamed multipart), then download a checkpoint archive of about that size twice (the first GET
 builds the tar, the second serves the built one). The server's resident memory is sampled from
 /proc/<pid>/status every 20 ms; each phase reports its throughput and the peak RSS above the
@@ -11,6 +12,9 @@ server's RSS just before it, and the run ends with the server's VmHWM (its lifet
 The checkpoint is put in place as the trainer would leave it (a row in the server's SQLite database
 and a folder with a `model.safetensors` of random bytes under storage), so no training runs: what is
 measured is the storage and HTTP path only. The data folder is under /var/tmp and removed at the end.
+With S3 the server keeps nothing but its cache: the tar is built there from a fetched copy of the
+checkpoint, stored in the bucket, and every download streams from the bucket. moto keeps objects in
+its own memory, so it is slower than MinIO or S3 would be: read the S3 figures as a floor.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import httpx
 
 from service.core.db import unit_of_work
 from service.core.settings import Settings
-from service.core.storage import LocalStorage
+from service.core.storage import storage_for
 from service.core.tables import Checkpoint, Job, Project
 
 MIB = 1024 * 1024
@@ -97,7 +101,7 @@ def place_checkpoint(settings: Settings, size: int) -> tuple[str, str]:
     with unit_of_work(settings) as session:
         project = session.query(Project).filter(Project.name == "bench").one()
         key = f"checkpoints/{project.id}/{job_id}/step-000001"
-        storage = LocalStorage(settings.storage_dir)
+        storage = storage_for(settings)
         staging = storage.staging_dir(key)
         with open(staging / "model.safetensors", "wb") as f:
             for _ in range(size // MIB):
@@ -193,36 +197,78 @@ def wait_healthy(server: subprocess.Popen[bytes], port: int, log: Path) -> None:
             time.sleep(0.2)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes-mb", type=int, nargs="+", default=[64, 512])
-    parser.add_argument("--port", type=int, default=8765)
-    args = parser.parse_args()
-    work = Path("/var/tmp") / f"rft-storage-bench-{uuid.uuid4().hex[:8]}"
-    data = work / "data"
+S3_KEYS = {"RFT_S3_ACCESS_KEY_ID": "bench", "RFT_S3_SECRET_ACCESS_KEY": "bench-secret", "RFT_S3_REGION": "us-east-1"}
+
+
+def start_s3(work: Path, port: int) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    """moto's S3 server with one bucket; the settings that point rft at it."""
+    server = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen(
+        [str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            httpx.get(endpoint)
+            break
+        except httpx.HTTPError:
+            assert time.time() < deadline, "moto_server did not start"
+            time.sleep(0.2)
+    httpx.put(f"{endpoint}/bench").raise_for_status()  # create the bucket (moto takes it unsigned)
+    return proc, {"RFT_STORAGE_URL": "s3://bench/rft", "RFT_S3_ENDPOINT_URL": endpoint, **S3_KEYS}
+
+
+def bench_store(store: str, args: argparse.Namespace, work: Path) -> None:
+    data = work / store
     env = {**os.environ, "RFT_DATA_DIR": str(data), "RFT_DATABASE_URL": "", "RFT_BROKER_URL": ""}
+    extra: dict[str, str] = {}
+    s3 = None
+    if store == "s3":
+        s3, extra = start_s3(work, args.port + 1)
+        env |= extra
     settings = Settings(env="dev", data_dir=data, database_url="", broker_url="")
-    work.mkdir()
-    log = open(work / "serve.log", "wb")
+    settings = settings.model_copy(update={k.removeprefix("RFT_").lower(): v for k, v in extra.items()})
+    log = open(work / f"serve-{store}.log", "wb")
     serve = [*CLI, "serve", "--no-workers", "--port", str(args.port)]
     server = subprocess.Popen(serve, env=env, stdout=log, stderr=log)
     try:
-        wait_healthy(server, args.port, work / "serve.log")
+        wait_healthy(server, args.port, work / f"serve-{store}.log")
         key = subprocess.run(
             [*CLI, "keys", "create", "--project", "bench"], env=env, capture_output=True, text=True, check=True
         ).stdout.split()[-1]
         sampler = RssSampler(server.pid)
-        print(f"rft serve (pid {server.pid}, SQLite, {os.cpu_count()} CPUs), RSS {sampler.read() / 1024:.1f} MiB")
+        print(
+            f"[{store}] rft serve (pid {server.pid}, SQLite, {os.cpu_count()} CPUs), "
+            f"RSS {sampler.read() / 1024:.1f} MiB"
+        )
         headers = {"Authorization": f"Bearer {key}"}
         base = f"http://127.0.0.1:{args.port}/v1"
         with httpx.Client(base_url=base, headers=headers, timeout=600) as http:
             for mib in args.sizes_mb:
                 bench_size(http, sampler, settings, work, mib)
-        print(f"server VmHWM (lifetime peak RSS): {sampler.read('VmHWM') / 1024:.1f} MiB")
+        print(f"[{store}] server VmHWM (lifetime peak RSS): {sampler.read('VmHWM') / 1024:.1f} MiB")
     finally:
         server.terminate()
         server.wait(timeout=30)
         log.close()
+        if s3 is not None:
+            s3.terminate()
+            s3.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes-mb", type=int, nargs="+", default=[64, 512])
+    parser.add_argument("--stores", nargs="+", choices=["local", "s3"], default=["local", "s3"])
+    parser.add_argument("--port", type=int, default=8765)
+    args = parser.parse_args()
+    work = Path("/var/tmp") / f"rft-storage-bench-{uuid.uuid4().hex[:8]}"
+    work.mkdir()
+    try:
+        for store in args.stores:
+            bench_store(store, args, work)
+    finally:
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -78,6 +78,7 @@ class JobContext:
     storage: Storage
     heartbeat: Heartbeat
     job: dict[str, Any] = field(default_factory=dict)  # the job row's columns, read at start
+    local_keys: list[str] = field(default_factory=list)  # the job's files, copied to this host at start
 
     @classmethod
     def load(cls, job_id: str, settings: Settings, storage: Storage, heartbeat: Heartbeat) -> JobContext:
@@ -92,7 +93,10 @@ class JobContext:
         snapshot["training_path"] = storage.local_file(*keys[snapshot["training_file"]])
         if snapshot["validation_file"]:
             snapshot["validation_path"] = storage.local_file(*keys[snapshot["validation_file"]])
-        return cls(job_id, settings, storage, heartbeat, snapshot)
+        used = [keys[snapshot["training_file"]][0]] + (
+            [keys[snapshot["validation_file"]][0]] if snapshot["validation_file"] else []
+        )
+        return cls(job_id, settings, storage, heartbeat, snapshot, used)
 
     def _write(self, fn: Callable[[Any, Job], Any]) -> Any:
         if self.heartbeat.lost.is_set():
@@ -173,6 +177,13 @@ class JobContext:
 
         checkpoint_id: str = self._write(record)
         return checkpoint_id
+
+    def drop_local_copies(self) -> None:
+        """Forget this host's copies of the job's files and checkpoints once it ends here: the store
+        keeps them, and a tenant's deleted data must not linger in a worker's cache."""
+        for key in self.local_keys:
+            self.storage.drop_local(key)
+        self.storage.drop_local(job_folder(self.job["project_id"], self.job_id))
 
     def prune_checkpoints(self, keep_steps: set[int]) -> None:
         """Delete the job's checkpoints (rows, then files) whose step is not in `keep_steps`."""

@@ -46,6 +46,7 @@ def _run_job(job_id: str, settings: Settings) -> None:
     if not in_transaction(settings, lambda session: _start(session, job_id, worker_id, settings)):
         log.info("job %s is not queued or is leased by another worker; nothing to do", job_id)
         return
+    ctx: JobContext | None = None
     with Heartbeat(job_id, worker_id, settings) as heartbeat:
         try:
             ctx = JobContext.load(job_id, settings, storage_for(settings), heartbeat)
@@ -68,6 +69,9 @@ def _run_job(job_id: str, settings: Settings) -> None:
             }
             _finish(job_id, worker_id, settings, "failed", error=error)
             return
+        finally:
+            if ctx is not None:
+                ctx.drop_local_copies()
     if result.status == "requeued":
         in_transaction(settings, lambda session: _requeue(session, job_id, worker_id))
     else:

@@ -161,9 +161,13 @@ class S3Storage(Storage):
             objects = [{"Key": o["Key"]} for o in page.get("Contents", [])]
             if objects:  # at most 1000 a page, as delete_objects takes
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
+        self.drop_local(key)
+
+    def drop_local(self, key: str) -> None:
         local = self.local_path(key)
-        shutil.rmtree(local, ignore_errors=True) if local.is_dir() else local.unlink(missing_ok=True)
-        _marker(local).unlink(missing_ok=True)
+        with self._lock(key):
+            shutil.rmtree(local, ignore_errors=True) if local.is_dir() else local.unlink(missing_ok=True)
+            _marker(local).unlink(missing_ok=True)
 
     def staging_dir(self, key: str) -> Path:
         target = self.local_path(key)

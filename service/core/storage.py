@@ -122,6 +122,9 @@ class Storage(ABC):
     def local_dir(self, key: str) -> Path:
         """A local copy of committed folder `key`; FileNotFoundError where none was committed."""
 
+    def drop_local(self, key: str) -> None:  # noqa: B027 (locally the copy is the object itself)
+        """Remove this host's copy of `key` (an object or a folder), keeping the stored one."""
+
     def download_url(self, key: str, filename: str) -> str | None:
         """A URL the client can fetch `key` from directly (presigned), or None to stream it ourselves."""
         return None

@@ -22,11 +22,12 @@ def free_port() -> int:
 
 
 class Proc:
-    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path, prefix: list[str] | None = None) -> None:
+        """`rft <argv>`, run under `prefix` where given (a bwrap sandbox, say)."""
         self.log = log
         self._out = open(log, "wb")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", *argv],
+            [*(prefix or []), sys.executable, "-m", "service.cli", *argv],
             env={**os.environ, **env},
             stdout=self._out,
             stderr=subprocess.STDOUT,
