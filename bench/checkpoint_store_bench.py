@@ -32,6 +32,7 @@ import torch
 
 from service.core.settings import Settings
 from service.core.storage import Storage, storage_for
+from service.models.registry import SMOLLM2
 from workers.rl import checkpoint
 from workers.rl.config import resolve
 from workers.rl.policy import build_policy, trainable
@@ -44,7 +45,7 @@ class Ctx:
     """What `checkpoint.save` needs of a JobContext: the job's model name and a storage commit."""
 
     def __init__(self, storage: Storage) -> None:
-        self.storage, self.job = storage, {"model": "smollm2"}
+        self.storage, self.job = storage, {"model": SMOLLM2}
 
     def save_checkpoint(self, step: int, write: Any, metrics: dict[str, Any]) -> str:
         key = f"checkpoints/bench/{uuid.uuid4().hex[:8]}/step-{step:06d}"
@@ -75,7 +76,7 @@ def start_moto(port: int) -> subprocess.Popen[bytes]:
 def trained_parts(mode: str, settings: Settings) -> tuple[Any, Any, Any, Any]:
     hp = {"lora_rank": 16} if mode == "lora" else {}
     cfg = resolve(hp, 8)
-    model, tokenizer = build_policy("smollm2", cfg, settings, "cpu", seed=0)
+    model, tokenizer = build_policy(SMOLLM2, cfg, settings, "cpu", seed=0)
     optimizer = torch.optim.AdamW(trainable(model), lr=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     for p in trainable(model):

@@ -26,6 +26,7 @@ from service.core.settings import Settings, get_settings
 from service.core.storage import storage_for
 from service.dashboard import mount_dashboard
 from service.files.endpoints import router as files_router
+from service.fleet.endpoints import router as fleet_router
 from service.graders.endpoints import router as graders_router
 from service.jobs.endpoints import router as jobs_router
 from service.models.endpoints import router as models_router
@@ -58,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(graders_router)
     mount_dashboard(app)
     app.include_router(models_router)
+    app.include_router(fleet_router)
     app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]

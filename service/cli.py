@@ -87,7 +87,7 @@ def _dev_key(settings: Settings) -> str:
 
 
 def worker_argv(settings: Settings, queues: str, beat: bool) -> list[str]:
-    name = queues.replace(",", "-")
+    name = "-".join(q for q in queues.split(",") if "." not in q)  # not the worker's own queue
     argv = ["worker", "-Q", queues, "-n", f"{name}@%h", "-l", "INFO", "--without-gossip", "--without-mingle"]
     if "training" in queues.split(","):
         # One job per process, and a fresh process per job: memory (and CUDA state) never leaks across jobs.
@@ -102,11 +102,22 @@ def worker_argv(settings: Settings, queues: str, beat: bool) -> list[str]:
 
 def _run_worker(settings: Settings, queues: str, beat: bool) -> int:
     from service.core.observability import configure_logging
+    from service.fleet.service import own_queue
     from workers.celery_app import app
+    from workers.fleet import FleetReporter, main_worker_id
 
     configure_logging(settings)
     private_dir(settings.data_dir)
-    app.worker_main(worker_argv(settings, queues, beat))
+    worker_id = main_worker_id()
+    listening = queues.split(",")
+    if "training" in listening:  # the router sends a job here when this worker is the one that fits
+        listening.append(own_queue(worker_id))
+    reporter = FleetReporter(settings, worker_id, listening)
+    reporter.start()
+    try:
+        app.worker_main(worker_argv(settings, ",".join(listening), beat))
+    finally:
+        reporter.stop()
     return 0
 
 

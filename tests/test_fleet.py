@@ -56,7 +56,18 @@ def fleet_env(settings: Settings, s3: str, bucket: str, data_dir: Path, broker: 
         "RFT_S3_SECRET_ACCESS_KEY": keys["s3_secret_access_key"],
         "RFT_S3_REGION": keys["s3_region"],
         "RFT_REAPER_INTERVAL_SECONDS": "1",
+        "RFT_ADMIN_KEY": ADMIN,
     }
+
+
+ADMIN = "fleet-operator-key-0123456789abcdef"
+
+
+def fleet(port: int) -> dict[str, dict[str, Any]]:
+    """GET /v1/workers with the operator's key: the training workers by host data folder."""
+    listed = httpx.get(f"http://127.0.0.1:{port}/v1/workers", headers=bearer(ADMIN))
+    assert listed.status_code == 200, listed.text
+    return {w["id"]: w for w in listed.json()["data"] if "training" in w["queues"]}
 
 
 def test_a_job_survives_its_worker_host_and_resumes_on_another_from_the_object_store(
@@ -93,10 +104,14 @@ def test_a_job_survives_its_worker_host_and_resumes_on_another_from_the_object_s
         job_id = client.fine_tuning.jobs.create(**chaos.job_body(file_id)).id
 
         chaos.wait_for("a checkpoint from host A", lambda: chaos.checkpoints(live_settings, job_id), timeout=180)
+        (a_id, a_row), *others_seen = fleet(port).items()
+        assert not others_seen and a_row["healthy"] and a_row["current_job_id"] == job_id, a_row
+        assert a_row["device_type"] == "cpu" and any(q.startswith("training.") for q in a_row["queues"])
         worker_a.kill()  # the host is gone: no checkpoint on the way out, its lease just lapses
         assert not list(homes["api"].rglob("*.safetensors")), "the API host holds no checkpoint bytes"
         assert list(homes["host-a"].rglob("*.safetensors")), "host A wrote its checkpoints through its own cache"
         shutil.rmtree(homes["host-a"])  # and its disk with it
+        chaos.wait_for("host A to show as unhealthy", lambda: not fleet(port)[a_id]["healthy"], timeout=30)
 
         worker_b = Proc([*argv, "--beat"], env["host-b"], tmp_path / "b.log", hidden(homes["api"], homes["host-a"]))
         procs.append(worker_b)
@@ -104,6 +119,8 @@ def test_a_job_survives_its_worker_host_and_resumes_on_another_from_the_object_s
         job = client.fine_tuning.jobs.retrieve(job_id)
         assert job.status == "succeeded", (job.error, worker_b.output()[-3000:])
         assert chaos.job(live_settings, job_id).attempts == 2
+        b_row = next(w for i, w in fleet(port).items() if i != a_id)
+        assert b_row["healthy"] and b_row["current_job_id"] is None, b_row
         assert chaos.metric_steps(live_settings, job_id) == list(range(1, chaos.TOTAL_STEPS + 1))
         kept = [p for p in (homes["host-b"] / "cache").rglob("*") if p.is_file()]
         assert not kept, f"host B kept copies of the tenant's data after the job: {kept[:3]}"

@@ -19,9 +19,10 @@ from sqlalchemy.orm import Session
 
 from service.core.limits import limits_for
 from service.core.observability import RECLAIM_KEY
-from service.core.queue import wake_training, wake_validation
+from service.core.queue import wake_validation
 from service.core.settings import Settings
 from service.core.tables import now
+from service.fleet import service as fleet
 from service.jobs import repository
 
 log = logging.getLogger(__name__)
@@ -123,10 +124,13 @@ def reap(session: Session, settings: Settings) -> dict[str, int]:
                 level="warn",
                 dedupe_key=f"{RECLAIM_KEY}{job.attempts}",  # counted by /metrics as a lease reclaim
             )
-            wake_training(session, job.id)
+            fleet.wake(session, settings, job.id)  # a live worker's, never the one that died
             counts["requeued"] += 1
     for job in repository.waiting_since_before(session, t - settings.stale_queued_seconds):
-        (wake_validation if job.status == "validating_files" else wake_training)(session, job.id)
+        if job.status == "validating_files":
+            wake_validation(session, job.id)
+        else:  # routed anew: the worker it went to may have died before taking it
+            fleet.wake(session, settings, job.id)
         job.enqueued_at = t
         counts["rewoken"] += 1
     session.flush()

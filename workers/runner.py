@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -14,10 +15,12 @@ from service.core.queue import wake_training
 from service.core.settings import Settings
 from service.core.storage import storage_for
 from service.core.tables import Job, now
+from service.fleet import repository as fleet
 from service.jobs import repository
 from service.jobs.service import fine_tuned_model_name
 from workers import shutdown
 from workers.context import JobContext, LeaseLost, StorageFull, TrainingResult
+from workers.fleet import main_worker_id
 from workers.lease import Heartbeat, claim, worker_identity
 from workers.retry import in_transaction
 from workers.training import load_trainer
@@ -36,6 +39,8 @@ def run_job(job_id: str, settings: Settings) -> None:
         _run_job(job_id, settings)
     finally:
         JOB_ID.reset(token)
+        done = main_worker_id(os.getppid())
+        in_transaction(settings, lambda session: fleet.set_current_job(session, done, None, was=job_id))
 
 
 def _run_job(job_id: str, settings: Settings) -> None:
@@ -84,6 +89,7 @@ def _start(session: Session, job_id: str, worker_id: str, settings: Settings) ->
     job = repository.get_unscoped(session, job_id)
     assert job is not None
     repository.add_event(session, job, f"Fine-tuning job started (attempt {job.attempts}).")
+    fleet.set_current_job(session, main_worker_id(os.getppid()), job_id)  # our `rft worker`'s row, if any
     return True
 
 

@@ -6,12 +6,12 @@ import time
 from typing import Any
 
 from service.core.db import unit_of_work
-from service.core.queue import wake_training
 from service.core.settings import Settings
 from service.core.storage import storage_for
 from service.core.tables import now
 from service.files.repository import files_of_job
 from service.files.validation import FileReport, validate_jsonl
+from service.fleet import service as fleet
 from service.jobs import repository
 from workers.lease import claim, worker_identity
 
@@ -46,7 +46,7 @@ def validate_job(job_id: str, settings: Settings) -> None:
             for level, message in notes:
                 repository.add_event(session, job, message, level=level)
             repository.add_event(session, job, "Files validated; the job is queued for training.")
-            wake_training(session, job_id)
+            fleet.wake(session, settings, job_id)
 
 
 def check_files(

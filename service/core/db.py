@@ -27,14 +27,15 @@ log = logging.getLogger(__name__)
 AFTER_COMMIT = "rft_after_commit"
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, **options: Any) -> Engine:
+    """An engine with our connection settings; `options` go to `create_engine` (a `poolclass`, say)."""
     if url.startswith("sqlite"):
         _private_sqlite_file(url)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **options)
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    engine = create_engine(url)
+    engine = create_engine(url, **options)
     _ping_when_idle(engine)
     return engine
 

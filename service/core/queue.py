@@ -106,5 +106,7 @@ def wake_validation(session: Session, job_id: str) -> None:
     enqueue_after_commit(session, VALIDATE_JOB, [job_id], LIGHT_QUEUE)
 
 
-def wake_training(session: Session, job_id: str) -> None:
-    enqueue_after_commit(session, RUN_JOB, [job_id], TRAINING_QUEUE)
+def wake_training(session: Session, job_id: str, queue: str = TRAINING_QUEUE) -> None:
+    """Wake a training worker for the job: `queue` is the shared one, or a worker's own
+    (service/fleet/service.py picks it)."""
+    enqueue_after_commit(session, RUN_JOB, [job_id], queue)

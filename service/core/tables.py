@@ -103,6 +103,10 @@ class Job(Base):
     enqueued_at: Mapped[float | None] = mapped_column(Float)
     idempotency_key: Mapped[str | None] = mapped_column(String(256))
     request_hash: Mapped[str | None] = mapped_column(String(64))
+    # What a worker must have to run it (service/fleet/service.py routes on these): the memory of the
+    # job's smallest plan on one device (None where the API could not plan it), and the engine asked for.
+    needs_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    needs_engine: Mapped[str | None] = mapped_column(String(16))
 
 
 class JobEvent(Base):
@@ -144,3 +148,19 @@ class Checkpoint(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     storage_key: Mapped[str] = mapped_column(String(256))
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+class Worker(Base):
+    """A training or light worker as it reports itself in its heartbeat (service/fleet)."""
+
+    __tablename__ = "workers"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)  # host:pid of its main process
+    hostname: Mapped[str] = mapped_column(String(256))
+    queues: Mapped[list[str]] = mapped_column(JSON)
+    device_type: Mapped[str] = mapped_column(String(16))  # "cuda" or "cpu"
+    device_count: Mapped[int] = mapped_column(Integer)
+    device_memory_bytes: Mapped[int] = mapped_column(BigInteger)  # one device's (host memory on CPU)
+    engines: Mapped[list[str]] = mapped_column(JSON)
+    current_job_id: Mapped[str | None] = mapped_column(String(64))
+    started_at: Mapped[float] = mapped_column(Float)
+    heartbeat_at: Mapped[float] = mapped_column(Float, index=True)

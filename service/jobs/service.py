@@ -22,11 +22,13 @@ from service.core.db import on_commit
 from service.core.errors import Conflict, InvalidRequest, InvalidTransition, NotFound
 from service.core.ids import new_id
 from service.core.limits import check_queued_jobs, limits_for
-from service.core.queue import wake_training, wake_validation
+from service.core.queue import wake_validation
 from service.core.settings import Settings
 from service.core.storage import Storage, job_folder
 from service.core.tables import Checkpoint, Job, now
 from service.files import repository as files
+from service.fleet import service as fleet
+from service.fleet.service import describe, live_training_workers, refuse_if_no_worker_can_run
 from service.graders.isolation import SandboxUnavailable
 from service.graders.schemas import parse_grader
 from service.graders.service import require_runnable
@@ -117,9 +119,26 @@ def create_job(
     hyperparameters = body.method.reinforcement.hyperparameters
     engine = choose_engine(hyperparameters.rollout_engine, settings, body.model)
     group_size = samples_per_prompt(hyperparameters.compute_multiplier)
-    refuse_if_too_large(
-        body.model, hyperparameters.model_dump(mode="json"), group_size, engine, settings, spec.location or None
-    )
+    fleet = live_training_workers(session, settings)
+    largest = max((w.device_memory_bytes for w in fleet), default=None)  # the fleet's, where it reports
+    try:
+        plan = refuse_if_too_large(
+            body.model,
+            hyperparameters.model_dump(mode="json"),
+            group_size,
+            engine,
+            settings,
+            spec.location or None,
+            largest,
+        )
+    except InvalidRequest as exc:
+        if fleet:
+            exc.message += f" The live training workers: {'; '.join(describe(w) for w in fleet)}."
+        raise
+    needs_engine = hyperparameters.rollout_engine if hyperparameters.rollout_engine == "vllm" else None
+    plan_text = plan.describe() if plan is not None else ""
+    needs_memory = plan.peak if plan is not None else None
+    refuse_if_no_worker_can_run(session, settings, needs_memory, needs_engine, plan_text)
     try:
         require_runnable(grader, settings)
     except SandboxUnavailable as exc:
@@ -145,6 +164,8 @@ def create_job(
         enqueued_at=time.time(),
         idempotency_key=idempotency_key,
         request_hash=request_hash,
+        needs_memory_bytes=needs_memory,
+        needs_engine=needs_engine,
     )
     try:
         with session.begin_nested():
@@ -239,7 +260,7 @@ def resume_job(session: Session, subject: AuthSubject, job_id: str, settings: Se
             f"Job {job_id} is {job.status}; only paused jobs can be resumed.", param="fine_tuning_job_id"
         )
     repository.add_event(session, job, "Fine-tuning job resumed; it continues from its last checkpoint.")
-    wake_training(session, job_id)
+    fleet.wake(session, settings, job_id)
     return get_job(session, subject, job_id)
 
 

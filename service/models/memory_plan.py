@@ -337,14 +337,16 @@ def refuse_if_too_large(
     engine: str,
     settings: Settings,
     location: str | None = None,
-) -> None:
+    budget: int | None = None,
+) -> Estimate | None:
     """The API's check at job creation: a 400 where even the job's smallest plan (one-token prompts,
     the smallest micro-batch and checkpointing its `auto`s allow, a bf16 LoRA base where training
-    may autocast) exceeds `RFT_WORKER_MEMORY_GIB`, or this machine's memory where that is unset.
-    A model whose config is not on this machine passes; its worker plans it."""
+    may autocast) exceeds `budget` bytes, else `RFT_WORKER_MEMORY_GIB`, else this machine's memory.
+    Returns that plan (what a worker needs at least); None for a model whose config is not on this
+    machine, which passes: its worker plans it."""
     shape = shape_of(model, location)
     if shape is None:
-        return
+        return None
     hp = hyperparameters
     auto_mb, auto_ckpt = (
         hp.get("micro_batch_size", "auto") == "auto",
@@ -368,8 +370,9 @@ def refuse_if_too_large(
         vllm_bf16=settings.vllm_dtype != "float32",
         keeps_prefix=False,
     )
-    budget = int(settings.worker_memory_gib * GIB) if settings.worker_memory_gib else host_memory()
-    fit(shape, work, budget, micro_batch_auto=False, checkpointing_auto=False)
+    if budget is None:
+        budget = int(settings.worker_memory_gib * GIB) if settings.worker_memory_gib else host_memory()
+    return fit(shape, work, budget, micro_batch_auto=False, checkpointing_auto=False)
 
 
 def host_memory() -> int:
