@@ -128,7 +128,6 @@ def fuzz_operation(api: LiveApi, operation: Any, mode: GenerationMode) -> None:
     label = f"{operation.method.upper()} {operation.path}"
     statuses = api.statuses.setdefault(f"{mode.value} {label}", Counter())
 
-    @hypothesis.seed(SEED)
     @hypothesis.settings(
         max_examples=EXAMPLES[mode] * (4 if label in BODY_OPERATIONS else 1),  # the deep bodies get more
         deadline=None,
@@ -144,12 +143,12 @@ def fuzz_operation(api: LiveApi, operation: Any, mode: GenerationMode) -> None:
         statuses[response.status_code] += 1
         case.validate_response(response, checks=CHECKS[mode], headers=api.headers)
 
-    # Negative mode mutates the schema at random (outside Hypothesis' seed) and now and then builds
-    # one its generator cannot draw from ("a `not` whose complement is not spelled out"): that is
-    # schemathesis' limit, not our schema's, so such an operation gets another set of mutations.
+    # Negative mode's mutations of the schema now and then build one its generator cannot draw from
+    # ("a `not` whose complement is not spelled out"): that is schemathesis' limit, not our schema's,
+    # so such an operation gets other mutations (the next seed) instead.
     for attempt in range(3):
         try:
-            run()
+            hypothesis.seed(SEED + attempt)(run)()
             return
         except InvalidSchema as exc:
             if mode is not GenerationMode.NEGATIVE or "Failed to generate" not in str(exc) or attempt == 2:

@@ -211,6 +211,27 @@ def test_multi_runtime_formula_error_is_a_counted_error() -> None:
             },
             "grader.sampling_params.temperature",
         ),
+        (  # nor JSON false a pass threshold of 0 (the fuzzer again)
+            {
+                "type": "text_similarity",
+                "name": "x",
+                "input": "a",
+                "reference": "b",
+                "evaluation_metric": "bleu",
+                "pass_threshold": False,
+            },
+            "grader.pass_threshold",
+        ),
+        (
+            {
+                "type": "score_model",
+                "name": "x",
+                "model": "m",
+                "input": [{"role": "user", "content": "hi"}],
+                "range": [False, 1],
+            },
+            "grader.range.0",
+        ),
     ],
 )
 def test_invalid_grader_configs_name_the_bad_field(grader: dict[str, Any], param: str) -> None:

@@ -69,7 +69,7 @@ class TextSimilarityGrader(Templated):
     input: str
     reference: str
     evaluation_metric: Literal[SIMILARITY_METRICS]  # type: ignore[valid-type]
-    pass_threshold: Annotated[float, Field(ge=0, le=1)] | None = None
+    pass_threshold: Annotated[float, Field(ge=0, le=1, strict=True)] | None = None  # strict: JSON false is not 0
 
 
 class PythonGrader(Strict):
@@ -122,7 +122,7 @@ class ScoreModelGrader(Strict):
     name: Name
     model: str
     input: Annotated[list[InputMessage], Field(min_length=1)]
-    range: tuple[float, float] = (0.0, 1.0)
+    range: tuple[Annotated[float, Field(strict=True)], Annotated[float, Field(strict=True)]] = (0.0, 1.0)
     sampling_params: SamplingParams | None = None
 
     @field_validator("range")
