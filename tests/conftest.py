@@ -22,6 +22,7 @@ from service.core.migrate import upgrade
 from service.core.settings import Settings
 from service.core.tables import Base, Job
 from tests.support import services
+from tests.support.procs import Proc
 
 # Code that reads the global settings (the Celery app at import) must not touch ~/.rft.
 os.environ.setdefault("RFT_DATA_DIR", tempfile.mkdtemp(prefix="rft-test-"))
@@ -215,6 +216,15 @@ def live_auth(live_settings: Settings) -> dict[str, str]:
     with db.unit_of_work(live_settings) as session:
         _, key = create_api_key(session, live_settings, "live")
     return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    """Real `rft` processes a test starts (append them); each is stopped at the end, whatever happens."""
+    started: list[Proc] = []
+    yield started
+    for proc in started:
+        proc.stop()
 
 
 @pytest.fixture(scope="session")

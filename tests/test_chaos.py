@@ -34,14 +34,6 @@ def broker() -> Iterator[chaos.RedisServer]:
     server.stop()
 
 
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for proc in started:
-        proc.stop()
-
-
 def finish_on_a_fresh_worker(
     settings: Settings, job_id: str, broker: str, procs: list[Proc], tmp_path: Path, wake: bool = True
 ) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import shutil
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +25,6 @@ from tests.support import chaos, services
 from tests.support.procs import Proc, free_port, wait_healthy
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (apt install bubblewrap) is absent")
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for proc in started:
-        proc.stop()
 
 
 def hidden(*folders: Path) -> list[str]:

@@ -170,12 +170,6 @@ class S3Storage(Storage):
             shutil.rmtree(local, ignore_errors=True) if local.is_dir() else local.unlink(missing_ok=True)
             _marker(local).unlink(missing_ok=True)
 
-    def staging_dir(self, key: str) -> Path:
-        target = self.local_path(key)
-        staging = target.with_name(f".{target.name}.partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        return private_dir(staging)
-
     def commit_dir(self, staging: Path, key: str) -> None:
         make_tree_private(staging)
         self.delete(key)  # what a crashed attempt left (it has no manifest and no row; nothing reads it)

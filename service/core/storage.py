@@ -102,9 +102,13 @@ class Storage(ABC):
     def delete(self, key: str) -> None:
         """Remove an object, or every object under a folder key, and any local copy of it."""
 
-    @abstractmethod
     def staging_dir(self, key: str) -> Path:
-        """An empty private local folder to write the future contents of folder `key` into."""
+        """An empty private local folder, beside where `key`'s local copy goes, to write its future
+        contents into (the same filesystem, so committing locally is a rename)."""
+        target = self.local_path(key)
+        staging = target.with_name(f".{target.name}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        return private_dir(staging)
 
     @abstractmethod
     def commit_dir(self, staging: Path, key: str) -> None:
@@ -174,12 +178,6 @@ class LocalStorage(Storage):
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
-
-    def staging_dir(self, key: str) -> Path:
-        target = self.path(key)
-        staging = target.with_name(f".{target.name}.partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        return private_dir(staging)
 
     def commit_dir(self, staging: Path, key: str) -> None:
         target = self.path(key)

@@ -25,21 +25,8 @@ def list_workers(
     if not admin_allowed(settings, authorization):
         raise Unauthorized("/v1/workers needs RFT_ADMIN_KEY as a bearer token, not a project's API key.")
     since = time.time() - LIVE_HEARTBEATS * settings.heartbeat_seconds
-    rows = repository.all_workers(session)
     data = [
-        WorkerObject(
-            id=w.id,
-            hostname=w.hostname,
-            queues=w.queues,
-            device_type=w.device_type,
-            device_count=w.device_count,
-            device_memory_bytes=w.device_memory_bytes,
-            engines=w.engines,
-            current_job_id=w.current_job_id,
-            started_at=w.started_at,
-            heartbeat_at=w.heartbeat_at,
-            healthy=w.heartbeat_at >= since,
-        )
-        for w in rows
+        WorkerObject.model_validate(w).model_copy(update={"healthy": w.heartbeat_at >= since})
+        for w in repository.all_workers(session)
     ]
     return WorkerList(data=data)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 
 class WorkerObject(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     object: Literal["worker"] = "worker"
     id: str
     hostname: str
@@ -19,7 +21,7 @@ class WorkerObject(BaseModel):
     current_job_id: str | None
     started_at: float
     heartbeat_at: float
-    healthy: bool  # its last heartbeat is recent; a worker whose host died stays listed, unhealthy
+    healthy: bool = False  # its last heartbeat is recent; a worker whose host died stays listed, unhealthy
 
 
 class WorkerList(BaseModel):
