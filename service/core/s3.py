@@ -135,15 +135,6 @@ class S3Storage(Storage):
         finally:
             body.close()
 
-    def read_bytes(self, key: str) -> bytes:
-        try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self._name(key))["Body"]
-        except self.client.exceptions.NoSuchKey as exc:
-            raise FileNotFoundError(f"no stored object {key!r}") from exc
-        with body:
-            data: bytes = body.read()
-            return data
-
     def size(self, key: str) -> int | None:
         from botocore.exceptions import ClientError
 

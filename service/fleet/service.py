@@ -23,9 +23,9 @@ from service.core.settings import Settings
 from service.core.tables import Job, Worker
 from service.fleet import repository
 from service.jobs.repository import get_unscoped
+from service.models.memory_plan import HEADROOM
 
 LIVE_HEARTBEATS = 3  # a worker is live while its last report is younger than this many intervals
-HEADROOM = 0.9  # as the memory planner: a plan must fit 90% of a device
 
 
 def own_queue(worker_id: str) -> str:
@@ -52,11 +52,8 @@ def describe(worker: Worker) -> str:
     )
 
 
-def refuse_if_no_worker_can_run(
-    session: Session, settings: Settings, memory_bytes: int | None, engine: str | None, plan: str
-) -> None:
-    """A 400 where training workers report themselves and none could run this job."""
-    fleet = live_training_workers(session, settings)
+def refuse_if_no_worker_can_run(fleet: list[Worker], memory_bytes: int | None, engine: str | None, plan: str) -> None:
+    """A 400 where training workers report themselves (`fleet`, the live ones) and none could run this job."""
     if not fleet or any(can_run(w, memory_bytes, engine) for w in fleet):
         return
     needs = [f"{memory_bytes / 1024**3:.1f} GiB on one device ({plan})" if memory_bytes else ""]

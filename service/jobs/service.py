@@ -138,7 +138,7 @@ def create_job(
     needs_engine = hyperparameters.rollout_engine if hyperparameters.rollout_engine == "vllm" else None
     plan_text = plan.describe() if plan is not None else ""
     needs_memory = plan.peak if plan is not None else None
-    refuse_if_no_worker_can_run(session, settings, needs_memory, needs_engine, plan_text)
+    refuse_if_no_worker_can_run(fleet, needs_memory, needs_engine, plan_text)
     try:
         require_runnable(grader, settings)
     except SandboxUnavailable as exc:
