@@ -217,7 +217,7 @@ class S3Storage(Storage):
 
     def _download(self, key: str, dest: Path, sha256: str | None) -> None:
         """One streamed GET, hashed on the way to the file (no second read to check it). boto3's ranged
-        parallel download took 129 s to restore a 1.5 GiB checkpoint from moto, this 8.5 s
+        parallel download took 129 s to restore a 1.5 GiB checkpoint from moto, this 6.4-8.5 s
         (bench/checkpoint_store_bench.py); a real store may favour ranges, to be measured there."""
         digest = hashlib.sha256()
         with open_private(dest) as out:
