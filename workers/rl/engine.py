@@ -32,11 +32,14 @@ class RolloutEngine(Protocol):
         temperature: float,
         top_p: float,
         seed: int,
+        first: int = 0,
         greedy: bool = False,
         keep_prefix: bool = False,
     ) -> Rollout:
-        """`n` completions of each conversation, laid out prompt by prompt; `keep_prefix` is a wish
-        only the torch engine grants (the loop works with `Rollout.prefix` None)."""
+        """`n` completions of each conversation, laid out prompt by prompt; conversation i samples
+        with `derive_seed(seed, first + i)`, whatever else is in the call (a part of a batch samples
+        what the whole would). `keep_prefix` is a wish only the torch engine grants (the loop works
+        with `Rollout.prefix` None)."""
         ...
 
     def update_weights(self, model: Any) -> None:
@@ -72,6 +75,7 @@ class TorchEngine:
         temperature: float,
         top_p: float,
         seed: int,
+        first: int = 0,
         greedy: bool = False,
         keep_prefix: bool = False,
     ) -> Rollout:
@@ -84,6 +88,7 @@ class TorchEngine:
             temperature=temperature,
             top_p=top_p,
             seed=seed,
+            first=first,
             greedy=greedy,
             keep_prefix=keep_prefix,
         )
