@@ -32,6 +32,11 @@ class LeaseLost(Exception):
     """Another worker owns this job now (our heartbeat lapsed); stop without writing more."""
 
 
+class RankLost(Exception):
+    """Another process of this job (one job on several devices) died or fell silent; the job goes back
+    to the queue and resumes from its last checkpoint, as after a lost worker."""
+
+
 class StorageFull(Exception):
     """A checkpoint did not fit on the storage volume; the job pauses on its earlier checkpoints."""
 

@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     # a worker's GPU memory or else its host memory. The API, which has no GPU, refuses jobs that
     # cannot fit this much; set it to the workers' memory where they run elsewhere.
     worker_memory_gib: float = Field(default=0.0, ge=0)
+    # One job on several devices (workers/rl/ranks.py): the devices a training worker offers a job (0: its
+    # CUDA devices, or 1 on a CPU, where more are processes sharing the cores), and how long a rank waits
+    # for the others in one collective before the job counts the silent one as lost and requeues.
+    worker_devices: int = Field(default=0, ge=0)
+    distributed_timeout_seconds: float = Field(default=1800.0, gt=0)
     # Python graders: the interpreter of their own environment (None: `.venv-grader` beside the service's
     # venv, which `make install` creates) and the bubblewrap binary that builds their sandboxes.
     grader_python: Path | None = None

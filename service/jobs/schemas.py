@@ -94,6 +94,10 @@ class RftHyperparameters(Strict):
     lora_target_modules: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] = "all-linear"
     # Recompute each layer's activations in the backward pass instead of keeping them ("auto": off for now).
     gradient_checkpointing: AutoOrBool = "auto"
+    # One process a device (workers/rl/ranks.py): "auto" is every device the worker offers a job
+    # (RFT_WORKER_DEVICES, else its GPUs, else 1). Full fine-tuning shards the layers (FSDP2), LoRA
+    # replicates the model (data parallel); either way the update is the one-process update.
+    n_devices: auto_or(int, low=1, high=64) = "auto"  # type: ignore[valid-type]
 
 
 class Reinforcement(Strict):

@@ -28,7 +28,7 @@ from service.core.storage import Storage, job_folder
 from service.core.tables import Checkpoint, Job, now
 from service.files import repository as files
 from service.fleet import service as fleet
-from service.fleet.service import describe, live_training_workers, refuse_if_no_worker_can_run
+from service.fleet.service import describe, devices_asked, live_training_workers, refuse_if_no_worker_can_run
 from service.graders.isolation import SandboxUnavailable
 from service.graders.schemas import parse_grader
 from service.graders.service import require_runnable
@@ -96,6 +96,15 @@ def _check_method(body: JobCreate) -> None:
         )
 
 
+def _check_devices(devices: int | None, engine: str, settings: Settings) -> None:
+    if devices and devices > 1 and "vllm" in (engine, settings.rollout_engine):
+        raise InvalidRequest(
+            f"n_devices {devices} with the vllm rollout engine: a job on several devices samples with the torch "
+            "engine for now. Set rollout_engine to 'torch' or 'auto', or n_devices to 1.",
+            param="method.reinforcement.hyperparameters.n_devices",
+        )
+
+
 def _check_file(session: Session, subject: AuthSubject, file_id: str, param: str) -> None:
     row = files.get(session, subject, file_id)
     if row is None:
@@ -117,7 +126,11 @@ def create_job(
     grader = parse_grader(body.method.reinforcement.grader, "method.reinforcement.grader")
     spec = resolve_model(body.model)
     hyperparameters = body.method.reinforcement.hyperparameters
+    devices = devices_asked({"reinforcement": {"hyperparameters": hyperparameters.model_dump(mode="json")}})
+    _check_devices(devices, hyperparameters.rollout_engine, settings)
     engine = choose_engine(hyperparameters.rollout_engine, settings, body.model)
+    if devices and devices > 1:
+        engine = "torch"  # what a job on several devices samples with (workers/rl/loop.py SEVERAL_DEVICES)
     group_size = samples_per_prompt(hyperparameters.compute_multiplier)
     fleet = live_training_workers(session, settings)
     largest = max((w.device_memory_bytes for w in fleet), default=None)  # the fleet's, where it reports
@@ -130,6 +143,7 @@ def create_job(
             settings,
             spec.location or None,
             largest,
+            devices or 1,
         )
     except InvalidRequest as exc:
         if fleet:
@@ -138,7 +152,7 @@ def create_job(
     needs_engine = hyperparameters.rollout_engine if hyperparameters.rollout_engine == "vllm" else None
     plan_text = plan.describe() if plan is not None else ""
     needs_memory = plan.peak if plan is not None else None
-    refuse_if_no_worker_can_run(fleet, needs_memory, needs_engine, plan_text)
+    refuse_if_no_worker_can_run(fleet, needs_memory, needs_engine, plan_text, devices)
     try:
         require_runnable(grader, settings)
     except SandboxUnavailable as exc:

@@ -90,8 +90,10 @@ class Reference:
         self.copy = copy.deepcopy(model).eval().requires_grad_(False) if self.enabled and not self.lora else None
 
     @torch.no_grad()
-    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    def logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, share_prompts: bool = True
+    ) -> torch.Tensor:
         if self.lora:
             with self.model.disable_adapter():
-                return token_logprobs(self.model, input_ids, attention_mask, prompt_len)[0]
-        return token_logprobs(self.copy, input_ids, attention_mask, prompt_len)[0]
+                return token_logprobs(self.model, input_ids, attention_mask, prompt_len, share_prompts=share_prompts)[0]
+        return token_logprobs(self.copy, input_ids, attention_mask, prompt_len, share_prompts=share_prompts)[0]
