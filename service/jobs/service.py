@@ -33,6 +33,7 @@ from service.graders.isolation import SandboxUnavailable
 from service.graders.schemas import parse_grader
 from service.graders.service import require_runnable
 from service.jobs import repository
+from service.jobs.outcomes import TERMINAL, status_changed
 from service.jobs.schemas import JobCreate, JobError, JobObject, samples_per_prompt
 from service.models.engines import choose_engine
 from service.models.memory_plan import refuse_if_too_large
@@ -40,7 +41,6 @@ from service.models.registry import forget_loaded
 from service.models.registry import resolve as resolve_model
 from service.models.repository import checkpoint_named
 
-TERMINAL = ("succeeded", "failed", "cancelled")
 CANCELLABLE_AT_ONCE = ("validating_files", "queued", "paused")
 
 
@@ -201,7 +201,7 @@ def _replay(job: Job, request_hash: str, key: str) -> Job:
     return job
 
 
-def cancel_job(session: Session, subject: AuthSubject, job_id: str) -> Job:
+def cancel_job(session: Session, storage: Storage, subject: AuthSubject, job_id: str) -> Job:
     job = get_job(session, subject, job_id)
     if job.status in TERMINAL:
         raise InvalidTransition(
@@ -213,6 +213,7 @@ def cancel_job(session: Session, subject: AuthSubject, job_id: str) -> Job:
         session, job_id, CANCELLABLE_AT_ONCE, status="cancelled", finished_at=now(), **repository.RELEASE_LEASE
     ):
         repository.add_event(session, job, "Fine-tuning job cancelled.")
+        status_changed(session, storage, job, "cancelled")  # a paused job that trained has its results file
     elif repository.transition(session, job_id, ["running"], cancel_requested=True):
         repository.add_event(session, job, "Cancellation requested; the job stops after the current training step.")
     return get_job(session, subject, job_id)
@@ -237,10 +238,11 @@ def delete_job(session: Session, storage: Storage, subject: AuthSubject, job_id:
     on_commit(session, remove_bytes)
 
 
-def pause_job(session: Session, subject: AuthSubject, job_id: str) -> Job:
+def pause_job(session: Session, storage: Storage, subject: AuthSubject, job_id: str) -> Job:
     job = get_job(session, subject, job_id)
     if repository.transition(session, job_id, ["queued"], status="paused", **repository.RELEASE_LEASE):
         repository.add_event(session, job, "Fine-tuning job paused before it started training.")
+        status_changed(session, storage, job, "paused")
     elif repository.transition(session, job_id, ["running"], pause_requested=True):
         repository.add_event(session, job, "Pause requested; a checkpoint is written after the current step.")
     else:
