@@ -147,6 +147,18 @@ def test_deleting_the_results_file_leaves_the_job_readable(
         sdk.files.content(file_id)
 
 
+def test_deleting_the_job_deletes_its_results_file(
+    live_client: TestClient, live_auth: dict[str, str], ticking: Settings
+) -> None:
+    sdk = sdk_for(live_client, live_auth)
+    job_id = run_to_the_end(live_client, live_auth, ticking)
+    (file_id,) = sdk.fine_tuning.jobs.retrieve(job_id).result_files
+    assert live_client.delete(f"/v1/fine_tuning/jobs/{job_id}", headers=live_auth).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        sdk.files.retrieve(file_id)
+    assert not [p for p in ticking.storage_dir.rglob("*") if job_id in p.name]
+
+
 def test_a_job_that_failed_after_training_steps_has_its_results_file(
     live_client: TestClient, live_auth: dict[str, str], live_settings: Settings
 ) -> None:

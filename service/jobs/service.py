@@ -27,6 +27,7 @@ from service.core.settings import Settings
 from service.core.storage import Storage, job_folder
 from service.core.tables import Checkpoint, Job, now
 from service.files import repository as files
+from service.files.service import delete_file
 from service.fleet import service as fleet
 from service.fleet.service import describe, live_training_workers, refuse_if_no_worker_can_run
 from service.graders.isolation import SandboxUnavailable
@@ -220,7 +221,8 @@ def cancel_job(session: Session, storage: Storage, subject: AuthSubject, job_id:
 
 
 def delete_job(session: Session, storage: Storage, subject: AuthSubject, job_id: str) -> None:
-    """Delete a finished job: its rows now, its checkpoints' and archives' bytes once that commits."""
+    """Delete a finished job: its rows and results file now, its checkpoints', archives' and results
+    file's bytes once that commits."""
     job = get_job(session, subject, job_id)
     if job.status not in TERMINAL:
         raise InvalidTransition(
@@ -228,6 +230,9 @@ def delete_job(session: Session, storage: Storage, subject: AuthSubject, job_id:
             param="fine_tuning_job_id",
         )
     folder = job_folder(job.project_id, job.id)
+    for file_id in job.result_files or []:  # a CSV of the metrics rows that go with the job
+        if files.get(session, subject, file_id) is not None:
+            delete_file(session, storage, subject, file_id)
     repository.delete(session, job)
 
     # The bytes go only once the rows are gone for good; a failed commit keeps both.
