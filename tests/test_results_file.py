@@ -159,6 +159,22 @@ def test_deleting_the_job_deletes_its_results_file(
     assert not [p for p in ticking.storage_dir.rglob("*") if job_id in p.name]
 
 
+def test_a_store_that_cannot_take_the_results_file_leaves_the_job_finished_saying_so(
+    live_client: TestClient, live_auth: dict[str, str], ticking: Settings
+) -> None:
+    file_id = upload(live_client, live_auth, jsonl(GOOD_LINES[:4])).json()["id"]
+    job_id = live_client.post("/v1/fine_tuning/jobs", headers=live_auth, json=job_body(file_id)).json()["id"]
+    validate.validate_job(job_id, ticking)
+    with unit_of_work(ticking) as session:
+        project_id = session.scalars(select(Job.project_id).where(Job.id == job_id)).one()
+    (ticking.storage_dir / "files" / project_id / f"results-{job_id}").mkdir()  # the file cannot land there
+    runner.run_job(job_id, ticking)
+    job = sdk_for(live_client, live_auth).fine_tuning.jobs.retrieve(job_id)
+    assert job.status == "succeeded" and job.result_files == []
+    events = sdk_for(live_client, live_auth).fine_tuning.jobs.list_events(job_id, limit=5)
+    assert any(e.level == "warn" and "results file could not be written" in e.message for e in events)
+
+
 def test_a_job_that_failed_after_training_steps_has_its_results_file(
     live_client: TestClient, live_auth: dict[str, str], live_settings: Settings
 ) -> None:

@@ -104,11 +104,8 @@ def record_upload(
         raise
 
 
-def store_generated(
-    session: Session, storage: Storage, project_id: str, key: str, filename: str, purpose: str, content: bytes
-) -> File:
-    """A file this server made for the project (a job's results): its bytes stored under `key`, its row added."""
-    storage.put_bytes(key, content)
+def record_generated(session: Session, project_id: str, key: str, filename: str, purpose: str, content: bytes) -> File:
+    """The row of a file this server made for the project (a job's results), its bytes already stored under `key`."""
     row = File(
         id=new_id("file-"),
         project_id=project_id,

@@ -11,7 +11,8 @@ entropy, loss, grad_norm, lr, tokens_per_second, ...): a nested value as `outer.
 A cell is empty where that step did not report the column.
 
 A job gets the file when it finishes (succeeded, failed or cancelled) having recorded at least one
-step; a job that failed validation has none. It is written once: a finish written again (a retried
+step; a job that failed validation has none. A store that cannot take the file (full, unreachable)
+leaves the job finished without it, and a warn event says why. It is written once: a finish written again (a retried
 transaction) or a job that already has it leaves it as it is; deleting the file later leaves the job as
 it is, its id still listed in `result_files`.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,9 +30,10 @@ from sqlalchemy.orm import Session
 
 from service.core.storage import Storage
 from service.core.tables import Job
-from service.files.service import store_generated
+from service.files.service import record_generated
 from service.jobs import repository
 
+log = logging.getLogger(__name__)
 PURPOSE = "fine-tune-results"
 OPENAI_COLUMNS = (
     "step",
@@ -88,8 +91,18 @@ def attach(session: Session, storage: Storage, job: Job) -> str | None:
     if not metrics:
         return None
     # One key per job: a finish retried after its bytes were written overwrites them, never leaves a second copy.
-    key = f"files/{job.project_id}/results-{job.id}"
-    row = store_generated(session, storage, job.project_id, key, f"{job.id}-step_metrics.csv", PURPOSE, to_csv(metrics))
+    key, content = f"files/{job.project_id}/results-{job.id}", to_csv(metrics)
+    try:
+        storage.put_bytes(key, content)
+    except Exception as exc:  # a full or unreachable store (OSError, boto's errors) must not undo the finish
+        log.warning("job %s: results file not written: %s", job.id, exc)
+        message = (
+            f"The results file could not be written ({type(exc).__name__}: {exc}); the job's metrics "
+            "events hold the same figures."
+        )
+        repository.add_event(session, job, message, level="warn")
+        return None
+    row = record_generated(session, job.project_id, key, f"{job.id}-step_metrics.csv", PURPOSE, content)
     job.result_files = [row.id]
     session.flush()
     return row.id
