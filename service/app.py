@@ -30,6 +30,7 @@ from service.fleet.endpoints import router as fleet_router
 from service.graders.endpoints import router as graders_router
 from service.jobs.endpoints import router as jobs_router
 from service.models.endpoints import router as models_router
+from service.webhooks.endpoints import router as webhooks_router
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     mount_dashboard(app)
     app.include_router(models_router)
     app.include_router(fleet_router)
+    app.include_router(webhooks_router)
     app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]

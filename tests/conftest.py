@@ -81,7 +81,11 @@ def settings(tmp_path: Path, pg_database: str) -> Settings:
 def sent_tasks() -> Iterator[list[tuple[str, list[Any], str]]]:
     """Wake-up messages the code under test sent (after its commits), instead of a broker."""
     sent: list[tuple[str, list[Any], str]] = []
-    queue.set_task_sender(lambda name, args, queue_name: sent.append((name, args, queue_name)))
+
+    def record(name: str, args: list[Any], queue_name: str, countdown: float | None = None) -> None:
+        sent.append((name, args, queue_name))
+
+    queue.set_task_sender(record)
     yield sent
     queue.set_task_sender(None)
 

@@ -20,6 +20,7 @@ from service.core.storage import Storage, job_folder
 from service.core.tables import Job
 from service.files.repository import files_of_job
 from service.jobs import repository
+from service.jobs.outcomes import checkpoint_created
 from service.jobs.service import fine_tuned_model_name
 from workers import shutdown
 from workers.lease import Heartbeat
@@ -178,7 +179,11 @@ class JobContext:
 
         def record(session: Any, job: Job) -> str:
             name = f"{fine_tuned_model_name(job)}:ckpt-step-{step}"
-            return repository.record_checkpoint(session, job, step, name, key, metrics)
+            new = repository.checkpoint_at(session, job.id, step) is None
+            checkpoint_id = repository.record_checkpoint(session, job, step, name, key, metrics)
+            if new:  # a step's checkpoint saved again (a pause after an eval step) is not a new one
+                checkpoint_created(session, job, checkpoint_id, step, name)
+            return checkpoint_id
 
         checkpoint_id: str = self._write(record)
         return checkpoint_id

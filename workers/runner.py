@@ -17,6 +17,7 @@ from service.core.storage import storage_for
 from service.core.tables import Job, now
 from service.fleet import repository as fleet
 from service.jobs import repository
+from service.jobs.outcomes import status_changed
 from service.jobs.service import fine_tuned_model_name
 from workers import shutdown
 from workers.context import JobContext, LeaseLost, RankLost, StorageFull, TrainingResult
@@ -177,5 +178,6 @@ def _finish(
             job.trained_tokens = result.trained_tokens
         text = message or (error["message"] if error else (result.message if result and result.message else None))
         repository.add_event(session, job, text or DONE_MESSAGES[status], level="error" if error else level)
+        status_changed(session, storage_for(settings), job, status)
 
     in_transaction(settings, write)

@@ -13,6 +13,7 @@ from service.files.repository import files_of_job
 from service.files.validation import FileReport, validate_jsonl
 from service.fleet import service as fleet
 from service.jobs import repository
+from service.jobs.outcomes import status_changed
 from workers.lease import claim, worker_identity
 
 
@@ -39,6 +40,7 @@ def validate_job(job_id: str, settings: Settings) -> None:
                 **repository.RELEASE_LEASE,
             ):
                 repository.add_event(session, job, error["message"], level="error")
+                status_changed(session, storage_for(settings), job, "failed")
             return
         if repository.transition(
             session, job_id, ["validating_files"], status="queued", enqueued_at=time.time(), **repository.RELEASE_LEASE

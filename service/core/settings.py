@@ -130,6 +130,22 @@ class Settings(BaseSettings):
     rate_limit_redis_url: str = ""
     project_limits: dict[str, LimitOverrides] = Field(default_factory=dict)
 
+    # Webhooks (service/webhooks, README "Webhooks"): each attempt waits `webhook_timeout_seconds` for a
+    # 2xx; a failed one is tried again after `webhook_backoff_seconds`, doubling each time up to
+    # `webhook_backoff_max_seconds`, until `webhook_max_attempts` attempts in all (the defaults span
+    # about 3.4 hours). Targets: a tenant could point a webhook at this network's insides (a metadata
+    # service, a database's HTTP port), so addresses that are not globally routable (loopback, private,
+    # link-local, CGNAT, multicast, reserved) are refused, at creation and again at each delivery, unless
+    # they lie in `webhook_allowed_networks` (CIDRs, e.g. '["10.1.2.0/24"]'); where
+    # `webhook_allowed_hosts` is set, only those host names (or `*.suffix` patterns) may be targets.
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    webhook_max_attempts: int = Field(default=12, ge=1)
+    webhook_backoff_seconds: float = Field(default=10.0, ge=0)
+    webhook_backoff_max_seconds: float = Field(default=3600.0, ge=0)
+    webhook_max_endpoints: int = Field(default=20, ge=0)  # per project
+    webhook_allowed_hosts: list[str] = Field(default_factory=list)
+    webhook_allowed_networks: list[str] = Field(default_factory=list)
+
     # Import path of the training entry point; the workers call it with a JobContext.
     trainer: str = "workers.training:run_training"
 
@@ -139,6 +155,17 @@ class Settings(BaseSettings):
             from service.core.s3 import parse_url
 
             parse_url(self.storage_url)
+        return self
+
+    @model_validator(mode="after")
+    def _check_webhook_networks(self) -> Settings:
+        import ipaddress
+
+        for network in self.webhook_allowed_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"RFT_WEBHOOK_ALLOWED_NETWORKS: {network!r} is not a CIDR network ({exc})") from exc
         return self
 
     @model_validator(mode="after")

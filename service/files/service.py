@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from sqlalchemy.orm import Session
 
 from service.auth.service import AuthSubject
@@ -100,6 +102,23 @@ def record_upload(
         out.abort()
         storage.delete(key)
         raise
+
+
+def record_generated(session: Session, project_id: str, key: str, filename: str, purpose: str, content: bytes) -> File:
+    """The row of a file this server made for the project (a job's results), its bytes already stored under `key`."""
+    row = File(
+        id=new_id("file-"),
+        project_id=project_id,
+        filename=filename,
+        purpose=purpose,
+        bytes=len(content),
+        sha256=hashlib.sha256(content).hexdigest(),
+        status="processed",
+        storage_key=key,
+    )
+    session.add(row)
+    session.flush()
+    return row
 
 
 def get_file(session: Session, subject: AuthSubject, file_id: str) -> File:

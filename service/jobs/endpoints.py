@@ -92,15 +92,15 @@ def delete_job(job_id: str, session: SessionDep, subject: SubjectDep, storage: S
 
 
 @router.post("/{job_id}/cancel", response_model=JobObject)
-def cancel_job(job_id: str, session: SessionDep, subject: SubjectDep) -> JobObject:
+def cancel_job(job_id: str, session: SessionDep, subject: SubjectDep, storage: StorageDep) -> JobObject:
     """Cancel a job; a running job stops after its current training step."""
-    return service.job_object(service.cancel_job(session, subject, job_id))
+    return service.job_object(service.cancel_job(session, storage, subject, job_id))
 
 
 @router.post("/{job_id}/pause", response_model=JobObject)
-def pause_job(job_id: str, session: SessionDep, subject: SubjectDep) -> JobObject:
+def pause_job(job_id: str, session: SessionDep, subject: SubjectDep, storage: StorageDep) -> JobObject:
     """Pause a job; a running job writes a checkpoint first."""
-    return service.job_object(service.pause_job(session, subject, job_id))
+    return service.job_object(service.pause_job(session, storage, subject, job_id))
 
 
 @router.post("/{job_id}/resume", response_model=JobObject)

@@ -27,12 +27,14 @@ from service.core.settings import Settings
 from service.core.storage import Storage, job_folder
 from service.core.tables import Checkpoint, Job, now
 from service.files import repository as files
+from service.files.service import delete_file
 from service.fleet import service as fleet
 from service.fleet.service import describe, devices_asked, live_training_workers, refuse_if_no_worker_can_run
 from service.graders.isolation import SandboxUnavailable
 from service.graders.schemas import parse_grader
 from service.graders.service import require_runnable
 from service.jobs import repository
+from service.jobs.outcomes import TERMINAL, status_changed
 from service.jobs.schemas import JobCreate, JobError, JobObject, samples_per_prompt
 from service.models.engines import choose_engine
 from service.models.memory_plan import refuse_if_too_large
@@ -40,7 +42,6 @@ from service.models.registry import forget_loaded
 from service.models.registry import resolve as resolve_model
 from service.models.repository import checkpoint_named
 
-TERMINAL = ("succeeded", "failed", "cancelled")
 CANCELLABLE_AT_ONCE = ("validating_files", "queued", "paused")
 
 
@@ -215,7 +216,7 @@ def _replay(job: Job, request_hash: str, key: str) -> Job:
     return job
 
 
-def cancel_job(session: Session, subject: AuthSubject, job_id: str) -> Job:
+def cancel_job(session: Session, storage: Storage, subject: AuthSubject, job_id: str) -> Job:
     job = get_job(session, subject, job_id)
     if job.status in TERMINAL:
         raise InvalidTransition(
@@ -227,13 +228,15 @@ def cancel_job(session: Session, subject: AuthSubject, job_id: str) -> Job:
         session, job_id, CANCELLABLE_AT_ONCE, status="cancelled", finished_at=now(), **repository.RELEASE_LEASE
     ):
         repository.add_event(session, job, "Fine-tuning job cancelled.")
+        status_changed(session, storage, job, "cancelled")  # a paused job that trained has its results file
     elif repository.transition(session, job_id, ["running"], cancel_requested=True):
         repository.add_event(session, job, "Cancellation requested; the job stops after the current training step.")
     return get_job(session, subject, job_id)
 
 
 def delete_job(session: Session, storage: Storage, subject: AuthSubject, job_id: str) -> None:
-    """Delete a finished job: its rows now, its checkpoints' and archives' bytes once that commits."""
+    """Delete a finished job: its rows and results file now, its checkpoints', archives' and results
+    file's bytes once that commits."""
     job = get_job(session, subject, job_id)
     if job.status not in TERMINAL:
         raise InvalidTransition(
@@ -241,6 +244,9 @@ def delete_job(session: Session, storage: Storage, subject: AuthSubject, job_id:
             param="fine_tuning_job_id",
         )
     folder = job_folder(job.project_id, job.id)
+    for file_id in job.result_files or []:  # a CSV of the metrics rows that go with the job
+        if files.get(session, subject, file_id) is not None:
+            delete_file(session, storage, subject, file_id)
     repository.delete(session, job)
 
     # The bytes go only once the rows are gone for good; a failed commit keeps both.
@@ -251,10 +257,11 @@ def delete_job(session: Session, storage: Storage, subject: AuthSubject, job_id:
     on_commit(session, remove_bytes)
 
 
-def pause_job(session: Session, subject: AuthSubject, job_id: str) -> Job:
+def pause_job(session: Session, storage: Storage, subject: AuthSubject, job_id: str) -> Job:
     job = get_job(session, subject, job_id)
     if repository.transition(session, job_id, ["queued"], status="paused", **repository.RELEASE_LEASE):
         repository.add_event(session, job, "Fine-tuning job paused before it started training.")
+        status_changed(session, storage, job, "paused")
     elif repository.transition(session, job_id, ["running"], pause_requested=True):
         repository.add_event(session, job, "Pause requested; a checkpoint is written after the current step.")
     else:
