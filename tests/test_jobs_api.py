@@ -112,7 +112,7 @@ def test_hyperparameters_accept_values_and_auto(
         "n_epochs": 3,
         "batch_size": "auto",
         "compute_multiplier": 2.5,
-        "reasoning_effort": "low",
+        "reasoning_effort": "default",  # tiny-random-llama has no thinking switch (test_reasoning_effort.py)
     }
     job = create(client, auth, body).json()
     assert job["hyperparameters"]["n_epochs"] == 3

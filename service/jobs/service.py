@@ -29,18 +29,19 @@ from service.core.tables import Checkpoint, Job, now
 from service.files import repository as files
 from service.fleet import service as fleet
 from service.fleet.service import describe, live_training_workers, refuse_if_no_worker_can_run
-from service.graders.isolation import SandboxUnavailable
 from service.graders.schemas import parse_grader
 from service.graders.service import require_runnable
 from service.jobs import repository
-from service.jobs.schemas import JobCreate, JobError, JobObject, samples_per_prompt
+from service.jobs.schemas import JobCreate, JobError, JobObject, RftHyperparameters, samples_per_prompt
+from service.models import thinking
 from service.models.engines import choose_engine
 from service.models.memory_plan import refuse_if_too_large
 from service.models.registry import forget_loaded
-from service.models.registry import resolve as resolve_model
 from service.models.repository import checkpoint_named
+from service.models.service import training_base
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+EFFORT_PARAM = "method.reinforcement.hyperparameters.reasoning_effort"
 CANCELLABLE_AT_ONCE = ("validating_files", "queued", "paused")
 
 
@@ -115,35 +116,9 @@ def create_job(
     _check_method(body)
     assert body.method is not None and body.method.reinforcement is not None
     grader = parse_grader(body.method.reinforcement.grader, "method.reinforcement.grader")
-    spec = resolve_model(body.model)
     hyperparameters = body.method.reinforcement.hyperparameters
-    engine = choose_engine(hyperparameters.rollout_engine, settings, body.model)
-    group_size = samples_per_prompt(hyperparameters.compute_multiplier)
-    fleet = live_training_workers(session, settings)
-    largest = max((w.device_memory_bytes for w in fleet), default=None)  # the fleet's, where it reports
-    try:
-        plan = refuse_if_too_large(
-            body.model,
-            hyperparameters.model_dump(mode="json"),
-            group_size,
-            engine,
-            settings,
-            spec.location or None,
-            largest,
-        )
-    except InvalidRequest as exc:
-        if fleet:
-            exc.message += f" The live training workers: {'; '.join(describe(w) for w in fleet)}."
-        raise
-    needs_engine = hyperparameters.rollout_engine if hyperparameters.rollout_engine == "vllm" else None
-    plan_text = plan.describe() if plan is not None else ""
-    needs_memory = plan.peak if plan is not None else None
-    refuse_if_no_worker_can_run(fleet, needs_memory, needs_engine, plan_text)
-    try:
-        require_runnable(grader, settings)
-    except SandboxUnavailable as exc:
-        exc.param = "method.reinforcement.grader"
-        raise
+    needs_memory, needs_engine = _check_model(session, subject, body.model, hyperparameters, settings)
+    require_runnable(grader, settings, "method.reinforcement.grader")
     _check_file(session, subject, body.training_file, "training_file")
     if body.validation_file:
         _check_file(session, subject, body.validation_file, "validation_file")
@@ -184,6 +159,32 @@ def create_job(
         )
     wake_validation(session, job.id)
     return job
+
+
+def _check_model(
+    session: Session, subject: AuthSubject, model: str, hyperparameters: RftHyperparameters, settings: Settings
+) -> tuple[int | None, str | None]:
+    """Refuse a model the project cannot train, or that needs more than a worker has; (the memory of the
+    smallest plan, the engine the job needs) for routing it."""
+    spec = training_base(session, subject, model)
+    has_switch = thinking.has_switch(spec.name, spec.kind, spec.location)
+    thinking.check(model, has_switch, hyperparameters.reasoning_effort, EFFORT_PARAM)
+    engine = choose_engine(hyperparameters.rollout_engine, settings, model)
+    group_size = samples_per_prompt(hyperparameters.compute_multiplier)
+    fleet = live_training_workers(session, settings)
+    largest = max((w.device_memory_bytes for w in fleet), default=None)  # the fleet's, where it reports
+    hp = hyperparameters.model_dump(mode="json")
+    try:
+        plan = refuse_if_too_large(spec.name, hp, group_size, engine, settings, spec.location or None, largest)
+    except InvalidRequest as exc:
+        if fleet:
+            exc.message += f" The live training workers: {'; '.join(describe(w) for w in fleet)}."
+        raise
+    needs_engine = hyperparameters.rollout_engine if hyperparameters.rollout_engine == "vllm" else None
+    plan_text = plan.describe() if plan is not None else ""
+    needs_memory = plan.peak if plan is not None else None
+    refuse_if_no_worker_can_run(fleet, needs_memory, needs_engine, plan_text)
+    return needs_memory, needs_engine
 
 
 def _check_room(session: Session, subject: AuthSubject, settings: Settings) -> None:

@@ -25,12 +25,13 @@ from service.models.schemas import (
 
 STARTED = int(time.time())
 DEFAULT_MAX_TOKENS = 512
+MAX_DESCENT = 16  # fine-tuned from fine-tuned from ...: how far back a job's base is looked for
 
 
 def list_models(session: Session, subject: AuthSubject) -> list[ModelObject]:
     base = [ModelObject(id=name, created=STARTED, owned_by="rft") for name in registry.known_models()]
     tuned = repository.fine_tuned_models(session, subject)
-    return base + [ModelObject(id=name, created=created, owned_by=subject.project_id) for name, created in tuned]
+    return base + [ModelObject(id=name, created=created, owned_by=owner) for name, created, owner in tuned]
 
 
 def get_model(session: Session, subject: AuthSubject, model: str) -> ModelObject:
@@ -38,6 +39,30 @@ def get_model(session: Session, subject: AuthSubject, model: str) -> ModelObject
         if candidate.id == model:
             return candidate
     raise NotFound(f"The model {model!r} does not exist or you do not have access to it.", param="model")
+
+
+def training_base(session: Session, subject: AuthSubject, name: str) -> registry.ModelSpec:
+    """Where a job's `model` comes from, checked for the caller: a base model, or a `ft:` model the
+    project owns or was granted, for which the base model it descends from stands in (same shape,
+    same chat template) so the API can plan the job without fetching the checkpoint."""
+    if not name.startswith("ft:"):
+        return registry.resolve(name)
+    ckpt = repository.usable_checkpoint(session, subject.project_id, name)
+    if ckpt is None:
+        raise InvalidRequest(
+            f"No fine-tuned model or checkpoint named {name!r} in this project or shared with it "
+            "(GET /v1/models lists them).",
+            param="model",
+        )
+    for _ in range(MAX_DESCENT):
+        name = repository.job_of(session, ckpt).model
+        if not name.startswith("ft:"):
+            return registry.resolve(name)
+        # Trained by the checkpoint's project, which could use its own base then.
+        ckpt = repository.usable_checkpoint(session, ckpt.project_id, name)
+        if ckpt is None:  # that base was deleted since; the trained checkpoint does not need it
+            break
+    return registry.ModelSpec(name, "ft", "")
 
 
 class Prepared:

@@ -101,7 +101,9 @@ def set_up(ctx: JobContext) -> Parts:
     keep_freed_memory()  # this process runs one job and exits: reuse freed pages instead of faulting them in
     torch.manual_seed(job["seed"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = build_policy(job["model"], cfg, ctx.settings, device, seed=job["seed"])
+    model, tokenizer = build_policy(
+        job["model"], cfg, ctx.settings, device, seed=job["seed"], project_id=job["project_id"]
+    )
     requested = cfg.rollout_engine  # the job's own wish; `with_engine` below records the engine chosen
     engine_name = choose_engine(cfg.rollout_engine, ctx.settings, job["model"])
     problem = model_problem(engine_name, model.config)
