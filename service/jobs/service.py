@@ -82,7 +82,8 @@ def _check_method(body: JobCreate) -> None:
     if body.method is None:
         raise InvalidRequest(
             "Missing 'method': this server runs reinforcement fine-tuning; send "
-            "method={'type': 'reinforcement', 'reinforcement': {'grader': {...}}}.",
+            "method={'type': 'reinforcement', 'reinforcement': {'grader': {...}, 'hyperparameters': {...}}} "
+            "(hyperparameters, top-level in OpenAI's deprecated form, go there too).",
             param="method",
         )
     if body.method.type != "reinforcement":
@@ -95,6 +96,34 @@ def _check_method(body: JobCreate) -> None:
             "method.reinforcement is required when method.type is 'reinforcement' (it holds the grader).",
             param="method.reinforcement",
         )
+
+
+def move_deprecated_hyperparameters(body: JobCreate) -> None:
+    """OpenAI's deprecated top-level `hyperparameters` into method.reinforcement.hyperparameters, as
+    OpenAI moves them into the method; a value given in both places must agree."""
+    top = body.hyperparameters
+    if top is None:
+        return
+    assert body.method is not None and body.method.reinforcement is not None
+    rft = body.method.reinforcement.hyperparameters
+    unknown = sorted(top.model_extra or {})
+    if unknown:
+        key = unknown[0]
+        raise InvalidRequest(
+            f"hyperparameters.{key} is not one of the deprecated top-level hyperparameters (n_epochs, batch_size, "
+            f"learning_rate_multiplier); put it in method.reinforcement.hyperparameters.{key}.",
+            param=f"hyperparameters.{key}",
+        )
+    for key in sorted(top.model_fields_set):
+        value = getattr(top, key)
+        if key in rft.model_fields_set and getattr(rft, key) != value:
+            raise InvalidRequest(
+                f"hyperparameters.{key} is {value!r} but method.reinforcement.hyperparameters.{key} is "
+                f"{getattr(rft, key)!r}; give it once, in method.reinforcement.hyperparameters (the top-level "
+                "hyperparameters are deprecated).",
+                param=f"hyperparameters.{key}",
+            )
+        setattr(rft, key, value)
 
 
 def _check_file(session: Session, subject: AuthSubject, file_id: str, param: str) -> None:
@@ -114,6 +143,7 @@ def create_job(
         if existing is not None:
             return _replay(existing, request_hash, idempotency_key)
     _check_method(body)
+    move_deprecated_hyperparameters(body)
     assert body.method is not None and body.method.reinforcement is not None
     grader = parse_grader(body.method.reinforcement.grader, "method.reinforcement.grader")
     hyperparameters = body.method.reinforcement.hyperparameters
