@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--no-workers", action="store_true", help="serve the API only (workers run elsewhere)")
     worker = sub.add_parser("worker", help="run a Celery worker")
     worker.add_argument("--queues", default="training", help="training, light, or training,light")
-    worker.add_argument("--beat", action="store_true", help="also run the periodic lease reaper")
+    worker.add_argument("--beat", action="store_true", help="also run the periodic lease reaper and file expirer")
     sub.add_parser("migrate", help="apply database migrations (alembic upgrade head)")
     keys = sub.add_parser("keys", help="API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from service.core.db import unit_of_work
 from service.core.settings import get_settings
+from service.core.storage import storage_for
+from service.files import service as files
 from workers import lease, runner, shutdown, validate
 from workers.celery_app import app
 
@@ -17,6 +19,13 @@ def validate_job(job_id: str) -> None:
 def run_job(job_id: str) -> None:
     shutdown.install_handler()  # in the pool child, which runs one job and exits
     runner.run_job(job_id, get_settings())
+
+
+@app.task(name="workers.tasks.expire_files")
+def expire_files() -> int:
+    settings = get_settings()
+    with unit_of_work(settings) as session:
+        return files.expire(session, storage_for(settings))
 
 
 @app.task(name="workers.tasks.reap_jobs")
