@@ -105,14 +105,20 @@ def _another_projects_job(client: TestClient, auth: dict[str, str], db_session: 
         ("post", "/v1/fine_tuning/jobs/{job}/cancel"),
         ("post", "/v1/fine_tuning/jobs/{job}/pause"),
         ("post", "/v1/fine_tuning/jobs/{job}/resume"),
+        ("get", "/v1/models/{ckpt}"),
+        ("delete", "/v1/models/{ckpt}"),
+        ("get", "/v1/fine_tuning/checkpoints/{ckpt}/permissions"),
+        ("delete", "/v1/fine_tuning/checkpoints/{ckpt}/permissions/cp_x"),
     ],
 )
 def test_other_projects_objects_answer_404_like_missing_ones(
     client: TestClient, auth: dict[str, str], other_auth: dict[str, str], db_session: Session, method: str, path: str
 ) -> None:
     file_id, job_id = _another_projects_job(client, auth, db_session)
-    theirs = getattr(client, method)(path.format(file=file_id, job=job_id), headers=other_auth)
-    missing = getattr(client, method)(path.format(file="file-missing", job="ftjob-missing"), headers=other_auth)
+    theirs = getattr(client, method)(path.format(file=file_id, job=job_id, ckpt="ft:x"), headers=other_auth)
+    missing = getattr(client, method)(
+        path.format(file="file-missing", job="ftjob-missing", ckpt="ft:missing"), headers=other_auth
+    )
     assert theirs.status_code == missing.status_code == 404
     assert theirs.json()["error"]["code"] == missing.json()["error"]["code"]
     assert client.get(f"/v1/files/{file_id}", headers=auth).status_code == 200

@@ -38,7 +38,7 @@ from service.models.engines import choose_engine
 from service.models.memory_plan import refuse_if_too_large
 from service.models.registry import forget_loaded
 from service.models.repository import checkpoint_named
-from service.models.service import training_base
+from service.models.service import refuse_if_in_use, training_base
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 EFFORT_PARAM = "method.reinforcement.hyperparameters.reasoning_effort"
@@ -250,13 +250,15 @@ def cancel_job(session: Session, subject: AuthSubject, job_id: str) -> Job:
 
 
 def delete_job(session: Session, storage: Storage, subject: AuthSubject, job_id: str) -> None:
-    """Delete a finished job: its rows now, its checkpoints' and archives' bytes once that commits."""
+    """Delete a finished job: its rows now, its checkpoints' and archives' bytes once that commits (not
+    while another job trains from or grades with one of its checkpoints: a 409 names it)."""
     job = get_job(session, subject, job_id)
     if job.status not in TERMINAL:
         raise InvalidTransition(
             f"Job {job_id} is {job.status}; only succeeded, failed or cancelled jobs can be deleted (cancel it first).",
             param="fine_tuning_job_id",
         )
+    refuse_if_in_use(session, subject, repository.checkpoints_of(session, job.id))
     folder = job_folder(job.project_id, job.id)
     repository.delete(session, job)
 

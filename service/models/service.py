@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from service.auth.service import AuthSubject
-from service.core.errors import InvalidRequest, NotFound
+from service.core.errors import Conflict, InvalidRequest, NotFound
 from service.core.ids import new_id
 from service.core.settings import Settings
+from service.core.tables import Checkpoint
 from service.models import inference, registry, repository
 from service.models.schemas import (
     AssistantMessage,
@@ -63,6 +65,34 @@ def training_base(session: Session, subject: AuthSubject, name: str) -> registry
         if ckpt is None:  # that base was deleted since; the trained checkpoint does not need it
             break
     return registry.ModelSpec(name, "ft", "")
+
+
+def refuse_if_in_use(session: Session, subject: AuthSubject, checkpoints: Sequence[Checkpoint]) -> None:
+    """Conflict (409) where removing `checkpoints` of the caller's would pull them from under a job: the
+    unfinished job that writes them, or one that trains from or grades with one of them and may still
+    use it (the caller's own, or a project's they are still shared with)."""
+    names = {c.fine_tuned_model_checkpoint for c in checkpoints}
+    writers = {c.job_id for c in checkpoints}
+    for job in repository.unfinished_jobs(session):
+        if job.id in writers:
+            raise Conflict(
+                f"Job {job.id}, which wrote these checkpoints, is {job.status}; cancel it or let it finish first.",
+                param="model",
+            )
+        used = [n for n in sorted(names) if n == job.model or n in json.dumps(job.method)]
+        if not used:
+            continue
+        if job.project_id == subject.project_id:
+            raise Conflict(
+                f"{used[0]!r} is in use by job {job.id} ({job.status}); cancel it or let it finish first.",
+                param="model",
+            )
+        if repository.usable_checkpoint(session, job.project_id, used[0]) is not None:
+            raise Conflict(
+                f"{used[0]!r} is in use by a {job.status} job of project {job.project_id}, which it is shared "
+                "with; revoke that permission first (the job then fails when it next loads the model) or wait.",
+                param="model",
+            )
 
 
 class Prepared:
