@@ -191,23 +191,33 @@ def _converted_gguf(spec: ModelSpec, settings: Settings, dtype: Any = None) -> t
 
     cache = settings.data_dir / "models" / spec.name
     if not (cache / "config.json").exists():
-        gguf = Path(spec.location)
-        quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        # transformers marks GGUF-loaded models unserializable; copy the float weights into a plain one.
-        config = quantized.config
-        config.quantization_config = None
-        model = AutoModelForCausalLM.from_config(config)
-        model.load_state_dict(quantized.state_dict())
-        staging = cache.with_name(cache.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        private_dir(staging)
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        make_tree_private(staging)
-        staging.rename(cache)
+        dequantize_gguf(Path(spec.location), cache, private=True)
     model = AutoModelForCausalLM.from_pretrained(cache, **({} if dtype is None else {"dtype": dtype}))
     return model, _with_pad(AutoTokenizer.from_pretrained(cache))
+
+
+def dequantize_gguf(gguf: Path, out: Path, *, private: bool) -> Path:
+    """The GGUF's weights, dequantized to float32, and its tokenizer, saved as a Hugging Face folder at
+    `out` (written beside it, then renamed): what training loads, and what `rft models download` gives
+    a user to load a LoRA adapter onto. `private`: for the server's own cache (owner-only files)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # transformers marks GGUF-loaded models unserializable; copy the float weights into a plain one.
+    config = quantized.config
+    config.quantization_config = None
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantized.state_dict())
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    private_dir(staging) if private else staging.mkdir(parents=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    if private:
+        make_tree_private(staging)
+    staging.rename(out)
+    return out
 
 
 def tiny_tokenizer() -> Any:

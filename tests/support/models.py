@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import transformers
+
+# Converted model weights (the dequantized GGUF) kept across test runs: tests pass it as a data dir.
+MODEL_CACHE = Path(os.environ.get("RFT_TEST_MODEL_CACHE", Path(__file__).parents[2] / ".cache" / "test-models"))
 
 SMALL = {
     "hidden_size": 32,
