@@ -52,6 +52,7 @@ def test_effort_on_a_model_without_a_thinking_switch_is_a_400_naming_the_model(
     error = response.json()["error"]
     assert error["param"] == EFFORT
     assert "'tiny-random-llama'" in error["message"] and "enable_thinking" in error["message"]
+    assert "leave it 'default'" in error["message"]
 
 
 def test_default_effort_is_accepted_on_any_model(
@@ -145,7 +146,7 @@ def test_grader_effort_on_a_judge_without_the_switch_is_refused_unless_it_asks_f
     if status == 400:
         error = created.json()["error"]
         assert error["param"] == "method.reinforcement.grader.graders.j.sampling_params.reasoning_effort"
-        assert "'tiny-random-llama'" in error["message"]
+        assert "'tiny-random-llama'" in error["message"] and "leave it unset or 'none'" in error["message"]
 
 
 def test_a_judges_effort_switches_its_thinking_where_the_api_grades(

@@ -83,11 +83,13 @@ def folder_has_switch(folder: Path) -> bool | None:
 
 
 def refusal(model: str, effort: str, param: str) -> InvalidRequest:
+    # RFT hyperparameters take default|low|medium|high; a grader's sampling params none..max or null.
+    instead = "'default'" if "hyperparameters" in param else "unset or 'none'"
     return InvalidRequest(
         f"{param} {effort!r} needs a model that can reason, but the chat template of {model!r} has no thinking "
-        f"switch ({SWITCH}), so it never reasons. Leave {param.rsplit('.', 1)[-1]} unset (or 'default' / 'none'), "
-        "or use a model whose template reads enable_thinking (e.g. Qwen3); there 'none', 'minimal' and 'low' turn "
-        "thinking off and 'medium' and above turn it on.",
+        f"switch ({SWITCH}), so it never reasons: leave it {instead}, or use a model whose template reads "
+        "enable_thinking (e.g. Qwen3), where 'none', 'minimal' and 'low' turn thinking off and 'medium' and "
+        "above turn it on.",
         param=param,
     )
 
