@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.auth.service import KeyCache
+from service.checkpoints.endpoints import router as checkpoints_router
 from service.core.bodylimit import BodySizeLimit
 from service.core.db import session_factory
 from service.core.errors import ApiError, InvalidRequest, NotFound, Unauthorized
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(graders_router)
     mount_dashboard(app)
     app.include_router(models_router)
+    app.include_router(checkpoints_router)
     app.include_router(fleet_router)
     app.include_router(webhooks_router)
     app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]

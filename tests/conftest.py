@@ -141,13 +141,13 @@ def train_local_model(
     client: TestClient,
     auth: dict[str, str],
     settings: Settings,
-    folder: Path,
+    folder: Path | str,
     lines: list[Any],
     grader: dict[str, Any],
     hyperparameters: dict[str, Any],
 ) -> str:
-    """Upload `lines`, train the model saved in `folder` on them to the end (in this process, as a
-    worker would), assert the job succeeded; its id."""
+    """Upload `lines`, train the model saved in `folder` (or any model name) on them to the end (in this
+    process, as a worker would), assert the job succeeded; its id."""
     from workers import runner, validate
 
     file_id = upload(client, auth, jsonl(lines)).json()["id"]

@@ -116,6 +116,10 @@ def _another_projects_job(client: TestClient, auth: dict[str, str], db_session: 
         ("post", "/v1/webhook_endpoints/{webhook}/rotate_secret"),
         ("post", "/v1/webhook_endpoints/{webhook}/test"),
         ("get", "/v1/webhook_endpoints/{webhook}/deliveries"),
+        ("get", "/v1/models/{ckpt}"),
+        ("delete", "/v1/models/{ckpt}"),
+        ("get", "/v1/fine_tuning/checkpoints/{ckpt}/permissions"),
+        ("delete", "/v1/fine_tuning/checkpoints/{ckpt}/permissions/cp_x"),
     ],
 )
 def test_other_projects_objects_answer_404_like_missing_ones(
@@ -125,9 +129,11 @@ def test_other_projects_objects_answer_404_like_missing_ones(
     body = {"event_type": "fine_tuning.job.succeeded"} if path.endswith("/test") else {}
     send = getattr(client, method)
     kwargs = {"json": body} if method == "post" else {}
-    theirs = send(path.format(file=file_id, job=job_id, webhook="we_theirs"), headers=other_auth, **kwargs)
+    theirs = send(path.format(file=file_id, job=job_id, webhook="we_theirs", ckpt="ft:x"), headers=other_auth, **kwargs)
     missing = send(
-        path.format(file="file-missing", job="ftjob-missing", webhook="we_missing"), headers=other_auth, **kwargs
+        path.format(file="file-missing", job="ftjob-missing", webhook="we_missing", ckpt="ft:missing"),
+        headers=other_auth,
+        **kwargs,
     )
     assert theirs.status_code == missing.status_code == 404
     assert theirs.json()["error"]["code"] == missing.json()["error"]["code"]

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
+from service.core.errors import FileValidationError
 from service.core.settings import Settings
 from service.core.storage import Storage, job_folder
 from service.core.tables import Job
@@ -95,6 +96,13 @@ class JobContext:
             return snapshot, {i: (f.storage_key, f.sha256) for i, f in files_of_job(session, row).items()}
 
         snapshot, keys = in_transaction(settings, read)
+        for param in ("training_file", "validation_file"):
+            if snapshot[param] and snapshot[param] not in keys:
+                raise FileValidationError(
+                    f"{param} {snapshot[param]} expired or was deleted before training could read it; "
+                    "upload it again and create a new job.",
+                    param=param,
+                )
         # A local copy of each file (this host's cache when the bytes live in an object store).
         snapshot["training_path"] = storage.local_file(*keys[snapshot["training_file"]])
         if snapshot["validation_file"]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from service.core.db import unit_of_work
 from service.core.settings import get_settings
+from service.core.storage import storage_for
+from service.files import service as files
 from workers import lease, runner, shutdown, validate, webhooks
 from workers.celery_app import app
 
@@ -22,6 +24,13 @@ def run_job(job_id: str) -> None:
 @app.task(name="workers.tasks.deliver_webhook")
 def deliver_webhook(delivery_id: str) -> None:
     webhooks.deliver(delivery_id, get_settings())
+
+
+@app.task(name="workers.tasks.expire_files")
+def expire_files() -> int:
+    settings = get_settings()
+    with unit_of_work(settings) as session:
+        return files.expire(session, storage_for(settings))
 
 
 @app.task(name="workers.tasks.reap_jobs")

@@ -63,7 +63,9 @@ def check_files(
         checks.append(("validation_file", validation_file, settings.max_validation_lines))
     for param, file_id, max_lines in checks:
         if file_id not in files or not storage.exists(files[file_id][2]):
-            return _error(param, f"{param} {file_id} was deleted after the job was created."), notes
+            return _error(
+                param, f"{param} {file_id} expired or was deleted after the job was created; upload it again."
+            ), notes
         filename, _, key = files[file_id]
         report = validate_jsonl(storage.iter_bytes(key), max_line_bytes=settings.max_line_bytes, max_lines=max_lines)
         if report.error_count:

@@ -4,7 +4,7 @@ The API and the workers both send by task name, so nothing here imports worker c
 process builds its Celery app from `celery_config` too (`workers/celery_app.py`) and adds the tasks.
 Messages carry ids only, as JSON; the job row decides who runs what, so a duplicated or lost message
 is harmless (the reaper re-sends lost ones). Two queues: `training` (one job per worker process, a
-fresh process per job) and `light` (file validation, webhook deliveries, the lease reaper).
+fresh process per job) and `light` (file validation, webhook deliveries, the lease reaper, the file expirer).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ VALIDATE_JOB = "workers.tasks.validate_job"
 RUN_JOB = "workers.tasks.run_job"
 REAP_JOBS = "workers.tasks.reap_jobs"
 DELIVER_WEBHOOK = "workers.tasks.deliver_webhook"
+EXPIRE_FILES = "workers.tasks.expire_files"
 # (task name, args, queue, countdown): countdown is the seconds to hold the message before running it.
 TaskSender = Callable[[str, list[Any], str, float | None], None]
 
@@ -47,12 +48,17 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             VALIDATE_JOB: {"queue": LIGHT_QUEUE},
             REAP_JOBS: {"queue": LIGHT_QUEUE},
             DELIVER_WEBHOOK: {"queue": LIGHT_QUEUE},
+            EXPIRE_FILES: {"queue": LIGHT_QUEUE},
         },
         "beat_schedule": {
             "reap-jobs": {
                 "task": REAP_JOBS,
                 "schedule": settings.reaper_interval_seconds,
-            }
+            },
+            "expire-files": {
+                "task": EXPIRE_FILES,
+                "schedule": settings.file_expiry_interval_seconds,
+            },
         },
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,

@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = 10.0
     max_attempts: int = 3
     reaper_interval_seconds: float = 15.0
+    # How often the file expirer deletes files past their `expires_at` (OpenAI's `expires_after`); an
+    # expired file answers 404 at once, its row and bytes go within this.
+    file_expiry_interval_seconds: float = Field(default=60.0, gt=0)
     stale_queued_seconds: float = 300.0
     # Worker resilience (workers/retry.py, workers/shutdown.py): how long a worker's database calls
     # retry through a dropped connection (a PostgreSQL restart) before the job fails, and how long

@@ -65,6 +65,8 @@ class File(Base):
     status_details: Mapped[str | None] = mapped_column(Text)
     storage_key: Mapped[str] = mapped_column(String(256))
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    # OpenAI's `expires_after`: the file expirer (workers/expiry.py) deletes the row and bytes after this.
+    expires_at: Mapped[int | None] = mapped_column(BigInteger, index=True)
 
 
 class Job(Base):
@@ -147,6 +149,21 @@ class Checkpoint(Base):
     fine_tuned_model_checkpoint: Mapped[str] = mapped_column(String(512))
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     storage_key: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+class CheckpointPermission(Base):
+    """A checkpoint shared with another project (OpenAI's `checkpoint.permission`). The row belongs to
+    the checkpoint's owner (`project_id`); `granted_project_id` may read the checkpoint
+    (`service.auth.service.readable(..., shared=True)`) until the row goes."""
+
+    __tablename__ = "checkpoint_permissions"
+    __table_args__ = (UniqueConstraint("checkpoint_id", "granted_project_id", name="uq_checkpoint_permissions_grant"),)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    checkpoint_id: Mapped[str] = mapped_column(ForeignKey("checkpoints.id", ondelete="CASCADE"), index=True)
+    granted_project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
 
 

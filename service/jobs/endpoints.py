@@ -186,7 +186,7 @@ def _archive_response(
 ) -> Response:
     name = f"{ckpt.job_id}-step-{ckpt.step_number}"
     try:
-        archive = archive_of(storage, ckpt.storage_key, settings, merged=merged, name=name)
+        archive = archive_of(storage, ckpt.storage_key, settings, merged=merged, name=name, owner=ckpt.project_id)
     except FileNotFoundError as exc:  # pruned between the lookup and the build
         raise NotFound(f"Checkpoint {ckpt.id} was removed.", param="checkpoint_id") from exc
     return stored_response(

@@ -123,7 +123,9 @@ def set_up(ctx: RankContext) -> Parts:
     torch.manual_seed(job["seed"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with ranks.leader_first():  # a GGUF model's first load converts it into a cache the ranks share
-        model, tokenizer = build_policy(job["model"], cfg, ctx.settings, device, seed=job["seed"])
+        model, tokenizer = build_policy(
+            job["model"], cfg, ctx.settings, device, seed=job["seed"], project_id=job["project_id"]
+        )
     requested = cfg.rollout_engine  # the job's own wish; `with_engine` below records the engine chosen
     engine_name = choose_engine(cfg.rollout_engine, ctx.settings, job["model"])
     problem = model_problem(engine_name, model.config) or (
