@@ -83,9 +83,10 @@ class Watched:
     def count(self, selector: str) -> int:
         return int(self.page.evaluate("s => document.querySelectorAll(s).length", selector))
 
-    def wait_count(self, selector: str, at_least: int, timeout: float = 20_000) -> None:
+    def wait_count(self, selector: str, at_least: int, timeout: float = 20_000, *, exactly: bool = False) -> None:
+        test = "===" if exactly else ">="
         self.page.wait_for_function(
-            "([s, n]) => document.querySelectorAll(s).length >= n", arg=[selector, at_least], timeout=timeout
+            f"([s, n]) => document.querySelectorAll(s).length {test} n", arg=[selector, at_least], timeout=timeout
         )
 
     def no_horizontal_overflow(self) -> bool:
