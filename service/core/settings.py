@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     # a worker's GPU memory or else its host memory. The API, which has no GPU, refuses jobs that
     # cannot fit this much; set it to the workers' memory where they run elsewhere.
     worker_memory_gib: float = Field(default=0.0, ge=0)
+    # MLflow tracking servers a job's `integrations` may name as `tracking_uri` (JSON list). A job names
+    # no address outside it: the workers would POST its metrics there. Without a `tracking_uri` a job
+    # logs to the workers' MLFLOW_TRACKING_URI. W&B needs none: runs go to the account of the workers'
+    # WANDB_API_KEY, or offline to $WANDB_DIR (default <data dir>/wandb) without one.
+    mlflow_tracking_uris: list[str] = Field(default_factory=list)
     # Python graders: the interpreter of their own environment (None: `.venv-grader` beside the service's
     # venv, which `make install` creates) and the bubblewrap binary that builds their sandboxes.
     grader_python: Path | None = None

@@ -12,6 +12,7 @@ import json
 import secrets
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -25,17 +26,18 @@ from service.core.limits import check_queued_jobs, limits_for
 from service.core.queue import wake_validation
 from service.core.settings import Settings
 from service.core.storage import Storage, job_folder
-from service.core.tables import Checkpoint, Job, now
+from service.core.tables import Checkpoint, Job, Worker, now
 from service.files import repository as files
 from service.fleet import service as fleet
 from service.fleet.service import describe, live_training_workers, refuse_if_no_worker_can_run
 from service.graders.isolation import SandboxUnavailable
 from service.graders.schemas import parse_grader
 from service.graders.service import require_runnable
-from service.jobs import repository
+from service.jobs import budget, repository
+from service.jobs.integrations import TRACKER_NAMES, check_integrations, stored
 from service.jobs.schemas import JobCreate, JobError, JobObject, samples_per_prompt
 from service.models.engines import choose_engine
-from service.models.memory_plan import refuse_if_too_large
+from service.models.memory_plan import Estimate, refuse_if_too_large
 from service.models.registry import forget_loaded
 from service.models.registry import resolve as resolve_model
 from service.models.repository import checkpoint_named
@@ -104,14 +106,20 @@ def _check_file(session: Session, subject: AuthSubject, file_id: str, param: str
         raise InvalidRequest(f"{param} {file_id!r} has purpose {row.purpose!r}; expected 'fine-tune'.", param=param)
 
 
-def create_job(
-    session: Session, subject: AuthSubject, body: JobCreate, idempotency_key: str | None, settings: Settings
-) -> Job:
-    request_hash = _request_hash(body)
-    if idempotency_key:
-        existing = repository.by_idempotency_key(session, subject, idempotency_key)
-        if existing is not None:
-            return _replay(existing, request_hash, idempotency_key)
+@dataclass(frozen=True)
+class Checked:
+    """What `check_request` found of a job request that passed: the pre-flight answers from it."""
+
+    grader: Any
+    engine: str
+    group_size: int
+    fleet: list[Worker]
+    plan: Estimate | None
+
+
+def check_request(session: Session, subject: AuthSubject, body: JobCreate, settings: Settings) -> Checked:
+    """Every check job creation makes of the request before anything is stored: method, grader,
+    model and its memory plan against the fleet, the files, the integrations."""
     _check_method(body)
     assert body.method is not None and body.method.reinforcement is not None
     grader = parse_grader(body.method.reinforcement.grader, "method.reinforcement.grader")
@@ -136,9 +144,7 @@ def create_job(
             exc.message += f" The live training workers: {'; '.join(describe(w) for w in fleet)}."
         raise
     needs_engine = hyperparameters.rollout_engine if hyperparameters.rollout_engine == "vllm" else None
-    plan_text = plan.describe() if plan is not None else ""
-    needs_memory = plan.peak if plan is not None else None
-    refuse_if_no_worker_can_run(fleet, needs_memory, needs_engine, plan_text)
+    refuse_if_no_worker_can_run(fleet, plan.peak if plan else None, needs_engine, plan.describe() if plan else "")
     try:
         require_runnable(grader, settings)
     except SandboxUnavailable as exc:
@@ -147,6 +153,24 @@ def create_job(
     _check_file(session, subject, body.training_file, "training_file")
     if body.validation_file:
         _check_file(session, subject, body.validation_file, "validation_file")
+    check_integrations(body.integrations or [], settings, fleet)
+    return Checked(grader, engine, group_size, fleet, plan)
+
+
+def create_job(
+    session: Session, subject: AuthSubject, body: JobCreate, idempotency_key: str | None, settings: Settings
+) -> Job:
+    request_hash = _request_hash(body)
+    if idempotency_key:
+        existing = repository.by_idempotency_key(session, subject, idempotency_key)
+        if existing is not None:
+            return _replay(existing, request_hash, idempotency_key)
+    checked = check_request(session, subject, body, settings)
+    assert body.method is not None and body.method.reinforcement is not None
+    hyperparameters = body.method.reinforcement.hyperparameters
+    plan = checked.plan
+    needs_engine = hyperparameters.rollout_engine if hyperparameters.rollout_engine == "vllm" else None
+    needs_memory = plan.peak if plan is not None else None
     _check_room(session, subject, settings)
     job = Job(
         id=new_id("ftjob-"),
@@ -157,7 +181,7 @@ def create_job(
         suffix=body.suffix,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
         metadata_=body.metadata,
-        integrations=[i.model_dump() for i in body.integrations] if body.integrations else None,
+        integrations=stored(body.integrations),
         method={"type": "reinforcement", "reinforcement": body.method.reinforcement.model_dump(mode="json")},
         status="validating_files",
         result_files=[],
@@ -178,10 +202,8 @@ def create_job(
         return _replay(winner, request_hash, idempotency_key or "")
     repository.add_event(session, job, f"Created fine-tuning job: {job.id}")
     repository.add_event(session, job, f"Validating training file: {job.training_file}")
-    if job.integrations:
-        repository.add_event(
-            session, job, "Integrations are stored but not run by this server (no outbound network).", level="warn"
-        )
+    for integration in job.integrations or []:
+        repository.add_event(session, job, f"Logging to {TRACKER_NAMES[integration['type']]} once training starts.")
     wake_validation(session, job.id)
     return job
 
@@ -250,10 +272,23 @@ def pause_job(session: Session, subject: AuthSubject, job_id: str) -> Job:
     return get_job(session, subject, job_id)
 
 
-def resume_job(session: Session, subject: AuthSubject, job_id: str, settings: Settings) -> Job:
+def resume_job(
+    session: Session, subject: AuthSubject, job_id: str, settings: Settings, caps: dict[str, int | None] | None = None
+) -> Job:
+    """Queue a paused job again, with its budget caps changed as `caps` says (None removes one)."""
     job = get_job(session, subject, job_id)
     if job.status == "paused":
         _check_room(session, subject, settings)
+        if caps:
+            job.method = budget.with_caps(job.method, caps)
+        over = budget.reached(job.method, job.running_seconds, job.trained_tokens)
+        if over is not None:
+            raise InvalidRequest(
+                f"Job {job_id} is paused at its budget: {over.describe()}. Resume it with a higher "
+                f'{over.cap}, or null to remove the cap: a body such as {{"{over.cap}": null}} '
+                f"(rft jobs resume {job_id} --{over.cap.replace('_', '-')} N|none).",
+                param=over.cap,
+            )
     values = {"status": "queued", "pause_requested": False, "enqueued_at": time.time()}
     if not repository.transition(session, job_id, ["paused"], **values):
         raise InvalidTransition(
