@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -126,9 +127,13 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         chaos.wait_for("the MLflow server", lambda: _healthy(url), timeout=120, every=0.25)
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    finally:  # the server and its uvicorn worker: the session it leads
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         log.close()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -80,7 +81,8 @@ def _run_job(job_id: str, settings: Settings) -> None:
             return
         finally:
             if ctx is not None:
-                ctx.tracking.close(ended)
+                with contextlib.suppress(LeaseLost):  # a tracker's warn event needs the lease; the run ends anyway
+                    ctx.tracking.close(ended)
                 ctx.drop_local_copies()
     ran = _ran(ctx)
     if result.status == "requeued":
