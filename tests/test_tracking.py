@@ -5,12 +5,14 @@ checked at creation."""
 
 from __future__ import annotations
 
+import http.server
 import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -211,6 +213,48 @@ def test_trackers_that_fail_warn_and_the_job_still_succeeds(
     assert warnings[1].startswith("MLflow tracking failed while starting:")
     assert "Training continues without it." in warnings[1]
     assert time.monotonic() - started < 60  # an unreachable server is given up on, not waited for
+
+
+class RefusingWandb(http.server.BaseHTTPRequestHandler):
+    """A W&B server that refuses every key, as api.wandb.ai does a wrong one."""
+
+    def do_POST(self) -> None:
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"errors": ["invalid api key"]}')
+
+    do_GET = do_POST
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_wandb_credentials_refused_warn_and_the_job_still_succeeds(
+    live_settings: Settings, live_auth: dict[str, str], sent_tasks: list[Any], monkeypatch: Any
+) -> None:
+    needs("wandb")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RefusingWandb)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # online, with a key the server refuses
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setenv("RFT_TEST_STEPS", "2")
+    monkeypatch.setenv("RFT_TEST_STEP_SECONDS", "0")
+    settings = live_settings.model_copy(update={"trainer": "tests.support.trainers:ticking"})
+    try:
+        with TestClient(create_app(settings)) as client:
+            file_id = upload(client, live_auth, chaos.PROMPTS).json()["id"]
+            body = job_body(file_id, integrations=[{"type": "wandb", "wandb": {"project": "p"}}])
+            job_id = client.post("/v1/fine_tuning/jobs", headers=live_auth, json=body).json()["id"]
+        validate.validate_job(job_id, settings)
+        runner.run_job(job_id, settings)
+    finally:
+        server.shutdown()
+    job, metrics, events = stored(settings, job_id)
+    assert job.status == "succeeded" and len(metrics) == 2
+    [warning] = [e.message for e in events if e.level == "warn"]
+    assert "Weights & Biases tracking failed while starting" in warning and "invalid api key" in warning
 
 
 BAD_INTEGRATIONS = [
