@@ -37,6 +37,22 @@ from workers import runner, validate
 HYPER = {**chaos.HYPER, "n_epochs": 3}  # 3 steps, evaluated at 2 and 3
 
 
+@pytest.fixture(autouse=True)
+def wandb_stays_local(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """W&B's service process outlives a run and keeps the settings it started with: each test starts
+    its own, and none may reach for W&B's cloud (a closed local port answers in its place)."""
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+
+    def teardown() -> None:
+        stop = getattr(sys.modules.get("wandb"), "teardown", None)  # None where a test hid the package
+        if stop is not None:
+            stop()
+
+    teardown()
+    yield
+    teardown()
+
+
 def needs(package: str) -> None:
     if importlib.util.find_spec(package) is None:
         pytest.skip(f"{package} is not installed: pip install 'rft[trackers]' (make install does)")
