@@ -9,8 +9,7 @@ with that many GPUs: the same command). Each run is a real job (SQLite, local st
 `workers.runner.run_job` in a fresh process, as a worker runs it. Printed: the mean step time and
 its sampling and training parts (from the metrics, steps after the first), the peak resident
 memory of each rank (GPU: rank 0's max_memory_reserved) beside the plan's, and how far the two
-runs end apart: the largest relative difference of the per-step loss and gradient norm, and the
-largest weight difference of the last checkpoint in units of the learning rate.
+runs end apart (`apart`).
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from memory_planner import COMMON as COMMON_PLANNER  # noqa: E402
 from memory_planner import SMOLLM2_135M, Case, create_job, job_outcome, random_model  # noqa: E402
 
 COMMON = {"batch_size": 4, "compute_multiplier": 1, "max_completion_tokens": 32, "eval_samples": 1}
@@ -103,7 +103,14 @@ def run(case: Case, work: Path, devices: int, steps: int) -> dict[str, Any]:
         ).first()
         assert last is not None
         folder = settings.storage_dir / last.storage_key
-    return {"metrics": sorted(metrics, key=lambda m: m["step"]), "peaks": peaks, "plan": plan, "folder": folder}
+    return {
+        "metrics": sorted(metrics, key=lambda m: m["step"]),
+        "peaks": peaks[:devices],  # rank 0's, then each other rank's
+        "plan": plan,
+        "folder": folder,
+        "model": model,
+        "hyperparameters": {**COMMON_PLANNER, **hp},
+    }
 
 
 def weights(folder: Path) -> dict[str, Any]:
@@ -120,20 +127,41 @@ def timing(metrics: list[dict[str, Any]]) -> str:
     return f"{step:.2f} s ({parts['sampling']:.2f} sampling, {parts['training']:.2f} training)"
 
 
-def apart(one: dict[str, Any], two: dict[str, Any], learning_rate: float) -> str:
+def initial_weights(case: Case, model: Path, hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """The trained weights before step 1, as the worker builds them (the job's seed: memory_planner's 3)."""
+    from peft import get_peft_model_state_dict
+
+    from service.core.settings import Settings
+    from workers.rl.config import resolve
+    from workers.rl.policy import build_policy
+
+    cfg = resolve(hyperparameters, case.examples)
+    policy, _ = build_policy(str(model), cfg, Settings(rollout_engine="torch"), "cpu", seed=3)
+    state = get_peft_model_state_dict(policy) if cfg.lora_rank else policy.state_dict()
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def apart(one: dict[str, Any], two: dict[str, Any], start: dict[str, Any]) -> str:
+    """How far the two runs end apart: the per-step loss and gradient norm (relative, where the
+    one-process value is not ~0), and the distance between the final weights relative to how far
+    the one-process run moved them (AdamW turns float noise in near-zero gradients into up to a
+    learning-rate step, which compounds from step to step)."""
+
     def rel(key: str) -> float:
-        return max(
-            abs(a[key] - b[key]) / max(abs(a[key]), 1e-12) for a, b in zip(one["metrics"], two["metrics"], strict=True)
-        )
+        pairs = zip(one["metrics"], two["metrics"], strict=True)
+        return max((abs(a[key] - b[key]) / abs(a[key]) for a, b in pairs if abs(a[key]) > 1e-6), default=0.0)
 
     wa, wb = weights(one["folder"]), weights(two["folder"])
-    worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    keys = [k for k in wa if k in start]
+    gap = sum(float((wa[k] - wb[k]).double().pow(2).sum()) for k in keys) ** 0.5
+    moved = sum(float((wa[k] - start[k]).double().pow(2).sum()) for k in keys) ** 0.5
     same_samples = all(
         a["train_reward_mean"] == b["train_reward_mean"] for a, b in zip(one["metrics"], two["metrics"], strict=True)
     )
     return (
-        f"loss {rel('loss'):.1e}, grad norm {rel('grad_norm'):.1e} (relative); weights {worst / learning_rate:.1e} lr; "
-        f"same rewards every step: {'yes' if same_samples else 'no'}"
+        f"loss {rel('loss'):.1e}, grad norm {rel('grad_norm'):.1e} (largest relative gap of a step); final weights "
+        f"{gap / moved:.1e} of the distance training moved them; same rewards every step: "
+        f"{'yes' if same_samples else 'no'}"
     )
 
 
@@ -158,9 +186,8 @@ def main() -> None:
             peaks = ", ".join(f"{p / 2**30:.2f}" for p in result["peaks"])
             plan = result["plan"]["peak"] / 2**30
             print(f"| {name} | {n} | {timing(result['metrics'])} | {peaks} | {plan:.2f} |", flush=True)
-        multiplier = case.hyperparameters["learning_rate_multiplier"]
-        learning_rate = (1e-4 if case.hyperparameters.get("lora_rank") else 1e-5) * multiplier
-        print(f"|  | apart | {apart(runs[1], runs[args.devices], learning_rate)} | | |", flush=True)
+        start = initial_weights(case, runs[1]["model"], runs[1]["hyperparameters"])
+        print(f"|  | apart | {apart(runs[1], runs[args.devices], start)} | | |", flush=True)
 
 
 if __name__ == "__main__":
