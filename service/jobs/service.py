@@ -34,6 +34,7 @@ from service.graders.schemas import parse_grader
 from service.graders.service import require_runnable
 from service.jobs import repository
 from service.jobs.schemas import JobCreate, JobError, JobObject, samples_per_prompt
+from service.models.constraints import from_response_format
 from service.models.engines import choose_engine
 from service.models.memory_plan import refuse_if_too_large
 from service.models.registry import forget_loaded
@@ -115,6 +116,8 @@ def create_job(
     _check_method(body)
     assert body.method is not None and body.method.reinforcement is not None
     grader = parse_grader(body.method.reinforcement.grader, "method.reinforcement.grader")
+    # a schema llguidance cannot compile is a 400 now, not a failed job later
+    from_response_format(body.method.reinforcement.response_format, "method.reinforcement.response_format")
     spec = resolve_model(body.model)
     hyperparameters = body.method.reinforcement.hyperparameters
     engine = choose_engine(hyperparameters.rollout_engine, settings, body.model)

@@ -29,8 +29,10 @@ TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
 def tools_problem(tools: Any) -> str | None:
     """What is wrong with a `tools` list (OpenAI's function tool shape), or None."""
-    if not isinstance(tools, list) or not tools:
-        return '\'tools\' must be a non-empty list of {"type": "function", "function": {...}} objects'
+    if not isinstance(tools, list):
+        return 'tools must be a list of tool definitions, {"type": "function", "function": {...}} each'
+    if not tools:
+        return "tools must not be empty (leave it out for no tools)"
     names: set[str] = set()
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"

@@ -11,9 +11,11 @@ loss corrects for that (`loss.policy_loss`, truncated importance sampling).
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from service.core.settings import Settings
+from service.models.constraints import Constraint
 from service.models.engines import VLLM_ENGINE_MODULE, EngineName, vllm_unavailable
 from workers.rl.config import RLConfig
 from workers.rl.rollout import Rollout, sample
@@ -34,9 +36,13 @@ class RolloutEngine(Protocol):
         seed: int,
         greedy: bool = False,
         keep_prefix: bool = False,
+        tools: Sequence[Sequence[Mapping[str, Any]] | None] | None = None,
+        constraint: Constraint | None = None,
     ) -> Rollout:
         """`n` completions of each conversation, laid out prompt by prompt; `keep_prefix` is a wish
-        only the torch engine grants (the loop works with `Rollout.prefix` None)."""
+        only the torch engine grants (the loop works with `Rollout.prefix` None). Each conversation
+        is rendered with its function `tools` (where given), and every completion follows
+        `constraint` (where given)."""
         ...
 
     def update_weights(self, model: Any) -> None:
@@ -74,6 +80,8 @@ class TorchEngine:
         seed: int,
         greedy: bool = False,
         keep_prefix: bool = False,
+        tools: Sequence[Sequence[Mapping[str, Any]] | None] | None = None,
+        constraint: Constraint | None = None,
     ) -> Rollout:
         return sample(
             self.model,
@@ -86,6 +94,8 @@ class TorchEngine:
             seed=seed,
             greedy=greedy,
             keep_prefix=keep_prefix,
+            tools=tools,
+            constraint=constraint,
         )
 
     def update_weights(self, model: Any) -> None:
