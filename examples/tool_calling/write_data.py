@@ -1,5 +1,6 @@
 """Write train.jsonl and valid.jsonl: requests that one of three functions answers, each line with
-the `tools` offered, a one-shot example conversation, and the `call` a grader expects.
+the `tools` offered and the `call` a grader expects; and response_format.json, which holds answers
+to the shape of a call of one of the tools.
 
     python examples/tool_calling/write_data.py
 """
@@ -72,23 +73,6 @@ TOOLS: list[dict[str, Any]] = [
         },
     },
 ]
-# One worked turn in front of every question: the call, the function's answer, the reply.
-SHOT: list[dict[str, Any]] = [
-    {"role": "user", "content": "What's the weather in Rome, in fahrenheit?"},
-    {
-        "role": "assistant",
-        "content": None,
-        "tool_calls": [
-            {
-                "id": "call_0",
-                "type": "function",
-                "function": {"name": "get_weather", "arguments": '{"city": "Rome", "unit": "fahrenheit"}'},
-            }
-        ],
-    },
-    {"role": "tool", "tool_call_id": "call_0", "content": '{"temperature": 75, "sky": "clear"}'},
-    {"role": "assistant", "content": "It is 75 F and clear in Rome."},
-]
 
 
 def request(rng: random.Random) -> tuple[str, dict[str, Any]]:
@@ -117,7 +101,7 @@ def request(rng: random.Random) -> tuple[str, dict[str, Any]]:
 
 def line(rng: random.Random) -> dict[str, Any]:
     text, call = request(rng)
-    return {"messages": [*SHOT, {"role": "user", "content": text}], "tools": TOOLS, "call": call}
+    return {"messages": [{"role": "user", "content": text}], "tools": TOOLS, "call": call}
 
 
 def call_format() -> dict[str, Any]:

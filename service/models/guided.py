@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from service.models.constraints import Constraint
@@ -65,19 +66,20 @@ class Guide:
         self.ended = [False] * rows
         self.vocab_size = vocab_size
         self.words = (vocab_size + 31) // 32
-        self.shifts = torch.arange(32, dtype=torch.int32)
 
     def allowed(self) -> torch.Tensor:
         """(rows, V) bool: the tokens each row's grammar allows next."""
-        bitmask = torch.zeros((len(self.matchers), self.words), dtype=torch.int32)  # (rows, ceil(V / 32))
+        rows = len(self.matchers)
+        bitmask = np.zeros((rows, self.words), dtype=np.int32)  # (rows, ceil(V / 32))
         pairs = [(m, i) for i, m in enumerate(self.matchers)]
-        _executor().unsafe_compute_mask_ptr(pairs, bitmask.data_ptr(), self.words * 4, len(self.matchers))
-        allowed = ((bitmask.unsqueeze(-1) >> self.shifts) & 1).bool().view(len(self.matchers), -1)
-        allowed = allowed[:, : self.vocab_size]
-        stuck = ~allowed.any(dim=1)  # (rows,)
-        if bool(stuck.any()):
-            allowed[stuck.nonzero().flatten().unsqueeze(1), self.end_ids.unsqueeze(0)] = True
-        return allowed
+        _executor().unsafe_compute_mask_ptr(pairs, bitmask.ctypes.data, self.words * 4, rows)
+        # Bit k of a row's little-endian bytes is token k. All in numpy: torch's shifts, casts and
+        # reductions over (rows, V) cost tens of ms a step here (thread start-up), numpy's 0.1 ms.
+        allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, : self.vocab_size].view(bool)
+        stuck = ~allowed.any(axis=1)  # (rows,)
+        if stuck.any():
+            allowed[np.ix_(np.flatnonzero(stuck), self.end_ids.numpy())] = True
+        return torch.from_numpy(allowed)
 
     def mask_(self, logits: torch.Tensor) -> torch.Tensor:
         """(rows, V) logits, those of tokens the grammar forbids set to -inf (in place)."""
