@@ -203,6 +203,23 @@ def test_logprobs_have_openais_shape_and_greedy_picks_the_top_one(client: TestCl
         assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob == entry.logprob
 
 
+def test_streamed_logprobs_are_the_plain_answers(client: TestClient, auth: dict[str, str]) -> None:
+    api = sdk(client, auth)
+    asked: dict[str, Any] = {
+        "model": "tiny-random-llama",
+        "messages": ASK,
+        "max_tokens": 6,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "stop": ["zz"],  # held-back text holds back its tokens' entries too
+    }
+    plain = api.chat.completions.create(**asked).choices[0].logprobs
+    chunks = list(api.chat.completions.create(**asked, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content or []]
+    assert plain is not None and streamed == plain.content
+
+
 def test_logit_bias_bans_and_forces_tokens(client: TestClient, auth: dict[str, str]) -> None:
     api = sdk(client, auth)
     tokenizer = tiny_tokenizer()
