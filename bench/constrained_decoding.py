@@ -9,7 +9,7 @@ Two measurements, each repeated and the median kept:
    greedy (so both runs decode the same number of tokens where both stop at the same point is not
    needed: time is divided by the tokens each run decoded).
 
-    python bench/constrained_decoding.py [--rows 1 8 32] [--repeats 5] [--model smollm2-135m-instruct]
+    python bench/constrained_decoding.py [--rows 1 8 32] [--repeats 5] [--model MODEL] [--mask-only]
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--model", default=registry.SMOLLM2)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--mask-only", action="store_true", help="skip the end-to-end rollouts")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = registry.load_fresh(registry.resolve(args.model), Settings())
@@ -86,7 +87,7 @@ def main() -> None:
             f"mask  rows={rows:3d}: {step * 1e3:7.3f} ms a step, "
             f"{step / rows * 1e6:8.1f} us a row-token ({steps} steps)"
         )
-    for rows in args.rows:
+    for rows in [] if args.mask_only else args.rows:
         plain = rollout_cost(model, tokenizer, rows, args.repeats, constrained=False)
         held = rollout_cost(model, tokenizer, rows, args.repeats, constrained=True)
         print(

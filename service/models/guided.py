@@ -67,7 +67,7 @@ class Guide:
         self.vocab_size = vocab_size
         self.words = (vocab_size + 31) // 32
 
-    def allowed(self) -> torch.Tensor:
+    def allowed(self) -> np.ndarray:
         """(rows, V) bool: the tokens each row's grammar allows next."""
         rows = len(self.matchers)
         bitmask = np.zeros((rows, self.words), dtype=np.int32)  # (rows, ceil(V / 32))
@@ -79,12 +79,12 @@ class Guide:
         stuck = ~allowed.any(axis=1)  # (rows,)
         if stuck.any():
             allowed[np.ix_(np.flatnonzero(stuck), self.end_ids.numpy())] = True
-        return torch.from_numpy(allowed)
+        return allowed
 
     def mask_(self, logits: torch.Tensor) -> torch.Tensor:
         """(rows, V) logits, those of tokens the grammar forbids set to -inf (in place)."""
-        allowed = self.allowed().to(logits.device)
-        return logits.masked_fill_(~allowed[:, : logits.shape[-1]], float("-inf"))
+        forbidden = torch.from_numpy(~self.allowed()[:, : logits.shape[-1]]).to(logits.device)
+        return logits.masked_fill_(forbidden, float("-inf"))
 
     def advance(self, tokens: Sequence[int]) -> None:
         """Feed each row its drawn token; a row that drew an end id is over."""
