@@ -22,6 +22,7 @@ if [ "${1:-}" = "--cpu" ]; then
   "$PY" bench/engine_sampling.py --random qwen2-0.5b --engines torch --prompts 1 --samples 2 \
     --tokens 2 --rounds 1 --threads 1 || exit 1
   "$PY" bench/memory_planner.py --help >/dev/null || exit 1
+  "$PY" bench/distributed_bench.py --help >/dev/null || exit 1
   step "done"
   exit 0
 fi

@@ -316,9 +316,11 @@ class Ours:
 
 def build_ours(bench: Bench, lora: bool) -> Ours:
     from workers.context import JobContext
+    from workers.rl.launch import RankContext
     from workers.rl.loop import Loop, set_up
+    from workers.rl.ranks import SINGLE
 
-    ctx = cast(JobContext, BenchContext(bench, lora))
+    ctx = RankContext.of(cast(JobContext, BenchContext(bench, lora)), SINGLE)
     parts = set_up(ctx)
     expected = resolved(bench, lora, len(parts.train))
     assert (parts.cfg.group_size, parts.cfg.rollout_engine) == (expected.group_size, expected.rollout_engine)

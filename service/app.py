@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.auth.service import KeyCache
+from service.checkpoints.endpoints import router as checkpoints_router
 from service.core.bodylimit import BodySizeLimit
 from service.core.db import session_factory
 from service.core.errors import ApiError, InvalidRequest, NotFound, Unauthorized
@@ -30,6 +31,7 @@ from service.fleet.endpoints import router as fleet_router
 from service.graders.endpoints import router as graders_router
 from service.jobs.endpoints import router as jobs_router
 from service.models.endpoints import router as models_router
+from service.webhooks.endpoints import router as webhooks_router
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(graders_router)
     mount_dashboard(app)
     app.include_router(models_router)
+    app.include_router(checkpoints_router)
     app.include_router(fleet_router)
+    app.include_router(webhooks_router)
     app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]

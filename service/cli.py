@@ -28,16 +28,28 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--no-workers", action="store_true", help="serve the API only (workers run elsewhere)")
     worker = sub.add_parser("worker", help="run a Celery worker")
     worker.add_argument("--queues", default="training", help="training, light, or training,light")
-    worker.add_argument("--beat", action="store_true", help="also run the periodic lease reaper")
+    worker.add_argument("--beat", action="store_true", help="also run the periodic lease reaper and file expirer")
     sub.add_parser("migrate", help="apply database migrations (alembic upgrade head)")
     keys = sub.add_parser("keys", help="API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="create an API key for a project (created if new)")
     create.add_argument("--project", required=True)
+    models = sub.add_parser("models", help="base models, where you are").add_subparsers(
+        dest="models_command", required=True
+    )
+    download = models.add_parser(
+        "download",
+        help="write a built-in base model (e.g. smollm2-135m-instruct) as the Hugging Face folder training "
+        "loads, for loading a downloaded LoRA adapter onto; no server needed",
+    )
+    download.add_argument("name", help="smollm2-135m-instruct or tiny-random-llama")
+    download.add_argument("-o", "--output", help="the folder to write (default: ./NAME, where adapters look)")
     cli_client.register(sub)
     args = parser.parse_args(argv)
     if hasattr(args, "client_handler"):  # a client command: talks HTTP, needs no server settings
         return cli_client.run(args)
+    if args.command == "models":  # local: the user's files, under the user's umask
+        return _download_base(args.name, args.output)
 
     restrict_umask()  # server processes (and the workers they spawn) write for their own user only
     settings = get_settings()
@@ -50,6 +62,20 @@ def main(argv: list[str] | None = None) -> int:
         return _run_worker(settings, args.queues, args.beat)
     elif args.command == "serve":
         return _serve(settings, args.host or settings.host, args.port or settings.port, not args.no_workers)
+    return 0
+
+
+def _download_base(name: str, output: str | None) -> int:
+    from pathlib import Path
+
+    from service.models.export import ExportError, export_base
+
+    try:
+        folder = export_base(name, Path(output or name))
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(folder)
     return 0
 
 

@@ -81,7 +81,11 @@ def settings(tmp_path: Path, pg_database: str) -> Settings:
 def sent_tasks() -> Iterator[list[tuple[str, list[Any], str]]]:
     """Wake-up messages the code under test sent (after its commits), instead of a broker."""
     sent: list[tuple[str, list[Any], str]] = []
-    queue.set_task_sender(lambda name, args, queue_name: sent.append((name, args, queue_name)))
+
+    def record(name: str, args: list[Any], queue_name: str, countdown: float | None = None) -> None:
+        sent.append((name, args, queue_name))
+
+    queue.set_task_sender(record)
     yield sent
     queue.set_task_sender(None)
 
@@ -137,15 +141,15 @@ def train_local_model(
     client: TestClient,
     auth: dict[str, str],
     settings: Settings,
-    folder: Path,
+    folder: Path | str,
     lines: list[Any],
     grader: dict[str, Any],
     hyperparameters: dict[str, Any],
     response_format: dict[str, Any] | None = None,
     succeed: bool = True,
 ) -> str:
-    """Upload `lines`, train the model saved in `folder` on them to the end (in this process, as a
-    worker would), assert the job succeeded (unless not `succeed`); its id."""
+    """Upload `lines`, train the model saved in `folder` (or any model name) on them to the end (in this
+    process, as a worker would), assert the job succeeded (unless not `succeed`); its id."""
     from workers import runner, validate
 
     file_id = upload(client, auth, jsonl(lines)).json()["id"]

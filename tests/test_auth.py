@@ -15,7 +15,7 @@ from service.app import create_app
 from service.auth.service import hash_key
 from service.core.ids import new_id
 from service.core.settings import Settings
-from service.core.tables import ApiKey, Checkpoint, Job
+from service.core.tables import ApiKey, Checkpoint, Job, WebhookEndpoint
 from tests.conftest import job_body
 
 
@@ -88,6 +88,11 @@ def _another_projects_job(client: TestClient, auth: dict[str, str], db_session: 
             storage_key="checkpoints/x",
         )
     )
+    db_session.add(
+        WebhookEndpoint(
+            id="we_theirs", project_id=job.project_id, name="x", url="https://1.1.1.1/", event_types=[], secret="s"
+        )
+    )
     db_session.commit()
     return file_id, job_id
 
@@ -105,14 +110,31 @@ def _another_projects_job(client: TestClient, auth: dict[str, str], db_session: 
         ("post", "/v1/fine_tuning/jobs/{job}/cancel"),
         ("post", "/v1/fine_tuning/jobs/{job}/pause"),
         ("post", "/v1/fine_tuning/jobs/{job}/resume"),
+        ("get", "/v1/webhook_endpoints/{webhook}"),
+        ("post", "/v1/webhook_endpoints/{webhook}"),
+        ("delete", "/v1/webhook_endpoints/{webhook}"),
+        ("post", "/v1/webhook_endpoints/{webhook}/rotate_secret"),
+        ("post", "/v1/webhook_endpoints/{webhook}/test"),
+        ("get", "/v1/webhook_endpoints/{webhook}/deliveries"),
+        ("get", "/v1/models/{ckpt}"),
+        ("delete", "/v1/models/{ckpt}"),
+        ("get", "/v1/fine_tuning/checkpoints/{ckpt}/permissions"),
+        ("delete", "/v1/fine_tuning/checkpoints/{ckpt}/permissions/cp_x"),
     ],
 )
 def test_other_projects_objects_answer_404_like_missing_ones(
     client: TestClient, auth: dict[str, str], other_auth: dict[str, str], db_session: Session, method: str, path: str
 ) -> None:
     file_id, job_id = _another_projects_job(client, auth, db_session)
-    theirs = getattr(client, method)(path.format(file=file_id, job=job_id), headers=other_auth)
-    missing = getattr(client, method)(path.format(file="file-missing", job="ftjob-missing"), headers=other_auth)
+    body = {"event_type": "fine_tuning.job.succeeded"} if path.endswith("/test") else {}
+    send = getattr(client, method)
+    kwargs = {"json": body} if method == "post" else {}
+    theirs = send(path.format(file=file_id, job=job_id, webhook="we_theirs", ckpt="ft:x"), headers=other_auth, **kwargs)
+    missing = send(
+        path.format(file="file-missing", job="ftjob-missing", webhook="we_missing", ckpt="ft:missing"),
+        headers=other_auth,
+        **kwargs,
+    )
     assert theirs.status_code == missing.status_code == 404
     assert theirs.json()["error"]["code"] == missing.json()["error"]["code"]
     assert client.get(f"/v1/files/{file_id}", headers=auth).status_code == 200
@@ -124,6 +146,7 @@ def test_lists_show_only_the_callers_project(
     file_id, job_id = _another_projects_job(client, auth, db_session)
     assert client.get("/v1/files", headers=other_auth).json()["data"] == []
     assert client.get("/v1/fine_tuning/jobs", headers=other_auth).json()["data"] == []
+    assert client.get("/v1/webhook_endpoints", headers=other_auth).json()["data"] == []
     body = job_body(file_id)
     response = client.post("/v1/fine_tuning/jobs", headers=other_auth, json=body)
     assert response.status_code == 400

@@ -2,18 +2,16 @@
 `rft serve` (API + workers on SQLite and the filesystem broker) whose jobs run a scripted trainer
 that writes the metrics, evaluations, checkpoints and final-model event the RL loop writes.
 
-The run also writes `build/dashboard.png`, a screenshot of the job page (the README shows a copy).
+The run also writes screenshots under `build/`: `dashboard.png` (the job page), and
+`dashboard-new-job.png`, `dashboard-compare.png`, `dashboard-chat.png` (the README shows copies).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
+import json
 import tarfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +23,15 @@ from tests.conftest import jsonl
 from tests.support.procs import Proc, free_port, pids_with_env, printed_api_key, wait_healthy
 
 try:
-    from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
+    from playwright.sync_api import Browser, sync_playwright
+
+    from tests.support.browser import LAUNCH_ARGS, Server, Watched, chromium
 except ImportError:  # pragma: no cover - the dev extra installs it
     pytest.skip("playwright is not installed: pip install -e '.[dev]'", allow_module_level=True)
 
-LAUNCH_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking"]
-# Written on every run under build/ (ignored by git); docs/dashboard.png, which the README shows, is a copy.
-SCREENSHOT = Path(__file__).resolve().parent.parent / "build" / "dashboard.png"
+# Written on every run under build/ (ignored by git); the docs/dashboard*.png the README shows are copies.
+BUILD = Path(__file__).resolve().parent.parent / "build"
+SCREENSHOT = BUILD / "dashboard.png"
 TERMINAL = {"succeeded", "failed", "cancelled"}
 EXACT = {
     "type": "string_check",
@@ -55,47 +55,6 @@ LINES = [
     }
     for i in range(1, 10)
 ]
-
-
-def chromium() -> str | None:
-    """Debian's chromium; installed here when missing, if this process may (root, apt-get)."""
-    found = shutil.which("chromium")
-    if found or os.geteuid() != 0 or not shutil.which("apt-get"):
-        return found
-    install = ["apt-get", "install", "-y", "-q", "chromium"]
-    if subprocess.run(install, capture_output=True, timeout=900, check=False).returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=900, check=False)
-        subprocess.run(install, capture_output=True, timeout=900, check=False)
-    return shutil.which("chromium")
-
-
-@dataclass
-class Server:
-    url: str
-    key: str
-    client: openai.OpenAI
-    files: tuple[str, str]
-
-    def create_job(self, grader: dict[str, Any], seed: int = 7, **metadata: str) -> str:
-        method: Any = {"type": "reinforcement", "reinforcement": {"grader": grader}}
-        return self.client.fine_tuning.jobs.create(
-            model="tiny-random-llama",
-            training_file=self.files[0],
-            validation_file=self.files[1],
-            method=method,
-            suffix="adder",
-            seed=seed,
-            metadata=metadata,
-        ).id
-
-    def wait(self, job_id: str, until: set[str], timeout: float = 120) -> str:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            status = self.client.fine_tuning.jobs.retrieve(job_id).status
-            if status in until:
-                return status
-            time.sleep(0.2)
-        raise AssertionError(f"job {job_id} still {status} after {timeout}s")
 
 
 @pytest.fixture(scope="module")
@@ -141,44 +100,6 @@ def finished_job(server: Server) -> str:
     job_id = server.create_job(MULTI, steps="12", step_seconds="0.1", eval_interval="3")
     assert server.wait(job_id, TERMINAL) == "succeeded"
     return job_id
-
-
-class Watched:
-    """A page whose console errors and uncaught exceptions are collected."""
-
-    def __init__(self, browser: Browser, server: Server, *, key: bool = True, width: int = 1280, height: int = 900):
-        self.context = browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True)
-        if key:  # as if the user had pasted it once before
-            self.context.add_init_script(f"localStorage.setItem('rft.apiKey', {server.key!r})")
-        self.page: Page = self.context.new_page()
-        self.errors: list[str] = []
-        self.requests: list[str] = []
-        self.page.on("console", self._console)
-        self.page.on("pageerror", lambda exc: self.errors.append(f"pageerror: {exc}"))
-        self.page.on("request", lambda request: self.requests.append(request.url))
-        self.server = server
-
-    def _console(self, message: ConsoleMessage) -> None:
-        if message.type == "error":
-            self.errors.append(message.text)
-
-    def open(self, route: str) -> Page:
-        self.page.goto(f"{self.server.url}/{route}")
-        return self.page
-
-    def count(self, selector: str) -> int:
-        return int(self.page.evaluate("s => document.querySelectorAll(s).length", selector))
-
-    def wait_count(self, selector: str, at_least: int, timeout: float = 20_000) -> None:
-        self.page.wait_for_function(
-            "([s, n]) => document.querySelectorAll(s).length >= n", arg=[selector, at_least], timeout=timeout
-        )
-
-    def no_horizontal_overflow(self) -> bool:
-        return bool(self.page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"))
-
-    def close(self) -> None:
-        self.context.close()
 
 
 @pytest.fixture
@@ -310,11 +231,15 @@ def test_phone_viewport_has_no_horizontal_overflow(browser: Browser, server: Ser
             (f"#/jobs/{finished_job}", '[data-chart="reward"] circle.pt'),
             (f"#/jobs/{finished_job}/rollouts", "pre.completion"),
             ("#/playground", "#grader-json"),
+            ("#/jobs/new", "#grader-json"),
+            (f"#/compare?jobs={finished_job}&metric=kl", '[data-chart="compare"] circle.pt'),
+            ("#/chat", "#chat-input"),
         ]:
             phone.open(route).wait_for_selector(ready)
             assert phone.no_horizontal_overflow(), f"{route} is wider than a phone screen"
             if "circle" in ready:  # the charts are drawn at the phone's width, not scaled down
-                assert 300 <= phone.page.locator('[data-chart="reward"] svg').bounding_box()["width"] <= 390  # type: ignore[index]
+                chart = phone.page.locator(f"{ready.split(' ')[0]} svg")
+                assert 300 <= chart.bounding_box()["width"] <= 390  # type: ignore[index]
         assert phone.errors == []
     finally:
         phone.close()
@@ -349,3 +274,158 @@ def test_dashboard_is_static_outside_the_api_schema(server: Server) -> None:
     assert httpx.get(f"{server.url}/dashboard/app.js").status_code == 200
     paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
     assert "/" not in paths and not [p for p in paths if p.startswith("/dashboard")]
+
+
+def shot(page: Any, name: str) -> None:
+    BUILD.mkdir(exist_ok=True)
+    page.evaluate("window.scrollTo(0, 0)")  # the sticky top bar would otherwise be drawn mid-page
+    page.screenshot(path=str(BUILD / f"dashboard-{name}.png"), full_page=True)
+
+
+def failed_requests_only(errors: list[str]) -> bool:
+    """The browser logs each refused request itself; anything else is the page's own error."""
+    return all("status of 400" in e for e in errors)
+
+
+def test_new_job_form_uploads_the_files_and_creates_a_job_that_runs(
+    watched: Watched, server: Server, tmp_path: Path
+) -> None:
+    train, valid = tmp_path / "form-train.jsonl", tmp_path / "form-valid.jsonl"
+    train.write_bytes(jsonl(LINES[:6]))
+    valid.write_bytes(jsonl(LINES[6:]))
+    files_before = len(server.client.files.list().data)
+    page = watched.open("#/jobs/new")
+    page.wait_for_selector('#model option[value="tiny-random-llama"]', state="attached")
+    page.set_input_files("#training_file-upload", str(train))
+    page.set_input_files("#validation_file-upload", str(valid))
+    page.select_option("#grader-preset", label="string_check (contains the answer, any case)")
+    page.wait_for_selector("#grader-ok:not([hidden])")
+    page.select_option("#model", "tiny-random-llama")
+    page.fill("#suffix", "from-form")
+    page.fill("#hp-n_epochs", "2")
+    page.fill("#hp-extras", '{"beta": 0.02, "lora_rank": 4}')
+    shot(page, "new-job")
+    page.click("#create-job")
+    page.wait_for_url("**/#/jobs/ftjob-*")
+    job_id = page.evaluate("location.hash").removeprefix("#/jobs/")
+    page.wait_for_selector(".badge.status-succeeded", timeout=60_000)  # it ran, on the page it landed on
+    watched.wait_count('[data-chart="reward"] circle.pt', 12)
+
+    job: Any = server.client.fine_tuning.jobs.retrieve(job_id).model_dump()
+    assert job["model"] == "tiny-random-llama" and job["user_provided_suffix"] == "from-form"
+    reinforcement = job["method"]["reinforcement"]
+    assert reinforcement["grader"]["operation"] == "ilike"
+    hp = reinforcement["hyperparameters"]
+    assert (hp["n_epochs"], hp["beta"], hp["lora_rank"]) == (2, 0.02, 4)
+    assert server.client.files.retrieve(job["training_file"]).filename == "form-train.jsonl"
+    assert server.client.files.retrieve(job["validation_file"]).filename == "form-valid.jsonl"
+    assert len(server.client.files.list().data) == files_before + 2
+    assert watched.errors == []
+
+
+def test_new_job_form_shows_a_bad_grader_and_api_errors_at_their_fields(watched: Watched, server: Server) -> None:
+    jobs_before = len(server.client.fine_tuning.jobs.list(limit=100).data)
+    page = watched.open("#/jobs/new")
+    page.wait_for_selector(f'#training_file-existing option[value="{server.files[0]}"]', state="attached")
+    page.select_option("#training_file-existing", server.files[0])
+    page.select_option("#validation_file-existing", server.files[1])
+    page.fill("#grader-json", json.dumps({**EXACT, "operation": "equals"}))
+    page.click("#create-job")
+    page.wait_for_selector("#grader-error:not([hidden])")
+    assert "grader.operation" in page.inner_text("#grader-error")
+    assert "'eq', 'ne', 'like' or 'ilike'" in page.inner_text("#grader-error")
+    assert page.get_attribute("#grader-json", "aria-invalid") == "true"
+
+    page.fill("#grader-json", "{not json")
+    page.click("#create-job")
+    page.wait_for_selector("#grader-error:not([hidden])")
+    assert "not valid JSON" in page.inner_text("#grader-error")
+
+    page.select_option("#grader-preset", label="string_check (exact answer)")
+    page.wait_for_selector("#grader-ok:not([hidden])")
+    page.fill("#hp-n_epochs", "0")  # the API's 400 names method.reinforcement.hyperparameters.n_epochs
+    page.click("#create-job")
+    page.wait_for_selector("#n_epochs-error:not([hidden])")
+    assert "must be 'auto' or an integer >= 1" in page.inner_text("#n_epochs-error")
+    assert page.is_hidden("#grader-error")
+    page.fill("#hp-n_epochs", "")
+    page.fill("#hp-extras", '{"beta": 99}')
+    page.click("#create-job")
+    page.wait_for_selector("#extras-error:not([hidden])")
+    assert "beta" in page.inner_text("#extras-error") and page.is_hidden("#n_epochs-error")
+    page.fill("#hp-extras", "")
+    page.select_option("#training_file-existing", "")
+    page.click("#create-job")
+    page.wait_for_selector("#training_file-error:not([hidden])")
+    assert "training file" in page.inner_text("#training_file-error")
+    assert len(server.client.fine_tuning.jobs.list(limit=100).data) == jobs_before
+    assert failed_requests_only(watched.errors), watched.errors
+
+
+def test_compare_chart_draws_one_line_per_chosen_job(watched: Watched, server: Server, finished_job: str) -> None:
+    other = server.create_job(EXACT, seed=11, steps="6", step_seconds="0.05", eval_interval="3")
+    assert server.wait(other, TERMINAL) == "succeeded"
+    page = watched.open("#/compare")
+    page.wait_for_selector(f'input[data-job="{other}"]')
+    assert "Tick two or more jobs" in page.inner_text("#compare-chart")
+    page.check(f'input[data-job="{finished_job}"]')
+    page.check(f'input[data-job="{other}"]')
+    watched.wait_count('[data-chart="compare"] path.series', 2, exactly=True)
+    series = page.locator('[data-chart="compare"] path.series').evaluate_all("ps => ps.map(p => p.dataset.series)")
+    assert [name.split(" ")[0] for name in series] == [finished_job, other]
+    assert watched.count('[data-chart="compare"] .legend-item') == 2
+    assert watched.count('[data-chart="compare"] circle.pt') == 12 + 6  # train_reward_mean at every step
+
+    page.select_option("#compare-metric", "valid_reward_mean")
+    watched.wait_count('[data-chart="compare"] circle.pt', 5 + 3, exactly=True)  # the baseline and each evaluation
+    assert page.inner_text('[data-chart="compare"] figcaption').startswith("valid_reward_mean")
+    shot(page, "compare")
+    page.select_option("#compare-metric", "kl")
+    page.uncheck(f'input[data-job="{other}"]')
+    watched.wait_count('[data-chart="compare"] circle.pt', 12, exactly=True)
+    assert watched.count('[data-chart="compare"] path.series') == 1
+
+    page.reload()  # the choice is in the address
+    watched.wait_count('[data-chart="compare"] path.series', 1)
+    assert page.input_value("#compare-metric") == "kl" and page.is_checked(f'input[data-job="{finished_job}"]')
+    assert watched.errors == []
+
+
+def test_chat_round_trip_streams_the_models_answer(watched: Watched, server: Server) -> None:
+    settings: Any = {"model": "tiny-random-llama", "temperature": 1, "seed": 3, "max_completion_tokens": 16}
+    hello: Any = [{"role": "user", "content": "Say hello"}]
+    expected = server.client.chat.completions.create(messages=hello, **settings).choices[0].message.content
+    assert expected
+    page = watched.open("#/chat")
+    page.wait_for_selector('#chat-model option[value="tiny-random-llama"]', state="attached")
+    page.select_option("#chat-model", "tiny-random-llama")
+    page.fill("#chat-seed", "3")
+    page.fill("#chat-max-tokens", "16")
+    page.fill("#chat-input", "Say hello")
+    with page.expect_request("**/v1/chat/completions") as sent:
+        page.press("#chat-input", "Enter")
+    first: Any = sent.value.post_data_json
+    assert first["stream"] is True
+    page.wait_for_selector(".msg.assistant .msg-foot:not(:empty)", timeout=60_000)
+    answer = page.locator(".msg.assistant .msg-text").first.evaluate("el => el.textContent")
+    assert answer == expected  # the streamed answer, piece by piece, is the SDK's whole answer
+    assert "finish: length · 16 tokens" in page.inner_text(".msg.assistant .msg-foot")
+
+    page.uncheck("#chat-stream")
+    page.fill("#chat-input", "Again")
+    with page.expect_request("**/v1/chat/completions") as sent:
+        page.click("#chat-send")
+    body: Any = sent.value.post_data_json
+    assert "stream" not in body and [m["role"] for m in body["messages"]] == ["user", "assistant", "user"]
+    assert body["messages"][1]["content"] == expected  # the conversation goes back with each turn
+    watched.wait_count(".msg.assistant .msg-foot:not(:empty)", 2, timeout=60_000)
+    shot(page, "chat")
+
+    page.fill("#chat-temperature", "5")
+    page.fill("#chat-input", "Too hot")
+    page.click("#chat-send")
+    page.wait_for_selector("#chat-temperature-error:not([hidden])")
+    assert "temperature" in page.inner_text("#chat-temperature-error")
+    assert page.input_value("#chat-input") == "Too hot"  # the failed turn is given back
+    assert watched.count(".msg") == 4
+    assert failed_requests_only(watched.errors), watched.errors

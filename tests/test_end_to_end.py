@@ -21,6 +21,7 @@ from celery import Celery
 from tests.conftest import GOOD_LINES, GRADER, jsonl
 from tests.support import services
 from tests.support.procs import Proc, free_port, pids_with_env, printed_api_key, wait_healthy
+from tests.support.receiver import Receiver
 
 QUEUES = {"workers.tasks.run_job": "training", "workers.tasks.validate_job": "light"}
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -62,6 +63,8 @@ def production_stack(tmp_path: Path, pg_server: str, redis_server: str) -> Itera
         "RFT_LEASE_SECONDS": "3",
         "RFT_HEARTBEAT_SECONDS": "0.5",
         "RFT_REAPER_INTERVAL_SECONDS": "1",
+        "RFT_WEBHOOK_ALLOWED_NETWORKS": '["127.0.0.1/32"]',  # the tests' receivers
+        "RFT_WEBHOOK_BACKOFF_SECONDS": "0.5",
     }
     procs: list[Proc] = []
 
@@ -126,6 +129,35 @@ def test_sdk_drives_a_job_to_success_on_postgres_redis_and_celery(
     assert len(list(client.fine_tuning.jobs.list_events(job.id, limit=100))) == len(events)
 
 
+def test_a_succeeded_job_reaches_a_failing_webhook_by_retries_and_leaves_a_results_csv(
+    production_stack: dict[str, Any], tmp_path: Path
+) -> None:
+    client: openai.OpenAI = production_stack["client"]
+    with Receiver(fail_first=2) as finished, Receiver() as checkpoints:
+        hook = client.webhooks.create(name="ci", url=finished.url, event_types=["fine_tuning.job.succeeded"])
+        finished.secret = hook.signing_secret
+        types: Any = ["fine_tuning.job.checkpoint.created"]
+        checkpoints.secret = client.webhooks.create(name="ckpt", url=checkpoints.url, event_types=types).signing_secret
+        train, valid = upload_pair(client, tmp_path)
+        job = client.fine_tuning.jobs.create(
+            model="tiny-random-llama", training_file=train, validation_file=valid, method=METHOD
+        )
+        done = poll(client, job.id, TERMINAL)
+        assert done.status == "succeeded", done.error
+        arrived = finished.wait_for(3)  # two 500s, then the receiver takes it
+        event = client.webhooks.unwrap(arrived[-1].body, arrived[-1].headers, secret=hook.signing_secret)
+        saved = [d.event["data"]["step_number"] for d in checkpoints.wait_for(4)]
+    assert [d.status for d in arrived] == [500, 500, 204] and all(d.verified for d in arrived)
+    assert event.type == "fine_tuning.job.succeeded" and event.data.id == job.id
+    assert sorted(saved) == [2, 4, 6, 8]
+    log: Any = client.get(f"/webhook_endpoints/{hook.id}/deliveries", cast_to=object)
+    assert [(a["attempt"], a["status_code"]) for a in reversed(log["data"])] == [(1, 500), (2, 500), (3, 204)]
+    (results,) = done.result_files
+    assert client.files.retrieve(results).purpose == "fine-tune-results"
+    lines = client.files.content(results).read().decode().splitlines()
+    assert lines[0].startswith("step,total_steps,train_reward_mean") and len(lines) == 1 + 8
+
+
 def test_sdk_cancel_pause_and_resume_on_the_production_stack(production_stack: dict[str, Any], tmp_path: Path) -> None:
     client: openai.OpenAI = production_stack["client"]
     train, valid = upload_pair(client, tmp_path)
@@ -178,11 +210,15 @@ def test_job_survives_sigkill_of_its_worker_and_resumes_from_checkpoint(
 def test_embedded_rft_serve_runs_the_flow_with_no_external_service(tmp_path: Path) -> None:
     port = free_port()
     env = {"RFT_DATA_DIR": str(tmp_path / "data"), "RFT_DATABASE_URL": "", "RFT_BROKER_URL": ""}
+    env["RFT_WEBHOOK_ALLOWED_NETWORKS"] = '["127.0.0.1/32"]'
     serve = Proc(["serve", "--port", str(port)], env, tmp_path / "serve.log")
+    receiver = Receiver().__enter__()
     try:
         wait_healthy(f"http://127.0.0.1:{port}", serve)
         key = printed_api_key(serve)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+        types: Any = ["fine_tuning.job.succeeded", "fine_tuning.job.failed"]
+        receiver.secret = client.webhooks.create(name="ci", url=receiver.url, event_types=types).signing_secret
         train, valid = upload_pair(client, tmp_path)
         job = client.fine_tuning.jobs.create(
             model="tiny-random-llama", training_file=train, validation_file=valid, method=METHOD, seed=5
@@ -198,6 +234,13 @@ def test_embedded_rft_serve_runs_the_flow_with_no_external_service(tmp_path: Pat
         assert metrics and {"train_reward_mean", "kl", "loss", "timing"} <= set(metrics[0])
         checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
         assert checkpoints and done.fine_tuned_model in {c.fine_tuned_model_checkpoint for c in checkpoints}
+        # Through the filesystem broker too: the light worker delivers the signed event, and the results
+        # file holds the real loop's metrics.
+        (announced,) = receiver.wait_for(1, type="fine_tuning.job.succeeded")
+        assert announced.verified and announced.event["data"] == {"id": job.id}
+        (results,) = done.result_files
+        header = client.files.content(results).read().decode().splitlines()[0].split(",")
+        assert header[:3] == ["step", "total_steps", "train_reward_mean"] and {"kl", "loss"} <= set(header)
         bad = tmp_path / "bad.jsonl"
         bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n[1, 2]\n")
         with open(bad, "rb") as f:
@@ -209,6 +252,8 @@ def test_embedded_rft_serve_runs_the_flow_with_no_external_service(tmp_path: Pat
         )
         assert failed.error is not None and failed.error.param == "training_file"
         assert "line 2: must be a JSON object" in failed.error.message
+        assert failed.result_files == []  # it never trained
+        assert receiver.wait_for(1, type="fine_tuning.job.failed")[0].event["data"] == {"id": failed.id}
         queued = client.fine_tuning.jobs.create(
             model="tiny-random-llama", training_file=train, method=METHOD, metadata={"k": "v"}
         )
@@ -221,6 +266,7 @@ def test_embedded_rft_serve_runs_the_flow_with_no_external_service(tmp_path: Pat
         assert (tmp_path / "data" / "rft.db").exists()
         assert len(pids_with_env("RFT_DATA_DIR", env["RFT_DATA_DIR"])) >= 3  # the API and its two workers
     finally:
+        receiver.__exit__()
         # rft serve waits for its workers' warm shutdown (up to RFT_SHUTDOWN_GRACE_SECONDS); on a
         # loaded machine that once took over 30 s, and SIGKILLing serve then orphaned them.
         serve.stop(timeout=150)

@@ -1,14 +1,21 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.core.db import unit_of_work
+from service.core.settings import Settings
 from service.core.tables import File
-from tests.conftest import GOOD_LINES, jsonl, upload
+from service.files import service as files_service
+from tests.conftest import GOOD_LINES, job_body, jsonl, upload
+from tests.support.procs import Proc
 
 
 def test_upload_returns_openai_file_object_with_sha256(client: TestClient, auth: dict[str, str]) -> None:
@@ -129,14 +136,117 @@ def test_missing_file_field_is_400(client: TestClient, auth: dict[str, str]) -> 
     assert response.status_code == 400
 
 
-def test_expires_after_is_refused_not_stored_and_ignored(client: TestClient, auth: dict[str, str]) -> None:
-    response = client.post(
-        "/v1/files",
-        headers=auth,
-        files={"file": ("t.jsonl", b'{"messages":[{"role":"user","content":"x"}]}\n')},
-        data={"purpose": "fine-tune", "expires_after[anchor]": "created_at", "expires_after[seconds]": "3600"},
+EXPIRING = {"purpose": "fine-tune", "expires_after[anchor]": "created_at", "expires_after[seconds]": "3600"}
+ONE_LINE = b'{"messages":[{"role":"user","content":"x"}]}\n'
+
+
+def test_expires_after_sets_expires_at_as_the_sdk_sends_it(client: TestClient, auth: dict[str, str]) -> None:
+    import openai
+
+    sdk = openai.OpenAI(
+        base_url="http://testserver/v1", api_key=auth["Authorization"].split()[1], http_client=client, max_retries=0
     )
+    created = sdk.files.create(
+        file=("t.jsonl", ONE_LINE), purpose="fine-tune", expires_after={"anchor": "created_at", "seconds": 7200}
+    )
+    assert created.expires_at == created.created_at + 7200
+    assert sdk.files.retrieve(created.id).expires_at == created.expires_at
+    assert [f.expires_at for f in sdk.files.list()] == [created.expires_at]
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"expires_after[seconds]": "3599"}, "expires_after[seconds]"),
+        ({"expires_after[seconds]": "2592001"}, "expires_after[seconds]"),
+        ({"expires_after[seconds]": "1.5e4"}, "expires_after[seconds]"),
+        ({"expires_after[anchor]": "last_used_at"}, "expires_after[anchor]"),
+        ({"expires_after[seconds]": None}, "expires_after[seconds]"),
+        ({"expires_after[anchor]": None}, "expires_after[anchor]"),
+    ],
+)
+def test_expires_after_outside_openais_range_is_400_and_keeps_nothing(
+    client: TestClient, auth: dict[str, str], settings: Settings, fields: dict[str, str | None], param: str
+) -> None:
+    data = {k: v for k, v in (EXPIRING | fields).items() if v is not None}
+    response = client.post("/v1/files", headers=auth, files={"file": ("t.jsonl", ONE_LINE)}, data=data)
     assert response.status_code == 400, response.text
-    assert response.json()["error"]["param"] == "expires_after[anchor]"
-    assert "kept until you delete them" in response.json()["error"]["message"]
+    assert response.json()["error"]["param"] == param
     assert client.get("/v1/files", headers=auth).json()["data"] == []
+    assert not [p for p in settings.storage_dir.rglob("*") if p.is_file()]
+
+
+def expire_now(db_session: Session, file_id: str) -> File:
+    row = db_session.scalars(select(File).where(File.id == file_id)).one()
+    row.expires_at = int(time.time()) - 1
+    db_session.commit()
+    return row
+
+
+def test_an_expired_file_answers_404_at_once_and_the_expirer_deletes_its_row_and_bytes(
+    client: TestClient, auth: dict[str, str], db_session: Session
+) -> None:
+    keep = upload(client, auth, ONE_LINE).json()["id"]
+    file_id = client.post("/v1/files", headers=auth, files={"file": ("t.jsonl", ONE_LINE)}, data=EXPIRING).json()["id"]
+    stored = client.app.state.storage.path(expire_now(db_session, file_id).storage_key)  # type: ignore[attr-defined]
+    for url in (f"/v1/files/{file_id}", f"/v1/files/{file_id}/content"):
+        assert client.get(url, headers=auth).status_code == 404
+    assert [f["id"] for f in client.get("/v1/files", headers=auth).json()["data"]] == [keep]
+    assert stored.exists()  # until the expirer runs
+
+    assert files_service.expire(db_session, client.app.state.storage) == 1  # type: ignore[attr-defined]
+    db_session.commit()
+    assert not stored.exists()
+    assert db_session.scalars(select(File.id)).all() == [keep]
+
+
+def test_jobs_whose_file_expired_fail_saying_so_whether_validating_or_queued(
+    live_client: TestClient, live_auth: dict[str, str], live_settings: Settings
+) -> None:
+    from workers import runner, validate
+
+    def post(path: str, **kwargs: Any) -> Any:
+        return live_client.post(path, headers=live_auth, **kwargs).json()
+
+    file_id = post("/v1/files", files={"file": ("t.jsonl", jsonl(GOOD_LINES))}, data=EXPIRING)["id"]
+    queued, validating = post("/v1/fine_tuning/jobs", json=job_body(file_id)), None
+    validate.validate_job(queued["id"], live_settings)
+    validating = post("/v1/fine_tuning/jobs", json=job_body(file_id))
+    with unit_of_work(live_settings) as session:
+        session.scalars(select(File).where(File.id == file_id)).one().expires_at = int(time.time()) - 1
+    validate.validate_job(validating["id"], live_settings)
+    runner.run_job(queued["id"], live_settings)
+    for job_id, when in ((validating["id"], "after the job was created"), (queued["id"], "before training")):
+        error = live_client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=live_auth).json()["error"]
+        assert error["param"] == "training_file"
+        assert f"{file_id} expired or was deleted {when}" in error["message"]
+    refused = live_client.post("/v1/fine_tuning/jobs", headers=live_auth, json=job_body(file_id))
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "training_file"
+
+
+def test_the_light_worker_with_beat_expires_files_on_its_own(
+    live_client: TestClient, live_auth: dict[str, str], live_settings: Settings, procs: list[Proc], tmp_path: Path
+) -> None:
+    """The periodic task runs where the lease reaper runs: `rft worker --queues light --beat`, which
+    `rft serve` starts too."""
+    file_id = live_client.post(
+        "/v1/files", headers=live_auth, files={"file": ("t.jsonl", ONE_LINE)}, data=EXPIRING
+    ).json()["id"]
+    with unit_of_work(live_settings) as session:
+        row = session.scalars(select(File).where(File.id == file_id)).one()
+        row.expires_at, key = int(time.time()) - 1, row.storage_key
+    stored = live_settings.storage_dir / key
+    assert stored.exists()
+    env = {
+        "RFT_DATABASE_URL": live_settings.database_url,
+        "RFT_DATA_DIR": str(live_settings.data_dir),
+        "RFT_BROKER_URL": "",  # the filesystem broker under the data dir, as `rft serve` embeds it
+        "RFT_FILE_EXPIRY_INTERVAL_SECONDS": "0.5",
+    }
+    procs.append(Proc(["worker", "--queues", "light", "--beat"], env, tmp_path / "light.log"))
+    deadline = time.monotonic() + 60
+    while stored.exists():
+        assert time.monotonic() < deadline, procs[0].output()[-3000:]
+        time.sleep(0.2)
+    with unit_of_work(live_settings) as session:
+        assert session.scalars(select(File).where(File.id == file_id)).first() is None

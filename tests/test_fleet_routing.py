@@ -127,3 +127,41 @@ def test_a_worker_reports_its_devices_memory_and_engines(tmp_path: Any, override
 def db_row_shape_matches(found: dict[str, Any]) -> bool:
     columns = {c.key for c in Worker.__mapper__.column_attrs}
     return set(found) <= columns
+
+
+def test_a_job_on_several_devices_goes_to_a_worker_that_offers_them_and_is_refused_where_none_does(
+    client: TestClient, auth: dict[str, str], files: tuple[str, str], db_session: Session, settings: Settings
+) -> None:
+    report(db_session, "one-gpu:1", 80)
+    refused = new_job(client, auth, files, n_devices=4, lora_rank=8)
+    assert refused.status_code == 400, refused.text
+    assert (
+        "4 devices" in refused.json()["error"]["message"] and "one-gpu:1 (cuda x1" in refused.json()["error"]["message"]
+    )
+    report(db_session, "four-gpus:2", 80, device_count=4)
+    accepted = new_job(client, auth, files, n_devices=4, lora_rank=8)
+    assert accepted.status_code == 200, accepted.text
+    job = db_session.scalars(select(Job).where(Job.id == accepted.json()["id"])).one()
+    assert route(db_session, settings, job) == own_queue("four-gpus:2")  # not the smaller idle one-GPU worker
+    job.method["reinforcement"]["hyperparameters"]["n_devices"] = "auto"  # whatever the worker has
+    assert route(db_session, settings, job) == own_queue("four-gpus:2")  # same memory, ties by id
+    settings.worker_devices = 3
+    assert capabilities(settings, [TRAINING_QUEUE])["device_count"] == 3  # RFT_WORKER_DEVICES, on a CPU too
+
+
+@pytest.mark.parametrize("bad", [0, 65, 1.5, "two"])
+def test_n_devices_out_of_range_is_a_400_naming_it(
+    client: TestClient, auth: dict[str, str], files: tuple[str, str], bad: Any
+) -> None:
+    refused = new_job(client, auth, files, n_devices=bad)
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["param"].endswith("n_devices"), refused.json()
+
+
+def test_several_devices_with_the_vllm_engine_are_refused_until_it_is_built(
+    client: TestClient, auth: dict[str, str], files: tuple[str, str]
+) -> None:
+    refused = new_job(client, auth, files, n_devices=2, rollout_engine="vllm", lora_rank=8)
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["param"] == "method.reinforcement.hyperparameters.n_devices" and "torch" in error["message"], error

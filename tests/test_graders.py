@@ -324,3 +324,100 @@ def test_batch_grades_publish_per_grader_means_and_error_rates() -> None:
     assert batch.error_rates()["invalid_variable_error_mean"] == pytest.approx(1 / 3)
     assert batch.error_counts() == {"exact": {"invalid_variable_error": 1}, "loose": {"invalid_variable_error": 1}}
     assert batch.grader_types == {"exact": "string_check", "loose": "string_check"}
+
+
+def tiny_judge(content: Any) -> dict[str, Any]:
+    return {
+        "type": "score_model",
+        "name": "judge",
+        "model": "tiny-random-llama",
+        "input": [{"role": "system", "content": "Rate it."}, {"role": "user", "content": content}],
+        "sampling_params": {"max_completions_tokens": 3},
+    }
+
+
+SDK_TEXT_SHAPES = [
+    "Answer: {{sample.output_text}} (expected {{item.answer}})",
+    {"type": "input_text", "text": "Answer: {{sample.output_text}} (expected {{item.answer}})"},
+    {"type": "output_text", "text": "Answer: {{sample.output_text}} (expected {{item.answer}})"},
+    [
+        "Answer: ",
+        {"type": "input_text", "text": "{{sample.output_text}}"},
+        {"type": "output_text", "text": " (expected {{item.answer}})"},
+    ],
+]
+
+
+@pytest.mark.parametrize("content", SDK_TEXT_SHAPES)
+def test_model_grader_content_in_every_sdk_text_shape_is_templated_into_the_same_prompt(
+    client: TestClient, auth: dict[str, str], content: Any
+) -> None:
+    """A string, an input_text or output_text part, or a list of those: the judge reads the same text."""
+    import openai
+
+    sdk = openai.OpenAI(
+        base_url="http://testserver/v1", api_key=auth["Authorization"].split()[1], http_client=client, max_retries=0
+    )
+    assert sdk.fine_tuning.alpha.graders.validate(grader=tiny_judge(content)).grader is not None  # type: ignore[arg-type]
+    results = [
+        sdk.fine_tuning.alpha.graders.run(grader=tiny_judge(c), model_sample="41", item={"answer": "42"})  # type: ignore[arg-type]
+        for c in (SDK_TEXT_SHAPES[0], content)
+    ]
+    usage = [r.api_model_grader_token_usage_per_model["tiny-random-llama"] for r in results]
+    assert usage[0] == usage[1]  # same prompt tokens, same (greedy) answer length
+    assert results[0].metadata.scores == results[1].metadata.scores
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        {"type": "input_image", "image_url": "https://example.com/cat.png", "detail": "low"},
+        ["Look: ", {"type": "input_image", "image_url": "https://example.com/cat.png"}],
+        {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+    ],
+)
+def test_image_and_audio_grader_content_is_a_400_saying_judges_read_text(
+    client: TestClient, auth: dict[str, str], files: tuple[str, str], content: Any
+) -> None:
+    response = client.post("/v1/fine_tuning/alpha/graders/validate", headers=auth, json={"grader": tiny_judge(content)})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "grader.input.1.content"
+    assert "not supported" in error["message"] and "input_text" in error["message"]
+    body = {
+        "model": "tiny-random-llama",
+        "training_file": files[0],
+        "method": {"type": "reinforcement", "reinforcement": {"grader": tiny_judge(content)}},
+    }
+    response = client.post("/v1/fine_tuning/jobs", headers=auth, json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "method.reinforcement.grader.input.1.content"
+
+
+def test_a_malformed_placeholder_in_a_content_part_is_a_400(client: TestClient, auth: dict[str, str]) -> None:
+    grader = tiny_judge(["ok", {"type": "input_text", "text": "{{ items.answer }}"}])
+    response = client.post("/v1/fine_tuning/alpha/graders/validate", headers=auth, json={"grader": grader})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "grader.input.1.content"
+
+
+def test_python_grader_image_tag_is_refused_naming_the_one_environment(
+    client: TestClient, auth: dict[str, str]
+) -> None:
+    grader = {"type": "python", "name": "py", "source": "def grade(sample, item):\n    return 1.0\n"}
+    response = client.post(
+        "/v1/fine_tuning/alpha/graders/validate", headers=auth, json={"grader": {**grader, "image_tag": "2025-05-08"}}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "grader.image_tag"
+    assert "/graders/environment" in response.json()["error"]["message"]
+
+
+def test_run_with_a_reference_answer_is_refused_saying_to_put_it_in_item(
+    client: TestClient, auth: dict[str, str]
+) -> None:
+    body = {"grader": check("eq", "{{sample.output_text}}"), "model_sample": "42", "reference_answer": "42"}
+    response = client.post("/v1/fine_tuning/alpha/graders/run", headers=auth, json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "reference_answer"
+    assert "item.reference_answer" in response.json()["error"]["message"]

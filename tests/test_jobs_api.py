@@ -112,12 +112,63 @@ def test_hyperparameters_accept_values_and_auto(
         "n_epochs": 3,
         "batch_size": "auto",
         "compute_multiplier": 2.5,
-        "reasoning_effort": "low",
+        "reasoning_effort": "default",  # tiny-random-llama has no thinking switch (test_reasoning_effort.py)
     }
     job = create(client, auth, body).json()
     assert job["hyperparameters"]["n_epochs"] == 3
     assert job["hyperparameters"]["compute_multiplier"] == 2.5
     assert job["hyperparameters"]["learning_rate_multiplier"] == "auto"
+
+
+def test_deprecated_top_level_hyperparameters_move_into_the_method_as_the_sdk_sends_them(
+    client: TestClient, auth: dict[str, str], files: tuple[str, str]
+) -> None:
+    import openai
+
+    sdk = openai.OpenAI(
+        base_url="http://testserver/v1", api_key=auth["Authorization"].split()[1], http_client=client, max_retries=0
+    )
+    body = job_body(files[0])
+    body["method"]["reinforcement"]["hyperparameters"] = {"batch_size": 2}
+    job = sdk.fine_tuning.jobs.create(
+        model=body["model"],
+        training_file=files[0],
+        method=body["method"],
+        hyperparameters={"n_epochs": 2, "learning_rate_multiplier": 0.5, "batch_size": 2},
+    )
+    stored = job.method.reinforcement.hyperparameters  # type: ignore[union-attr]
+    assert stored is not None
+    assert (stored.n_epochs, stored.learning_rate_multiplier, stored.batch_size) == (2, 0.5, 2)
+    assert job.hyperparameters.n_epochs == 2
+
+
+@pytest.mark.parametrize(
+    ("top", "param", "words"),
+    [
+        ({"batch_size": 4}, "hyperparameters.batch_size", "give it once"),
+        ({"beta": 0.1}, "hyperparameters.beta", "method.reinforcement.hyperparameters.beta"),
+        ({"n_epochs": 0}, "hyperparameters.n_epochs", ">= 1"),
+    ],
+)
+def test_top_level_hyperparameters_that_conflict_or_do_not_belong_there_are_400_naming_the_new_place(
+    client: TestClient, auth: dict[str, str], files: tuple[str, str], top: dict[str, Any], param: str, words: str
+) -> None:
+    body = job_body(files[0], hyperparameters=top)
+    body["method"]["reinforcement"]["hyperparameters"] = {"batch_size": 2}
+    response = create(client, auth, body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param
+    assert words in response.json()["error"]["message"]
+
+
+def test_top_level_hyperparameters_without_a_method_are_told_where_both_go(
+    client: TestClient, auth: dict[str, str], files: tuple[str, str]
+) -> None:
+    body = {"model": "tiny-random-llama", "training_file": files[0], "hyperparameters": {"n_epochs": 2}}
+    response = create(client, auth, body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "method"
+    assert "hyperparameters" in response.json()["error"]["message"]
 
 
 def test_idempotency_key_returns_the_same_job(

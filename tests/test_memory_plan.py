@@ -128,6 +128,34 @@ def test_api_refuses_a_job_no_worker_can_hold_and_says_what_it_needs(
     assert client.post("/v1/fine_tuning/jobs", headers=auth, json=job_body(model, file_id)).status_code == 200
 
 
+def test_full_fine_tuning_on_several_devices_plans_one_ranks_share(
+    client: TestClient, auth: dict[str, str], settings: Settings, tmp_path: Path
+) -> None:
+    from tests.conftest import upload
+
+    shape = Shape.from_config(memory_planner.QWEN2_05B)
+    one = Workload(8, 4, 64, 64, 8, False, device="cuda")
+    four = estimate(shape, replace(one, devices=4, sharded=True))
+    whole = estimate(shape, one)
+    layers = shape.layers * shape.layer_params
+    for part in ("weights", "gradients", "optimizer", "reference"):  # a quarter of the layers, all the embeddings
+        assert whole.parts[part] - four.parts[part] == pytest.approx(whole.parts[part] * 3 / 4 * layers / shape.params)
+    assert four.parts["gathered_weights"] == pytest.approx(4 * 3 / 4 * layers, abs=4)  # whole while sampling
+    assert four.parts["kv_cache"] == pytest.approx(whole.parts["kv_cache"] / 4)  # 2 of the 8 prompts
+    lora = replace(one, lora_rank=8)  # data parallel: every rank holds the whole model
+    assert estimate(shape, replace(lora, devices=4)).parts["weights"] == estimate(shape, lora).parts["weights"]
+
+    model = str(qwen2_05b_folder(tmp_path))
+    file_id = upload(client, auth, b'{"messages": [{"role": "user", "content": "hi"}]}\n').json()["id"]
+    # 12 GiB a device: too little for the whole model's training state on one (11.8 GiB of 90% of 12),
+    # enough for a quarter of it on each of four, even with rank 0 gathering all of it to write a
+    # checkpoint, as it does on a CPU (10.5 GiB)
+    settings.worker_memory_gib = 12
+    assert client.post("/v1/fine_tuning/jobs", headers=auth, json=job_body(model, file_id)).status_code == 400
+    spread = client.post("/v1/fine_tuning/jobs", headers=auth, json=job_body(model, file_id, n_devices=4))
+    assert spread.status_code == 200, spread.text
+
+
 def test_hub_models_are_planned_from_the_local_hugging_face_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

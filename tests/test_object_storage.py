@@ -175,7 +175,7 @@ def test_a_job_trains_and_its_checkpoint_downloads_with_no_local_storage(
         assert any(name.endswith(MANIFEST) for name in objects(store))
 
         body = download(client, auth, f"/v1/fine_tuning/jobs/{job_id}/content")
-        assert any(name.endswith(".archive/model.tar") for name in objects(store))
+        assert any(name.endswith(".archive/model-v2.tar") for name in objects(store))
         folder = unpack(body, tmp_path / "model")
         assert (folder / "config.json").exists() and not (folder / "trainer_state.pt").exists()
 
@@ -185,7 +185,7 @@ def test_a_job_trains_and_its_checkpoint_downloads_with_no_local_storage(
         again = client.get(f"/v1/fine_tuning/jobs/{job_id}/content", headers=auth)
         assert again.content == body
         # ... and rebuilds an identical archive from a fresh copy of the checkpoint.
-        digest = store._name(f"{archive_prefix(store, job_id)}/model.sha256")
+        digest = store._name(f"{archive_prefix(store, job_id)}/model-v2.sha256")
         store.client.delete_object(Bucket=store.bucket, Key=digest)
         rebuilt = client.get(f"/v1/fine_tuning/jobs/{job_id}/content", headers=auth)
         assert rebuilt.headers["etag"] == again.headers["etag"]
@@ -195,7 +195,7 @@ def test_a_job_trains_and_its_checkpoint_downloads_with_no_local_storage(
 
 
 def archive_prefix(store: S3Storage, job_id: str) -> str:
-    tar = next(name for name in objects(store) if job_id in name and name.endswith("model.tar"))
+    tar = next(name for name in objects(store) if job_id in name and name.endswith("model-v2.tar"))
     return tar.removeprefix(f"{store.prefix}/").rsplit("/", 1)[0]
 
 

@@ -142,8 +142,8 @@ def test_another_local_user_can_read_nothing_rft_serve_wrote(data_dir: Path, tmp
         f"storage/checkpoints/{project_files.split('/')[-1]}/{ids['job']}/step-000002/state.json",
     }
     assert expected <= names, f"the flow did not write what this test attacks: {sorted(expected - names)}"
-    assert any(n.endswith(".archive/model.tar") for n in names) and any(
-        n.endswith(".archive/model.sha256") for n in names
+    assert any(n.endswith(".archive/model-v2.tar") for n in names) and any(
+        n.endswith(".archive/model-v2.sha256") for n in names
     )
     assert leaked == [], f"uid {NOBODY} could read: {leaked}"
     loose = [f"{p} {stat.filemode(p.stat().st_mode)}" for p in written if p.lstat().st_mode & 0o077]

@@ -15,11 +15,13 @@ from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
+from service.core.errors import FileValidationError
 from service.core.settings import Settings
 from service.core.storage import Storage, job_folder
 from service.core.tables import Job
 from service.files.repository import files_of_job
 from service.jobs import repository
+from service.jobs.outcomes import checkpoint_created
 from service.jobs.service import fine_tuned_model_name
 from workers import shutdown
 from workers.lease import Heartbeat
@@ -30,6 +32,11 @@ Control = Literal["cancel", "pause", "stop"]
 
 class LeaseLost(Exception):
     """Another worker owns this job now (our heartbeat lapsed); stop without writing more."""
+
+
+class RankLost(Exception):
+    """Another process of this job (one job on several devices) died or fell silent; the job goes back
+    to the queue and resumes from its last checkpoint, as after a lost worker."""
 
 
 class StorageFull(Exception):
@@ -89,6 +96,13 @@ class JobContext:
             return snapshot, {i: (f.storage_key, f.sha256) for i, f in files_of_job(session, row).items()}
 
         snapshot, keys = in_transaction(settings, read)
+        for param in ("training_file", "validation_file"):
+            if snapshot[param] and snapshot[param] not in keys:
+                raise FileValidationError(
+                    f"{param} {snapshot[param]} expired or was deleted before training could read it; "
+                    "upload it again and create a new job.",
+                    param=param,
+                )
         # A local copy of each file (this host's cache when the bytes live in an object store).
         snapshot["training_path"] = storage.local_file(*keys[snapshot["training_file"]])
         if snapshot["validation_file"]:
@@ -173,7 +187,11 @@ class JobContext:
 
         def record(session: Any, job: Job) -> str:
             name = f"{fine_tuned_model_name(job)}:ckpt-step-{step}"
-            return repository.record_checkpoint(session, job, step, name, key, metrics)
+            new = repository.checkpoint_at(session, job.id, step) is None
+            checkpoint_id = repository.record_checkpoint(session, job, step, name, key, metrics)
+            if new:  # a step's checkpoint saved again (a pause after an eval step) is not a new one
+                checkpoint_created(session, job, checkpoint_id, step, name)
+            return checkpoint_id
 
         checkpoint_id: str = self._write(record)
         return checkpoint_id

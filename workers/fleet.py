@@ -43,8 +43,9 @@ def main_worker_id(pid: int | None = None) -> str:
 
 
 def capabilities(settings: Settings, queues: list[str]) -> dict[str, Any]:
-    """What this worker can run: its devices, one device's memory (RFT_WORKER_MEMORY_GIB overrides
-    it), its rollout engines and queues."""
+    """What this worker can run: its devices (RFT_WORKER_DEVICES overrides their count), one device's
+    memory (RFT_WORKER_MEMORY_GIB overrides it; a CPU's share of the host's), its rollout engines and
+    queues."""
     devices = {"count": 0, "memory": 0}
     if any(q.startswith("training") for q in queues):
         probe = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300)
@@ -53,14 +54,15 @@ def capabilities(settings: Settings, queues: list[str]) -> dict[str, Any]:
         else:
             log.warning("device probe failed; reporting this worker as CPU only: %s", probe.stderr[-500:])
     cuda = devices["count"] > 0
-    memory = int(devices["memory"]) if cuda else host_memory()
+    count = settings.worker_devices or max(1, int(devices["count"]))  # as workers.rl.launch.worker_devices
+    memory = int(devices["memory"]) if cuda else host_memory() // count  # a CPU's ranks share its memory
     if settings.worker_memory_gib:
         memory = int(settings.worker_memory_gib * GIB)
     return {
         "hostname": socket.gethostname(),
         "queues": queues,
         "device_type": "cuda" if cuda else "cpu",
-        "device_count": max(1, int(devices["count"])),
+        "device_count": count,
         "device_memory_bytes": memory,
         "engines": ["torch"] + (["vllm"] if vllm_unavailable(settings, "") is None else []),
     }

@@ -21,9 +21,11 @@ from service.core.limits import limits_for
 from service.core.observability import RECLAIM_KEY
 from service.core.queue import wake_validation
 from service.core.settings import Settings
+from service.core.storage import storage_for
 from service.core.tables import now
 from service.fleet import service as fleet
 from service.jobs import repository
+from service.jobs.outcomes import status_changed
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,7 @@ def reap(session: Session, settings: Settings) -> dict[str, int]:
             }
             if repository.release_lapsed(session, job.id, t, status="failed", error=error, finished_at=now()):
                 repository.add_event(session, job, str(error["message"]), level="error")
+                status_changed(session, storage_for(settings), job, "failed")
                 counts["failed"] += 1
         elif repository.release_lapsed(session, job.id, t, status="queued", enqueued_at=t):
             repository.add_event(

@@ -17,9 +17,10 @@ from service.core.storage import storage_for
 from service.core.tables import Job, now
 from service.fleet import repository as fleet
 from service.jobs import repository
+from service.jobs.outcomes import status_changed
 from service.jobs.service import fine_tuned_model_name
 from workers import shutdown
-from workers.context import JobContext, LeaseLost, StorageFull, TrainingResult
+from workers.context import JobContext, LeaseLost, RankLost, StorageFull, TrainingResult
 from workers.fleet import main_worker_id
 from workers.lease import Heartbeat, claim, worker_identity
 from workers.retry import in_transaction
@@ -61,6 +62,11 @@ def _run_job(job_id: str, settings: Settings) -> None:
             return
         except StorageFull as exc:
             _finish(job_id, worker_id, settings, "paused", message=str(exc), level="error")
+            return
+        except RankLost as exc:
+            log.warning("job %s: %s", job_id, exc)
+            reason = str(exc)
+            in_transaction(settings, lambda session: _retry_or_fail(session, job_id, worker_id, reason, settings))
             return
         except ApiError as exc:
             _finish(job_id, worker_id, settings, "failed", error=exc.as_job_error())
@@ -117,6 +123,34 @@ def _requeue(session: Session, job_id: str, worker_id: str) -> None:
     wake_training(session, job_id)
 
 
+def _retry_or_fail(session: Session, job_id: str, worker_id: str, reason: str, settings: Settings) -> None:
+    """A rank of the job died or fell silent: back to the queue from the last checkpoint, this
+    attempt counted as a lost worker's is, or failed once the attempts are spent."""
+    job = _mine(session, job_id, worker_id)
+    if job is None:
+        return
+    if job.attempts >= settings.max_attempts:
+        job.status, job.finished_at = "failed", now()
+        job.error = {
+            "code": "rank_lost",
+            "message": f"{reason}. Giving up after {job.attempts} attempts.",
+            "param": None,
+        }
+        job.worker_id, job.lease_expires_at = None, None
+        repository.add_event(session, job, job.error["message"], level="error")
+        return
+    job.status, job.enqueued_at = "queued", time.time()
+    job.worker_id, job.lease_expires_at = None, None
+    repository.add_event(
+        session,
+        job,
+        f"{reason}. Job requeued (attempt {job.attempts + 1} of {settings.max_attempts}); it resumes from its "
+        "last checkpoint.",
+        level="warn",
+    )
+    wake_training(session, job_id)
+
+
 def _finish(
     job_id: str,
     worker_id: str,
@@ -144,5 +178,6 @@ def _finish(
             job.trained_tokens = result.trained_tokens
         text = message or (error["message"] if error else (result.message if result and result.message else None))
         repository.add_event(session, job, text or DONE_MESSAGES[status], level="error" if error else level)
+        status_changed(session, storage_for(settings), job, status)
 
     in_transaction(settings, write)

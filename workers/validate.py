@@ -13,6 +13,7 @@ from service.files.repository import files_of_job
 from service.files.validation import FileReport, validate_jsonl
 from service.fleet import service as fleet
 from service.jobs import repository
+from service.jobs.outcomes import status_changed
 from workers.lease import claim, worker_identity
 
 
@@ -39,6 +40,7 @@ def validate_job(job_id: str, settings: Settings) -> None:
                 **repository.RELEASE_LEASE,
             ):
                 repository.add_event(session, job, error["message"], level="error")
+                status_changed(session, storage_for(settings), job, "failed")
             return
         if repository.transition(
             session, job_id, ["validating_files"], status="queued", enqueued_at=time.time(), **repository.RELEASE_LEASE
@@ -61,7 +63,9 @@ def check_files(
         checks.append(("validation_file", validation_file, settings.max_validation_lines))
     for param, file_id, max_lines in checks:
         if file_id not in files or not storage.exists(files[file_id][2]):
-            return _error(param, f"{param} {file_id} was deleted after the job was created."), notes
+            return _error(
+                param, f"{param} {file_id} expired or was deleted after the job was created; upload it again."
+            ), notes
         filename, _, key = files[file_id]
         report = validate_jsonl(storage.iter_bytes(key), max_line_bytes=settings.max_line_bytes, max_lines=max_lines)
         if report.error_count:

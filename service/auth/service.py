@@ -12,14 +12,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, or_, select
 from sqlalchemy.orm import Session
 
 from service.auth import repository
 from service.core.errors import InvalidRequest, Unauthorized
 from service.core.ids import new_id
 from service.core.settings import Settings
-from service.core.tables import ApiKey, Project
+from service.core.tables import ApiKey, Checkpoint, CheckpointPermission, Project
 
 KEY_PREFIX = "rft-"
 T = TypeVar("T")
@@ -29,6 +29,11 @@ T = TypeVar("T")
 class AuthSubject:
     project_id: str
     key_id: str
+
+    @classmethod
+    def acting_for(cls, project_id: str) -> AuthSubject:
+        """The project as the service acts for it without a key (a worker running its job), scoped alike."""
+        return cls(project_id=project_id, key_id="")
 
 
 def hash_key(key: str, secret: str) -> str:
@@ -103,6 +108,18 @@ class KeyCache:
         self._entries[digest] = (time.monotonic() + self.ttl, subject)
 
 
-def readable(model: type[Any], subject: AuthSubject) -> Select[Any]:
-    """`SELECT model` limited to rows of the caller's project: other projects' rows do not exist."""
-    return select(model).where(model.project_id == subject.project_id)
+def readable(model: type[Any], subject: AuthSubject, *, shared: bool = False) -> Select[Any]:
+    """`SELECT model` limited to rows of the caller's project: other projects' rows do not exist.
+
+    `shared=True` adds the rows another project granted the caller (checkpoints, through
+    `checkpoint_permissions`): for using them (training from one, chatting with it, listing it among the
+    models), never for managing them, which stays with the owner."""
+    owned = model.project_id == subject.project_id
+    if not shared:
+        return select(model).where(owned)
+    if model is not Checkpoint:
+        raise TypeError(f"{model.__name__} rows are never shared")
+    granted = select(CheckpointPermission.checkpoint_id).where(
+        CheckpointPermission.granted_project_id == subject.project_id
+    )
+    return select(model).where(or_(owned, model.id.in_(granted)))

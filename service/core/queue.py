@@ -4,7 +4,7 @@ The API and the workers both send by task name, so nothing here imports worker c
 process builds its Celery app from `celery_config` too (`workers/celery_app.py`) and adds the tasks.
 Messages carry ids only, as JSON; the job row decides who runs what, so a duplicated or lost message
 is harmless (the reaper re-sends lost ones). Two queues: `training` (one job per worker process, a
-fresh process per job) and `light` (file validation, the lease reaper).
+fresh process per job) and `light` (file validation, webhook deliveries, the lease reaper, the file expirer).
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ from service.core.settings import Settings, get_settings
 VALIDATE_JOB = "workers.tasks.validate_job"
 RUN_JOB = "workers.tasks.run_job"
 REAP_JOBS = "workers.tasks.reap_jobs"
-TaskSender = Callable[[str, list[Any], str], None]
+DELIVER_WEBHOOK = "workers.tasks.deliver_webhook"
+EXPIRE_FILES = "workers.tasks.expire_files"
+# (task name, args, queue, countdown): countdown is the seconds to hold the message before running it.
+TaskSender = Callable[[str, list[Any], str, float | None], None]
 
 TRAINING_QUEUE = "training"
 LIGHT_QUEUE = "light"
@@ -44,12 +47,18 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             RUN_JOB: {"queue": TRAINING_QUEUE},
             VALIDATE_JOB: {"queue": LIGHT_QUEUE},
             REAP_JOBS: {"queue": LIGHT_QUEUE},
+            DELIVER_WEBHOOK: {"queue": LIGHT_QUEUE},
+            EXPIRE_FILES: {"queue": LIGHT_QUEUE},
         },
         "beat_schedule": {
             "reap-jobs": {
                 "task": REAP_JOBS,
                 "schedule": settings.reaper_interval_seconds,
-            }
+            },
+            "expire-files": {
+                "task": EXPIRE_FILES,
+                "schedule": settings.file_expiry_interval_seconds,
+            },
         },
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
@@ -84,8 +93,8 @@ def _sending_app() -> Celery:
     return make_celery()
 
 
-def send_task(task_name: str, args: list[Any], queue: str) -> None:
-    _sending_app().send_task(task_name, args=args, queue=queue)
+def send_task(task_name: str, args: list[Any], queue: str, countdown: float | None = None) -> None:
+    _sending_app().send_task(task_name, args=args, queue=queue, countdown=countdown)
 
 
 _sender: TaskSender | None = None
@@ -97,9 +106,12 @@ def set_task_sender(sender: TaskSender | None) -> None:
     _sender = sender
 
 
-def enqueue_after_commit(session: Session, task_name: str, args: list[Any], queue: str) -> None:
-    """Send the task once the session's transaction commits; nothing on rollback."""
-    on_commit(session, lambda: (_sender or send_task)(task_name, args, queue))
+def enqueue_after_commit(
+    session: Session, task_name: str, args: list[Any], queue: str, countdown: float | None = None
+) -> None:
+    """Send the task once the session's transaction commits (to run `countdown` seconds later where
+    given); nothing on rollback."""
+    on_commit(session, lambda: (_sender or send_task)(task_name, args, queue, countdown))
 
 
 def wake_validation(session: Session, job_id: str) -> None:
@@ -110,3 +122,8 @@ def wake_training(session: Session, job_id: str, queue: str = TRAINING_QUEUE) ->
     """Wake a training worker for the job: `queue` is the shared one, or a worker's own
     (service/fleet/service.py picks it)."""
     enqueue_after_commit(session, RUN_JOB, [job_id], queue)
+
+
+def wake_webhook(session: Session, delivery_id: str, countdown: float | None = None) -> None:
+    """Wake a light worker to attempt the webhook delivery (after `countdown` seconds: a retry's backoff)."""
+    enqueue_after_commit(session, DELIVER_WEBHOOK, [delivery_id], LIGHT_QUEUE, countdown)

@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = 10.0
     max_attempts: int = 3
     reaper_interval_seconds: float = 15.0
+    # How often the file expirer deletes files past their `expires_at` (OpenAI's `expires_after`); an
+    # expired file answers 404 at once, its row and bytes go within this.
+    file_expiry_interval_seconds: float = Field(default=60.0, gt=0)
     stale_queued_seconds: float = 300.0
     # Worker resilience (workers/retry.py, workers/shutdown.py): how long a worker's database calls
     # retry through a dropped connection (a PostgreSQL restart) before the job fails, and how long
@@ -105,6 +108,11 @@ class Settings(BaseSettings):
     # a worker's GPU memory or else its host memory. The API, which has no GPU, refuses jobs that
     # cannot fit this much; set it to the workers' memory where they run elsewhere.
     worker_memory_gib: float = Field(default=0.0, ge=0)
+    # One job on several devices (workers/rl/ranks.py): the devices a training worker offers a job (0: its
+    # CUDA devices, or 1 on a CPU, where more are processes sharing the cores), and how long a rank waits
+    # for the others in one collective before the job counts the silent one as lost and requeues.
+    worker_devices: int = Field(default=0, ge=0)
+    distributed_timeout_seconds: float = Field(default=1800.0, gt=0)
     # Python graders: the interpreter of their own environment (None: `.venv-grader` beside the service's
     # venv, which `make install` creates) and the bubblewrap binary that builds their sandboxes.
     grader_python: Path | None = None
@@ -125,6 +133,22 @@ class Settings(BaseSettings):
     rate_limit_redis_url: str = ""
     project_limits: dict[str, LimitOverrides] = Field(default_factory=dict)
 
+    # Webhooks (service/webhooks, README "Webhooks"): each attempt waits `webhook_timeout_seconds` for a
+    # 2xx; a failed one is tried again after `webhook_backoff_seconds`, doubling each time up to
+    # `webhook_backoff_max_seconds`, until `webhook_max_attempts` attempts in all (the defaults span
+    # about 3.4 hours). Targets: a tenant could point a webhook at this network's insides (a metadata
+    # service, a database's HTTP port), so addresses that are not globally routable (loopback, private,
+    # link-local, CGNAT, multicast, reserved) are refused, at creation and again at each delivery, unless
+    # they lie in `webhook_allowed_networks` (CIDRs, e.g. '["10.1.2.0/24"]'); where
+    # `webhook_allowed_hosts` is set, only those host names (or `*.suffix` patterns) may be targets.
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    webhook_max_attempts: int = Field(default=12, ge=1)
+    webhook_backoff_seconds: float = Field(default=10.0, ge=0)
+    webhook_backoff_max_seconds: float = Field(default=3600.0, ge=0)
+    webhook_max_endpoints: int = Field(default=20, ge=0)  # per project
+    webhook_allowed_hosts: list[str] = Field(default_factory=list)
+    webhook_allowed_networks: list[str] = Field(default_factory=list)
+
     # Import path of the training entry point; the workers call it with a JobContext.
     trainer: str = "workers.training:run_training"
 
@@ -134,6 +158,17 @@ class Settings(BaseSettings):
             from service.core.s3 import parse_url
 
             parse_url(self.storage_url)
+        return self
+
+    @model_validator(mode="after")
+    def _check_webhook_networks(self) -> Settings:
+        import ipaddress
+
+        for network in self.webhook_allowed_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"RFT_WEBHOOK_ALLOWED_NETWORKS: {network!r} is not a CIDR network ({exc})") from exc
         return self
 
     @model_validator(mode="after")

@@ -69,7 +69,10 @@ def delete_file(file_id: str, session: SessionDep, subject: SubjectDep, storage:
 
 
 CONTENT_RESPONSES: dict[int | str, dict[str, object]] = {
-    200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes as uploaded."}
+    200: {
+        "content": {"application/octet-stream": {}, "text/csv": {}},
+        "description": "The file's bytes as uploaded (a job's results file: its CSV).",
+    }
 }
 
 
@@ -79,13 +82,14 @@ def file_content(
 ) -> Response:
     """Download a file's raw bytes; supports Range and carries its sha256."""
     row = service.get_file(session, subject, file_id)
+    csv = row.filename.endswith(".csv")  # a job's results file
     return stored_response(
         request,
         storage,
         row.storage_key,
         size=row.bytes,
         sha256=row.sha256,
-        filename=f"{row.id}.jsonl",
-        media_type="application/octet-stream",
+        filename=f"{row.id}.csv" if csv else f"{row.id}.jsonl",
+        media_type="text/csv" if csv else "application/octet-stream",
         headers={"X-Content-SHA256": row.sha256},
     )

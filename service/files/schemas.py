@@ -25,6 +25,12 @@ UPLOAD_REQUEST_BODY: dict[str, Any] = {
                         "description": "The JSONL file, one example per line; its filename must end in .jsonl.",
                     },
                     "purpose": {"type": "string", "enum": ["fine-tune"]},
+                    "expires_after[anchor]": {
+                        "type": "string",
+                        "enum": ["created_at"],
+                        "description": "With expires_after[seconds]: the file is deleted that long after creation.",
+                    },
+                    "expires_after[seconds]": {"type": "integer", "minimum": 3600, "maximum": 2592000},
                 },
             },
             "encoding": {
@@ -65,6 +71,7 @@ class FileObject(BaseModel):
             purpose=row.purpose,
             status=row.status,  # type: ignore[arg-type]
             status_details=row.status_details,
+            expires_at=row.expires_at,
             sha256=row.sha256,
         )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from sqlalchemy.orm import Session
 
 from service.auth.service import AuthSubject
@@ -10,13 +12,15 @@ from service.core.errors import InvalidRequest, NotFound
 from service.core.ids import new_id
 from service.core.limits import Limits, check_files
 from service.core.storage import Storage, Writer
-from service.core.tables import File
+from service.core.tables import File, now
 from service.files import repository
 from service.files.upload import Upload
 
 PURPOSES = ("fine-tune",)
 MAX_FILENAME = 512  # the files.filename column
 FORM_FIELDS = {"purpose", "expires_after[anchor]", "expires_after[seconds]"}
+MIN_EXPIRY, MAX_EXPIRY = 3600, 30 * 24 * 3600  # OpenAI's bounds on expires_after[seconds]
+EXPIRE_BATCH = 500
 
 
 def new_file_key(subject: AuthSubject) -> tuple[str, str]:
@@ -35,7 +39,7 @@ def check_upload(upload: Upload) -> None:
         raise InvalidRequest(
             f"Invalid purpose {purpose!r}: this server accepts {', '.join(PURPOSES)}.", param="purpose"
         )
-    _check_expires_after(upload.fields)
+    expires_in(upload.fields)
     filename = upload.filename or ""
     if len(filename) > MAX_FILENAME or "\x00" in filename:
         raise InvalidRequest(
@@ -56,16 +60,25 @@ def check_room(session: Session, subject: AuthSubject, limits: Limits, adding: i
     check_files(limits, subject.project_id, files, stored, adding)
 
 
-def _check_expires_after(fields: dict[str, str]) -> None:
-    """OpenAI's optional `expires_after[...]`: files here are kept until deleted, so asking for an expiry is
-    refused rather than stored and ignored."""
-    asked = sorted(name for name in fields if name.startswith("expires_after"))
-    if asked:
+def expires_in(fields: dict[str, str]) -> int | None:
+    """OpenAI's optional `expires_after[anchor]` / `expires_after[seconds]`: the seconds after creation
+    the file expires (the expirer then deletes it), or None where the form asks for no expiry."""
+    anchor, seconds = fields.get("expires_after[anchor]"), fields.get("expires_after[seconds]")
+    if anchor is None and seconds is None:
+        return None
+    if anchor != "created_at":
         raise InvalidRequest(
-            f"{asked[0]} is not supported by this server: files are kept until you delete them "
-            "(DELETE /v1/files/{file_id}). Leave expires_after out.",
-            param=asked[0],
+            f"expires_after[anchor] must be 'created_at' (the only anchor), got {anchor!r}.",
+            param="expires_after[anchor]",
         )
+    value = int(seconds) if seconds is not None and seconds.strip().isdigit() else None
+    if value is None or not MIN_EXPIRY <= value <= MAX_EXPIRY:
+        raise InvalidRequest(
+            f"expires_after[seconds] must be a whole number of seconds from {MIN_EXPIRY} (1 hour) to "
+            f"{MAX_EXPIRY} (30 days), got {seconds!r}.",
+            param="expires_after[seconds]",
+        )
+    return value
 
 
 def record_upload(
@@ -83,6 +96,8 @@ def record_upload(
         check_upload(upload)
         check_room(session, subject, limits, upload.bytes)
         out.commit()
+        created = now()
+        lifetime = expires_in(upload.fields)
         row = File(
             id=file_id,
             project_id=subject.project_id,
@@ -92,6 +107,8 @@ def record_upload(
             sha256=upload.sha256,
             status="processed",
             storage_key=key,
+            created_at=created,
+            expires_at=None if lifetime is None else created + lifetime,
         )
         session.add(row)
         session.flush()
@@ -100,6 +117,23 @@ def record_upload(
         out.abort()
         storage.delete(key)
         raise
+
+
+def record_generated(session: Session, project_id: str, key: str, filename: str, purpose: str, content: bytes) -> File:
+    """The row of a file this server made for the project (a job's results), its bytes already stored under `key`."""
+    row = File(
+        id=new_id("file-"),
+        project_id=project_id,
+        filename=filename,
+        purpose=purpose,
+        bytes=len(content),
+        sha256=hashlib.sha256(content).hexdigest(),
+        status="processed",
+        storage_key=key,
+    )
+    session.add(row)
+    session.flush()
+    return row
 
 
 def get_file(session: Session, subject: AuthSubject, file_id: str) -> File:
@@ -115,3 +149,21 @@ def delete_file(session: Session, storage: Storage, subject: AuthSubject, file_i
     session.flush()
     # The bytes go only once the row is gone for good; a failed commit keeps both.
     on_commit(session, lambda: storage.delete(row.storage_key))
+
+
+def expire(session: Session, storage: Storage) -> int:
+    """Delete (rows now, bytes once that commits) files past their `expires_at`; how many. The
+    expirer task runs this every `RFT_FILE_EXPIRY_INTERVAL_SECONDS` on the light worker with `--beat`."""
+    rows = repository.expired(session, EXPIRE_BATCH)
+    for row in rows:
+        session.delete(row)
+    session.flush()
+    keys = [row.storage_key for row in rows]
+
+    def remove_bytes() -> None:  # only once the rows are gone for good
+        for key in keys:
+            storage.delete(key)
+
+    if keys:
+        on_commit(session, remove_bytes)
+    return len(rows)

@@ -5,8 +5,9 @@ device's memory, its engines and its queues; a training worker also listens on a
 A job records at creation what it needs of one device (its smallest memory plan, and vLLM where it
 asked for it). Its wake-up goes to the own queue of a live worker that has that, the idle ones
 first and among those the one with the least memory that fits (the big ones stay free for the jobs
-only they can run); where no worker reports itself (the embedded `rft serve`, workers of older
-versions) it goes to the shared `training` queue as before. A job that no live worker could ever
+only they can run), and one that offers the `n_devices` the job asked for; where no worker reports
+itself (the embedded `rft serve`, workers of older versions) it goes to the shared `training` queue
+as before. A job that no live worker could ever
 run is refused at creation, saying what it needs and what the fleet has.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import re
 import time
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -38,9 +40,16 @@ def live_training_workers(session: Session, settings: Settings) -> list[Worker]:
     return [w for w in repository.live(session, since) if TRAINING_QUEUE in w.queues]
 
 
-def can_run(worker: Worker, memory_bytes: int | None, engine: str | None) -> bool:
+def can_run(worker: Worker, memory_bytes: int | None, engine: str | None, devices: int | None = None) -> bool:
     fits = memory_bytes is None or memory_bytes <= HEADROOM * worker.device_memory_bytes
-    return fits and (engine in (None, "auto", "torch") or engine in worker.engines)
+    enough = devices is None or devices <= worker.device_count
+    return fits and enough and (engine in (None, "auto", "torch") or engine in worker.engines)
+
+
+def devices_asked(method: dict[str, Any] | None) -> int | None:
+    """The devices a job asked for (its `n_devices`), or None for `auto` (what the worker has)."""
+    asked = ((method or {}).get("reinforcement") or {}).get("hyperparameters", {}).get("n_devices", "auto")
+    return None if asked == "auto" else int(asked)
 
 
 def describe(worker: Worker) -> str:
@@ -52,11 +61,14 @@ def describe(worker: Worker) -> str:
     )
 
 
-def refuse_if_no_worker_can_run(fleet: list[Worker], memory_bytes: int | None, engine: str | None, plan: str) -> None:
+def refuse_if_no_worker_can_run(
+    fleet: list[Worker], memory_bytes: int | None, engine: str | None, plan: str, devices: int | None = None
+) -> None:
     """A 400 where training workers report themselves (`fleet`, the live ones) and none could run this job."""
-    if not fleet or any(can_run(w, memory_bytes, engine) for w in fleet):
+    if not fleet or any(can_run(w, memory_bytes, engine, devices) for w in fleet):
         return
-    needs = [f"{memory_bytes / 1024**3:.1f} GiB on one device ({plan})" if memory_bytes else ""]
+    needs = [f"{memory_bytes / 1024**3:.1f} GiB on each device ({plan})" if memory_bytes else ""]
+    needs += [f"{devices} devices"] if devices else []
     needs += [f"the {engine} rollout engine"] if engine not in (None, "auto", "torch") else []
     raise InvalidRequest(
         f"No live training worker can run this job: it needs {' and '.join(n for n in needs if n)}, and the "
@@ -69,7 +81,9 @@ def refuse_if_no_worker_can_run(fleet: list[Worker], memory_bytes: int | None, e
 
 def route(session: Session, settings: Settings, job: Job) -> str:
     """The queue a job's wake-up goes to."""
-    fits = [w for w in live_training_workers(session, settings) if can_run(w, job.needs_memory_bytes, job.needs_engine)]
+    devices = devices_asked(job.method)
+    live = live_training_workers(session, settings)
+    fits = [w for w in live if can_run(w, job.needs_memory_bytes, job.needs_engine, devices)]
     if not fits:
         return TRAINING_QUEUE
     best = min(fits, key=lambda w: (w.current_job_id is not None, w.device_memory_bytes, w.id))

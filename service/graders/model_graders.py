@@ -61,11 +61,13 @@ def generate(
     `constraint` where given."""
     import torch
 
+    from service.models import thinking
     from service.models.registry import load
     from service.models.templates import eos_ids, render_prompt
 
     model, tokenizer = load(model_name, settings, project_id=project_id)
     params = params or SamplingParams()
+    tokenizer = thinking.pin(tokenizer, model_name, params.reasoning_effort, "sampling_params.reasoning_effort")
     prompts = [render_prompt(tokenizer, c) for c in conversations]
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)

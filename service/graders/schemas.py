@@ -76,7 +76,17 @@ class PythonGrader(Strict):
     type: Literal["python"]
     name: Name
     source: str = Field(description="Python code with a top-level `def grade(sample, item) -> float`.")
-    image_tag: str | None = None
+    image_tag: str | None = None  # OpenAI's grader runtime image: refused, there is one environment here
+
+    @field_validator("image_tag")
+    @classmethod
+    def _one_environment(cls, tag: str | None) -> None:
+        if tag is not None:
+            raise ValueError(
+                f"{tag!r} cannot be chosen: python graders here run in this server's one grader environment "
+                "(its packages: GET /v1/fine_tuning/alpha/graders/environment); leave image_tag out"
+            )
+        return None
 
     @field_validator("source")
     @classmethod
@@ -90,22 +100,57 @@ class PythonGrader(Strict):
 class InputText(Strict):
     type: Literal["input_text"]
     text: str
+    prompt_cache_breakpoint: dict[str, Any] | None = None  # a hosted-cache hint: no effect on a local judge
+
+
+class OutputText(Strict):
+    type: Literal["output_text"]
+    text: str
+
+
+class InputImage(Strict):
+    type: Literal["input_image"]
+    image_url: str
+    detail: str | None = None
+
+
+class InputAudio(Strict):
+    type: Literal["input_audio"]
+    input_audio: dict[str, Any]
+
+
+# What OpenAI's SDK may send as a grader message's content, or as one item of a list of it. Text is
+# templated and read; images and audio parse, then get a 400 (`_text_only`): local judges read text.
+# The schema documents the text shapes only: what it allows is what we accept.
+ContentPart = Annotated[InputText | OutputText | InputImage | InputAudio, Field(discriminator="type")]
+Content = str | ContentPart | list[str | ContentPart]
+TextPart = Annotated[InputText | OutputText, Field(discriminator="type")]
+TextContent = str | TextPart | list[str | TextPart]
 
 
 class InputMessage(Strict):
     type: Literal["message"] | None = None
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[InputText]
+    content: Annotated[Content, DocumentedAs(TextContent)]
 
     @field_validator("content")
     @classmethod
-    def _templates(cls, content: str | list[InputText]) -> str | list[InputText]:
-        for text in [content] if isinstance(content, str) else [part.text for part in content]:
-            _template(text)
+    def _text_only(cls, content: Content) -> Content:
+        parts = content if isinstance(content, list) else [content]
+        for part in parts:
+            if isinstance(part, InputImage | InputAudio):
+                raise ValueError(
+                    f"{part.type} content is not supported: this server's grader models read text only; "
+                    "send the content as a string, or as input_text / output_text parts"
+                )
+            _template(part if isinstance(part, str) else part.text)
         return content
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        """The content's text parts, joined in order (each templated)."""
+        parts = self.content if isinstance(self.content, list) else [self.content]
+        texts = (p if isinstance(p, str) else p.text for p in parts if isinstance(p, str | InputText | OutputText))
+        return "".join(texts)
 
 
 class SamplingParams(Strict):
@@ -114,7 +159,8 @@ class SamplingParams(Strict):
     top_p: Annotated[float, Field(gt=0, le=1, strict=True)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2, strict=True)] | None = None
     max_completions_tokens: Annotated[int, Field(ge=1, le=4096, strict=True)] | None = None
-    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    # Every level OpenAI's SDK allows; what each does on a local judge: service/models/thinking.py.
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
 
 
 class ScoreModelGrader(Strict):
@@ -228,7 +274,17 @@ class RunRequest(Strict):
     grader: Annotated[dict[str, Any], GraderShape]
     model_sample: str
     item: dict[str, Any] | None = None
-    reference_answer: Any = None  # accepted by OpenAI's older run endpoint; unused
+    reference_answer: Any = None  # OpenAI's older run endpoint's; refused with where it goes now
+
+    @field_validator("reference_answer")
+    @classmethod
+    def _in_item(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError(
+                "reference_answer is no longer a field of /graders/run; put it in `item` "
+                '(e.g. "item": {"reference_answer": ...}) and template it as {{item.reference_answer}}'
+            )
+        return None
 
 
 class GraderPackage(BaseModel):

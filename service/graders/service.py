@@ -4,23 +4,63 @@ from __future__ import annotations
 
 from typing import Any
 
+from service.core.errors import InvalidRequest
 from service.core.settings import Settings
 from service.graders.engine import compile_grader, grade_batch
 from service.graders.isolation import SandboxUnavailable, check_available, grader_environment
 from service.graders.sandbox import SandboxLimits
-from service.graders.schemas import GraderConfig, GraderEnvironmentObject, MultiGrader, parse_grader, sub_graders
+from service.graders.schemas import (
+    GraderConfig,
+    GraderEnvironmentObject,
+    LabelModelGrader,
+    MultiGrader,
+    ScoreModelGrader,
+    parse_grader,
+    sub_graders,
+)
 from service.graders.templates import Sample
+from service.models import thinking
+from service.models.registry import resolve
 
 
 def validate(grader: dict[str, Any]) -> GraderConfig:
-    return parse_grader(grader, "grader")
+    config = parse_grader(grader, "grader")
+    check_judges(config, "grader")
+    return config
 
 
-def require_runnable(config: GraderConfig, settings: Settings) -> None:
-    """Refuse (SandboxUnavailable, a 400) a grader this server cannot run: a python grader without a sandbox."""
+def require_runnable(config: GraderConfig, settings: Settings, param: str = "grader") -> None:
+    """Refuse (a 400) a grader this server cannot run: a python grader without a sandbox, or a model
+    grader asking for reasoning from a judge model known to have no thinking switch."""
+    check_judges(config, param)
     subs = list(sub_graders(config).values()) if isinstance(config, MultiGrader) else [config]
     if any(sub.type == "python" for sub in subs):
-        check_available(settings)
+        try:
+            check_available(settings)
+        except SandboxUnavailable as exc:
+            exc.param = param
+            raise
+
+
+def check_judges(config: GraderConfig, param: str) -> None:
+    """Each model grader's `reasoning_effort` against its judge model (service/models/thinking.py)."""
+    subs = sub_graders(config) if isinstance(config, MultiGrader) else {"": config}
+    for key, sub in subs.items():
+        if isinstance(sub, ScoreModelGrader | LabelModelGrader) and sub.sampling_params is not None:
+            where = f"{param}.graders.{key}" if key else param
+            _check_effort(sub.model, sub.sampling_params.reasoning_effort, f"{where}.sampling_params.reasoning_effort")
+
+
+def _check_effort(model: str, effort: str | None, param: str) -> None:
+    """A judge whose template is on this machine is checked now; others (a `ft:` model, an uncached hub
+    id) when the judge loads, failing those samples with the same message."""
+    if thinking.asks_for_nothing(effort) or model.startswith("ft:"):
+        return
+    try:
+        spec = resolve(model)
+    except InvalidRequest:
+        return  # an unknown judge fails its samples with its own message
+    thinking.check(model, thinking.has_switch(spec.name, spec.kind, spec.location), effort, param)
 
 
 def environment(settings: Settings) -> GraderEnvironmentObject:

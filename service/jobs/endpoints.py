@@ -92,15 +92,15 @@ def delete_job(job_id: str, session: SessionDep, subject: SubjectDep, storage: S
 
 
 @router.post("/{job_id}/cancel", response_model=JobObject)
-def cancel_job(job_id: str, session: SessionDep, subject: SubjectDep) -> JobObject:
+def cancel_job(job_id: str, session: SessionDep, subject: SubjectDep, storage: StorageDep) -> JobObject:
     """Cancel a job; a running job stops after its current training step."""
-    return service.job_object(service.cancel_job(session, subject, job_id))
+    return service.job_object(service.cancel_job(session, storage, subject, job_id))
 
 
 @router.post("/{job_id}/pause", response_model=JobObject)
-def pause_job(job_id: str, session: SessionDep, subject: SubjectDep) -> JobObject:
+def pause_job(job_id: str, session: SessionDep, subject: SubjectDep, storage: StorageDep) -> JobObject:
     """Pause a job; a running job writes a checkpoint first."""
-    return service.job_object(service.pause_job(session, subject, job_id))
+    return service.job_object(service.pause_job(session, storage, subject, job_id))
 
 
 @router.post("/{job_id}/resume", response_model=JobObject)
@@ -186,7 +186,7 @@ def _archive_response(
 ) -> Response:
     name = f"{ckpt.job_id}-step-{ckpt.step_number}"
     try:
-        archive = archive_of(storage, ckpt.storage_key, settings, merged=merged, name=name)
+        archive = archive_of(storage, ckpt.storage_key, settings, merged=merged, name=name, owner=ckpt.project_id)
     except FileNotFoundError as exc:  # pruned between the lookup and the build
         raise NotFound(f"Checkpoint {ckpt.id} was removed.", param="checkpoint_id") from exc
     return stored_response(

@@ -109,6 +109,12 @@ def record_metrics(session: Session, job: Job, step: int, data: dict[str, Any]) 
     return True
 
 
+def metrics_of(session: Session, job_id: str) -> list[tuple[int, dict[str, Any]]]:
+    """The job's recorded `(step, metrics)`, in step order."""
+    stmt = select(JobMetric.step, JobMetric.data).where(JobMetric.job_id == job_id).order_by(JobMetric.step)
+    return [(int(step), dict(data)) for step, data in session.execute(stmt)]
+
+
 def delete(session: Session, job: Job) -> None:
     """The job's rows, children first (SQLite enforces the foreign keys only where the pragma is on)."""
     for table in (Checkpoint, JobMetric, JobEvent):

@@ -94,6 +94,22 @@ class RftHyperparameters(Strict):
     lora_target_modules: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] = "all-linear"
     # Recompute each layer's activations in the backward pass instead of keeping them ("auto": off for now).
     gradient_checkpointing: AutoOrBool = "auto"
+    # One process a device (workers/rl/ranks.py): "auto" is every device the worker offers a job
+    # (RFT_WORKER_DEVICES, else its GPUs, else 1). Full fine-tuning shards the layers (FSDP2), LoRA
+    # replicates the model (data parallel); either way the update is the one-process update.
+    n_devices: auto_or(int, low=1, high=64) = "auto"  # type: ignore[valid-type]
+
+
+class DeprecatedHyperparameters(BaseModel):
+    """OpenAI's deprecated top-level `hyperparameters`: moved into method.reinforcement.hyperparameters
+    (`service.jobs.service.move_deprecated_hyperparameters`). Other keys are let through to be refused
+    there with the place they belong; the schema documents only these three."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": False, "deprecated": True})
+
+    n_epochs: auto_or(int, low=1, high=50) = "auto"  # type: ignore[valid-type]
+    batch_size: auto_or(int, low=1, high=256) = "auto"  # type: ignore[valid-type]
+    learning_rate_multiplier: auto_or(float, low=0, low_open=True) = "auto"  # type: ignore[valid-type]
 
 
 class Reinforcement(Strict):
@@ -161,6 +177,7 @@ class JobCreate(Strict):
     metadata: Annotated[dict[str, str] | None, Field(json_schema_extra=METADATA_SCHEMA)] = None
     integrations: list[Integration] | None = None
     method: Method | None = None  # required (see _method_required); optional here for our clearer 400
+    hyperparameters: DeprecatedHyperparameters | None = None  # OpenAI's deprecated place for three of them
 
     @field_validator("metadata")
     @classmethod

@@ -27,21 +27,23 @@ from service.core.settings import Settings
 from service.core.storage import Storage, job_folder
 from service.core.tables import Checkpoint, Job, now
 from service.files import repository as files
+from service.files.service import delete_file
 from service.fleet import service as fleet
-from service.fleet.service import describe, live_training_workers, refuse_if_no_worker_can_run
-from service.graders.isolation import SandboxUnavailable
+from service.fleet.service import describe, devices_asked, live_training_workers, refuse_if_no_worker_can_run
 from service.graders.schemas import parse_grader
 from service.graders.service import require_runnable
 from service.jobs import repository
-from service.jobs.schemas import JobCreate, JobError, JobObject, samples_per_prompt
+from service.jobs.outcomes import TERMINAL, status_changed
+from service.jobs.schemas import JobCreate, JobError, JobObject, RftHyperparameters, samples_per_prompt
+from service.models import thinking
 from service.models.constraints import from_response_format
 from service.models.engines import choose_engine
 from service.models.memory_plan import refuse_if_too_large
 from service.models.registry import forget_loaded
-from service.models.registry import resolve as resolve_model
 from service.models.repository import checkpoint_named
+from service.models.service import refuse_if_in_use, training_base
 
-TERMINAL = ("succeeded", "failed", "cancelled")
+EFFORT_PARAM = "method.reinforcement.hyperparameters.reasoning_effort"
 CANCELLABLE_AT_ONCE = ("validating_files", "queued", "paused")
 
 
@@ -82,7 +84,8 @@ def _check_method(body: JobCreate) -> None:
     if body.method is None:
         raise InvalidRequest(
             "Missing 'method': this server runs reinforcement fine-tuning; send "
-            "method={'type': 'reinforcement', 'reinforcement': {'grader': {...}}}.",
+            "method={'type': 'reinforcement', 'reinforcement': {'grader': {...}, 'hyperparameters': {...}}} "
+            "(hyperparameters, top-level in OpenAI's deprecated form, go there too).",
             param="method",
         )
     if body.method.type != "reinforcement":
@@ -95,6 +98,43 @@ def _check_method(body: JobCreate) -> None:
             "method.reinforcement is required when method.type is 'reinforcement' (it holds the grader).",
             param="method.reinforcement",
         )
+
+
+def _check_devices(devices: int | None, engine: str, settings: Settings) -> None:
+    if devices and devices > 1 and "vllm" in (engine, settings.rollout_engine):
+        raise InvalidRequest(
+            f"n_devices {devices} with the vllm rollout engine: a job on several devices samples with the torch "
+            "engine for now. Set rollout_engine to 'torch' or 'auto', or n_devices to 1.",
+            param="method.reinforcement.hyperparameters.n_devices",
+        )
+
+
+def move_deprecated_hyperparameters(body: JobCreate) -> None:
+    """OpenAI's deprecated top-level `hyperparameters` into method.reinforcement.hyperparameters, as
+    OpenAI moves them into the method; a value given in both places must agree."""
+    top = body.hyperparameters
+    if top is None:
+        return
+    assert body.method is not None and body.method.reinforcement is not None
+    rft = body.method.reinforcement.hyperparameters
+    unknown = sorted(top.model_extra or {})
+    if unknown:
+        key = unknown[0]
+        raise InvalidRequest(
+            f"hyperparameters.{key} is not one of the deprecated top-level hyperparameters (n_epochs, batch_size, "
+            f"learning_rate_multiplier); put it in method.reinforcement.hyperparameters.{key}.",
+            param=f"hyperparameters.{key}",
+        )
+    for key in sorted(top.model_fields_set):
+        value = getattr(top, key)
+        if key in rft.model_fields_set and getattr(rft, key) != value:
+            raise InvalidRequest(
+                f"hyperparameters.{key} is {value!r} but method.reinforcement.hyperparameters.{key} is "
+                f"{getattr(rft, key)!r}; give it once, in method.reinforcement.hyperparameters (the top-level "
+                "hyperparameters are deprecated).",
+                param=f"hyperparameters.{key}",
+            )
+        setattr(rft, key, value)
 
 
 def _check_file(session: Session, subject: AuthSubject, file_id: str, param: str) -> None:
@@ -114,39 +154,14 @@ def create_job(
         if existing is not None:
             return _replay(existing, request_hash, idempotency_key)
     _check_method(body)
+    move_deprecated_hyperparameters(body)
     assert body.method is not None and body.method.reinforcement is not None
     grader = parse_grader(body.method.reinforcement.grader, "method.reinforcement.grader")
     # a schema llguidance cannot compile is a 400 now, not a failed job later
     from_response_format(body.method.reinforcement.response_format, "method.reinforcement.response_format")
-    spec = resolve_model(body.model)
     hyperparameters = body.method.reinforcement.hyperparameters
-    engine = choose_engine(hyperparameters.rollout_engine, settings, body.model)
-    group_size = samples_per_prompt(hyperparameters.compute_multiplier)
-    fleet = live_training_workers(session, settings)
-    largest = max((w.device_memory_bytes for w in fleet), default=None)  # the fleet's, where it reports
-    try:
-        plan = refuse_if_too_large(
-            body.model,
-            hyperparameters.model_dump(mode="json"),
-            group_size,
-            engine,
-            settings,
-            spec.location or None,
-            largest,
-        )
-    except InvalidRequest as exc:
-        if fleet:
-            exc.message += f" The live training workers: {'; '.join(describe(w) for w in fleet)}."
-        raise
-    needs_engine = hyperparameters.rollout_engine if hyperparameters.rollout_engine == "vllm" else None
-    plan_text = plan.describe() if plan is not None else ""
-    needs_memory = plan.peak if plan is not None else None
-    refuse_if_no_worker_can_run(fleet, needs_memory, needs_engine, plan_text)
-    try:
-        require_runnable(grader, settings)
-    except SandboxUnavailable as exc:
-        exc.param = "method.reinforcement.grader"
-        raise
+    needs_memory, needs_engine = _check_model(session, subject, body.model, hyperparameters, settings)
+    require_runnable(grader, settings, "method.reinforcement.grader")
     _check_file(session, subject, body.training_file, "training_file")
     if body.validation_file:
         _check_file(session, subject, body.validation_file, "validation_file")
@@ -189,6 +204,37 @@ def create_job(
     return job
 
 
+def _check_model(
+    session: Session, subject: AuthSubject, model: str, hyperparameters: RftHyperparameters, settings: Settings
+) -> tuple[int | None, str | None]:
+    """Refuse a model the project cannot train, or that needs more than a worker has; (the memory of the
+    smallest plan, the engine the job needs) for routing it."""
+    spec = training_base(session, subject, model)
+    has_switch = thinking.has_switch(spec.name, spec.kind, spec.location)
+    thinking.check(model, has_switch, hyperparameters.reasoning_effort, EFFORT_PARAM)
+    hp = hyperparameters.model_dump(mode="json")
+    devices = devices_asked({"reinforcement": {"hyperparameters": hp}})
+    _check_devices(devices, hyperparameters.rollout_engine, settings)
+    engine = choose_engine(hyperparameters.rollout_engine, settings, model)
+    if devices and devices > 1:
+        engine = "torch"  # what a job on several devices samples with (workers/rl/loop.py SEVERAL_DEVICES)
+    group_size = samples_per_prompt(hyperparameters.compute_multiplier)
+    fleet = live_training_workers(session, settings)
+    largest = max((w.device_memory_bytes for w in fleet), default=None)  # the fleet's, where it reports
+    location = spec.location or None
+    try:
+        plan = refuse_if_too_large(spec.name, hp, group_size, engine, settings, location, largest, devices or 1)
+    except InvalidRequest as exc:
+        if fleet:
+            exc.message += f" The live training workers: {'; '.join(describe(w) for w in fleet)}."
+        raise
+    needs_engine = hyperparameters.rollout_engine if hyperparameters.rollout_engine == "vllm" else None
+    plan_text = plan.describe() if plan is not None else ""
+    needs_memory = plan.peak if plan is not None else None
+    refuse_if_no_worker_can_run(fleet, needs_memory, needs_engine, plan_text, devices)
+    return needs_memory, needs_engine
+
+
 def _check_room(session: Session, subject: AuthSubject, settings: Settings) -> None:
     limits = limits_for(settings, subject.project_id, lambda: nullcontext(session))
     check_queued_jobs(limits, subject.project_id, repository.count_waiting(session, subject.project_id))
@@ -204,7 +250,7 @@ def _replay(job: Job, request_hash: str, key: str) -> Job:
     return job
 
 
-def cancel_job(session: Session, subject: AuthSubject, job_id: str) -> Job:
+def cancel_job(session: Session, storage: Storage, subject: AuthSubject, job_id: str) -> Job:
     job = get_job(session, subject, job_id)
     if job.status in TERMINAL:
         raise InvalidTransition(
@@ -216,20 +262,27 @@ def cancel_job(session: Session, subject: AuthSubject, job_id: str) -> Job:
         session, job_id, CANCELLABLE_AT_ONCE, status="cancelled", finished_at=now(), **repository.RELEASE_LEASE
     ):
         repository.add_event(session, job, "Fine-tuning job cancelled.")
+        status_changed(session, storage, job, "cancelled")  # a paused job that trained has its results file
     elif repository.transition(session, job_id, ["running"], cancel_requested=True):
         repository.add_event(session, job, "Cancellation requested; the job stops after the current training step.")
     return get_job(session, subject, job_id)
 
 
 def delete_job(session: Session, storage: Storage, subject: AuthSubject, job_id: str) -> None:
-    """Delete a finished job: its rows now, its checkpoints' and archives' bytes once that commits."""
+    """Delete a finished job: its rows and results file now, its checkpoints', archives' and results
+    file's bytes once that commits (not while another job trains from or grades with one of its
+    checkpoints: a 409 names it)."""
     job = get_job(session, subject, job_id)
     if job.status not in TERMINAL:
         raise InvalidTransition(
             f"Job {job_id} is {job.status}; only succeeded, failed or cancelled jobs can be deleted (cancel it first).",
             param="fine_tuning_job_id",
         )
+    refuse_if_in_use(session, subject, repository.checkpoints_of(session, job.id))
     folder = job_folder(job.project_id, job.id)
+    for file_id in job.result_files or []:  # a CSV of the metrics rows that go with the job
+        if files.get(session, subject, file_id) is not None:
+            delete_file(session, storage, subject, file_id)
     repository.delete(session, job)
 
     # The bytes go only once the rows are gone for good; a failed commit keeps both.
@@ -240,10 +293,11 @@ def delete_job(session: Session, storage: Storage, subject: AuthSubject, job_id:
     on_commit(session, remove_bytes)
 
 
-def pause_job(session: Session, subject: AuthSubject, job_id: str) -> Job:
+def pause_job(session: Session, storage: Storage, subject: AuthSubject, job_id: str) -> Job:
     job = get_job(session, subject, job_id)
     if repository.transition(session, job_id, ["queued"], status="paused", **repository.RELEASE_LEASE):
         repository.add_event(session, job, "Fine-tuning job paused before it started training.")
+        status_changed(session, storage, job, "paused")
     elif repository.transition(session, job_id, ["running"], pause_requested=True):
         repository.add_event(session, job, "Pause requested; a checkpoint is written after the current step.")
     else:

@@ -19,6 +19,11 @@ from `estimate`, whose parts are:
 - sampling: the KV cache of every sequence of the step (the torch engine), or the vLLM sidecar's
   copy of the weights and its KV cache (`RFT_VLLM_KV_CACHE_GIB`), which share the worker's memory;
 - checkpoint: writing the weights through safetensors holds one serialised copy of what is saved;
+- several devices (one process each, the plan is one rank's): each samples its share of the prompts;
+  full fine-tuning shards the decoder layers (FSDP2), so a rank holds its share of their weights,
+  gradients, moments and reference copy, the embeddings and head whole, and gathers the other
+  layers' weights while it samples (`gathered_weights`); a CPU's rank 0 gathers the whole weights and
+  moments into its own memory to write a checkpoint;
 - baseline: the worker process itself (the interpreter, torch, transformers), measured on CPU;
   on CUDA the context and the caching allocator's slack.
 
@@ -142,14 +147,19 @@ class Shape:
         }
 
     @property
-    def params(self) -> int:
+    def layer_params(self) -> int:
+        """One decoder layer's parameters."""
         per_layer = sum(a * b for a, b in self.linears().values()) + self.norms * self.hidden
         if self.qkv_bias:
             per_layer += (self.heads + 2 * self.kv_heads) * self.head_dim
         if self.qk_norm:
             per_layer += 2 * self.head_dim
+        return per_layer
+
+    @property
+    def params(self) -> int:
         embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
-        return embeddings + self.layers * per_layer + self.hidden
+        return embeddings + self.layers * self.layer_params + self.hidden
 
     def adapter_params(self, rank: int, targets: Any) -> int:
         """LoRA's trained parameters: rank x (in + out) for each adapted projection of each layer."""
@@ -176,10 +186,13 @@ class Workload:
     vllm_kv_cache_gib: float = 1.0
     vllm_bf16: bool = False
     keeps_prefix: bool = True  # the update reuses sampling's prompt pass (no dropout, no checkpointing)
+    devices: int = 1  # ranks, one process a device; the plan is one rank's
+    sharded: bool = False  # FSDP2 over the decoder layers (full fine-tuning on several devices)
 
     @property
     def sequences(self) -> int:
-        return self.prompts * self.group_size
+        """The sequences this rank samples: its share of the prompts, the largest."""
+        return -(-self.prompts // self.devices) * self.group_size
 
 
 @dataclass(frozen=True)
@@ -193,8 +206,8 @@ class Estimate:
 
     def describe(self) -> str:
         """The peak and its parts. The parts that come and go are listed apart: only the largest of
-        the update (activations, logits and allocator together), the KV cache and a checkpoint write
-        counts towards the peak."""
+        the update (activations, logits and allocator together), sampling (the KV cache and the
+        gathered weights) and a checkpoint write counts towards the peak."""
 
         def listed(names: Any) -> str:
             return ", ".join(f"{n} {gib(self.parts[n])}" for n in names if self.parts[n] >= 0.01 * GIB)
@@ -203,7 +216,7 @@ class Estimate:
         checkpointing = "on" if w.gradient_checkpointing else "off"
         setup = f"micro_batch_size {w.micro_batch_size}, gradient checkpointing {checkpointing}"
         passing = listed(n for n in self.parts if n not in STAYING)
-        then = f"; plus the largest of the update, kv_cache and checkpoint_write: {passing}" if passing else ""
+        then = f"; plus the largest of the update, sampling and checkpoint_write: {passing}" if passing else ""
         return f"{gib(self.peak)} at {setup} ({listed(STAYING)}{then})"
 
 
@@ -214,26 +227,31 @@ def gib(size: float) -> str:
 def estimate(shape: Shape, work: Workload) -> Estimate:
     """The peak memory of a job of `shape` running `work`, with its parts."""
     P = shape.params
-    trained = shape.adapter_params(work.lora_rank, work.lora_targets) if work.lora_rank else P
+    # What a rank holds of each full-size tensor: all of it, or under FSDP2 its share of the layers.
+    held = P - (shape.layers * shape.layer_params * (work.devices - 1) // work.devices if work.sharded else 0)
+    trained = shape.adapter_params(work.lora_rank, work.lora_targets) if work.lora_rank else held
     base_bytes = 2 if work.lora_rank and work.bf16 else 4
-    weights = P * base_bytes + (4 * trained if work.lora_rank else 0)
+    weights = P * base_bytes + 4 * trained if work.lora_rank else 4 * held
     staying = {
         "baseline": CUDA_BASELINE if work.device == "cuda" else CPU_BASELINE,
         "weights": weights,
-        "reference": 4 * P if work.beta > 0 and not work.lora_rank else 0,
+        "reference": 4 * held if work.beta > 0 and not work.lora_rank else 0,
         "gradients": 4 * trained,
         "optimizer": 8 * trained,
         "sampler": _sidecar(shape, work),
     }
+    gathered_on_cpu = work.sharded and work.device == "cpu"  # rank 0 gathers weights and moments to save them
     passing = {
         "activations": _activations(shape, work),
         "logits": _logits(shape, work),
         "kv_cache": _kv_cache(shape, work) if work.engine == "torch" else 0,
-        "checkpoint_write": 4 * trained,
+        "gathered_weights": 4 * (P - held),
+        "checkpoint_write": 12 * P if gathered_on_cpu else 4 * trained,
     }
     passing["allocator"] = int(passing["activations"] * (ACTIVATION_OVERHEAD[work.device] - 1))
     update = passing["activations"] + passing["logits"] + passing["allocator"]
-    peak = sum(staying.values()) + max(update, passing["kv_cache"], passing["checkpoint_write"])
+    sampling = passing["kv_cache"] + passing["gathered_weights"]
+    peak = sum(staying.values()) + max(update, sampling, passing["checkpoint_write"])
     return Estimate({**staying, **passing}, peak, work, P)
 
 
@@ -338,12 +356,13 @@ def refuse_if_too_large(
     settings: Settings,
     location: str | None = None,
     budget: int | None = None,
+    devices: int = 1,
 ) -> Estimate | None:
     """The API's check at job creation: a 400 where even the job's smallest plan (one-token prompts,
     the smallest micro-batch and checkpointing its `auto`s allow, a bf16 LoRA base where training
-    may autocast) exceeds `budget` bytes, else `RFT_WORKER_MEMORY_GIB`, else this machine's memory.
-    Returns that plan (what a worker needs at least); None for a model whose config is not on this
-    machine, which passes: its worker plans it."""
+    may autocast; one rank's share where it asks for `devices`) exceeds `budget` bytes, else
+    `RFT_WORKER_MEMORY_GIB`, else this machine's memory. Returns that plan (what a worker needs at
+    least); None for a model whose config is not on this machine, which passes: its worker plans it."""
     shape = shape_of(model, location)
     if shape is None:
         return None
@@ -369,6 +388,8 @@ def refuse_if_too_large(
         vllm_kv_cache_gib=settings.vllm_kv_cache_gib,
         vllm_bf16=settings.vllm_dtype != "float32",
         keeps_prefix=False,
+        devices=devices,
+        sharded=devices > 1 and not int(hp.get("lora_rank", 0)),
     )
     if budget is None:
         budget = int(settings.worker_memory_gib * GIB) if settings.worker_memory_gib else host_memory()

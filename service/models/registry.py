@@ -44,6 +44,7 @@ class ModelSpec:
     name: str
     kind: str  # "gguf" | "tiny" | "local" | "hub"
     location: str
+    owner: str | None = None  # a `ft:` model's project: the base of its LoRA adapter is resolved as that project's
 
 
 def _smollm2_gguf() -> Path | None:
@@ -95,24 +96,28 @@ _lock = threading.Lock()
 def resolve_for_project(
     name: str, settings: Settings, project_id: str | None, session: Session | None = None
 ) -> ModelSpec:
-    """Like `resolve`, and `ft:...` names of the project's fine-tuned models and checkpoints too."""
+    """Like `resolve`, and `ft:...` names of fine-tuned models and checkpoints the project owns or
+    was granted (checkpoint permissions) too."""
     if not name.startswith("ft:"):
         return resolve(name)
     from service.core.db import unit_of_work
     from service.core.storage import storage_for
-    from service.models.repository import checkpoint_named
+    from service.models.repository import usable_checkpoint
 
-    key = None
+    found = None
     if project_id is not None:
         with nullcontext(session) if session is not None else unit_of_work(settings) as active:
-            key = getattr(checkpoint_named(active, project_id, name), "storage_key", None)
-    if key is None:
-        raise InvalidRequest(f"No fine-tuned model or checkpoint named {name!r} in this project.", param="model")
+            ckpt = usable_checkpoint(active, project_id, name)
+            found = None if ckpt is None else (ckpt.storage_key, ckpt.project_id)
+    if found is None:
+        raise InvalidRequest(
+            f"No fine-tuned model or checkpoint named {name!r} in this project or shared with it.", param="model"
+        )
     try:
-        folder = storage_for(settings).local_dir(key)
+        folder = storage_for(settings).local_dir(found[0])
     except FileNotFoundError as exc:  # pruned or deleted since the lookup
         raise InvalidRequest(f"The fine-tuned model {name!r} was removed.", param="model") from exc
-    return ModelSpec(name, "local", str(folder))
+    return ModelSpec(name, "local", str(folder), owner=found[1])
 
 
 def load(
@@ -153,22 +158,23 @@ def load_fresh(spec: ModelSpec, settings: Settings, dtype: Any = None) -> tuple[
         return _converted_gguf(spec, settings, dtype)
     adapter = Path(spec.location) / "adapter_config.json"
     if spec.kind == "local" and adapter.exists():
-        model, tokenizer = merged_adapter(Path(spec.location), settings)
+        model, tokenizer = merged_adapter(Path(spec.location), settings, spec.owner)
         return (model if dtype is None else model.to(dtype)), tokenizer
     model = AutoModelForCausalLM.from_pretrained(spec.location, **({} if dtype is None else {"dtype": dtype}))
     tokenizer = AutoTokenizer.from_pretrained(spec.location)
     return model, _with_pad(tokenizer)
 
 
-def merged_adapter(folder: Path, settings: Settings) -> tuple[Any, Any]:
-    """A LoRA checkpoint: its base model (by our registry name) with the adapter merged in."""
+def merged_adapter(folder: Path, settings: Settings, owner: str | None = None) -> tuple[Any, Any]:
+    """A LoRA checkpoint: its base model (by our registry name, or the `ft:` name of a model its
+    project `owner` could train from) with the adapter merged in."""
     import json
 
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     base_name = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
-    base, _ = load_fresh(resolve(base_name), settings)
+    base, _ = load_fresh(resolve_for_project(base_name, settings, owner), settings)
     model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
     return model, _with_pad(AutoTokenizer.from_pretrained(str(folder)))
 
@@ -185,23 +191,33 @@ def _converted_gguf(spec: ModelSpec, settings: Settings, dtype: Any = None) -> t
 
     cache = settings.data_dir / "models" / spec.name
     if not (cache / "config.json").exists():
-        gguf = Path(spec.location)
-        quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        # transformers marks GGUF-loaded models unserializable; copy the float weights into a plain one.
-        config = quantized.config
-        config.quantization_config = None
-        model = AutoModelForCausalLM.from_config(config)
-        model.load_state_dict(quantized.state_dict())
-        staging = cache.with_name(cache.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        private_dir(staging)
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        make_tree_private(staging)
-        staging.rename(cache)
+        dequantize_gguf(Path(spec.location), cache, private=True)
     model = AutoModelForCausalLM.from_pretrained(cache, **({} if dtype is None else {"dtype": dtype}))
     return model, _with_pad(AutoTokenizer.from_pretrained(cache))
+
+
+def dequantize_gguf(gguf: Path, out: Path, *, private: bool) -> Path:
+    """The GGUF's weights, dequantized to float32, and its tokenizer, saved as a Hugging Face folder at
+    `out` (written beside it, then renamed): what training loads, and what `rft models download` gives
+    a user to load a LoRA adapter onto. `private`: for the server's own cache (owner-only files)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # transformers marks GGUF-loaded models unserializable; copy the float weights into a plain one.
+    config = quantized.config
+    config.quantization_config = None
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantized.state_dict())
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    private_dir(staging) if private else staging.mkdir(parents=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    if private:
+        make_tree_private(staging)
+    staging.rename(out)
+    return out
 
 
 def tiny_tokenizer() -> Any:

@@ -20,11 +20,16 @@ def pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torc
 
 
 def draw(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+    uniform: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, V) logits -> ((n,) token ids, (n,) each one's log-probability under the distribution it
     was drawn from: softmax(logits / temperature) renormalised over the nucleus; 0 when greedy,
-    whose distribution is a point mass)."""
+    whose distribution is a point mass). The draw takes `uniform` (n,) in [0, 1) where given, else
+    one number per row from `generator`."""
     if temperature == 0:
         chosen = logits.argmax(dim=-1)
         return chosen, torch.zeros_like(chosen, dtype=torch.float32)
@@ -37,7 +42,9 @@ def draw(
         probs = probs.masked_fill(outside, 0.0)
     cdf = probs.cumsum(dim=-1)  # (n, V)
     total = cdf[:, -1:].contiguous()  # (n, 1)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * total
+    if uniform is None:
+        uniform = torch.rand(cdf.shape[0], generator=generator, device=cdf.device)
+    u = uniform.to(device=cdf.device, dtype=cdf.dtype).unsqueeze(1) * total  # (n, 1)
     # The first entry whose cumulative mass exceeds u: zero-probability entries (equal cdf) are never chosen.
     chosen = torch.searchsorted(cdf, u, right=True)  # (n, 1)
     # u rounded up to the total mass would run past the end: take the last entry with mass instead.

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from service.auth.service import AuthSubject
-from service.core.errors import InvalidRequest, NotFound
+from service.core.errors import Conflict, InvalidRequest, NotFound
 from service.core.ids import new_id
 from service.core.settings import Settings
+from service.core.tables import Checkpoint
 from service.models import constraints, inference, registry, repository
 from service.models.schemas import (
     AssistantMessage,
@@ -29,12 +31,13 @@ from service.models.toolplan import ToolPlan, plan_tools
 
 STARTED = int(time.time())
 DEFAULT_MAX_TOKENS = 512
+MAX_DESCENT = 16  # fine-tuned from fine-tuned from ...: how far back a job's base is looked for
 
 
 def list_models(session: Session, subject: AuthSubject) -> list[ModelObject]:
     base = [ModelObject(id=name, created=STARTED, owned_by="rft") for name in registry.known_models()]
     tuned = repository.fine_tuned_models(session, subject)
-    return base + [ModelObject(id=name, created=created, owned_by=subject.project_id) for name, created in tuned]
+    return base + [ModelObject(id=name, created=created, owned_by=owner) for name, created, owner in tuned]
 
 
 def get_model(session: Session, subject: AuthSubject, model: str) -> ModelObject:
@@ -42,6 +45,58 @@ def get_model(session: Session, subject: AuthSubject, model: str) -> ModelObject
         if candidate.id == model:
             return candidate
     raise NotFound(f"The model {model!r} does not exist or you do not have access to it.", param="model")
+
+
+def training_base(session: Session, subject: AuthSubject, name: str) -> registry.ModelSpec:
+    """Where a job's `model` comes from, checked for the caller: a base model, or a `ft:` model the
+    project owns or was granted, for which the base model it descends from stands in (same shape,
+    same chat template) so the API can plan the job without fetching the checkpoint."""
+    if not name.startswith("ft:"):
+        return registry.resolve(name)
+    ckpt = repository.usable_checkpoint(session, subject.project_id, name)
+    if ckpt is None:
+        raise InvalidRequest(
+            f"No fine-tuned model or checkpoint named {name!r} in this project or shared with it "
+            "(GET /v1/models lists them).",
+            param="model",
+        )
+    for _ in range(MAX_DESCENT):
+        name = repository.job_of(session, ckpt).model
+        if not name.startswith("ft:"):
+            return registry.resolve(name)
+        # Trained by the checkpoint's project, which could use its own base then.
+        ckpt = repository.usable_checkpoint(session, ckpt.project_id, name)
+        if ckpt is None:  # that base was deleted since; the trained checkpoint does not need it
+            break
+    return registry.ModelSpec(name, "ft", "")
+
+
+def refuse_if_in_use(session: Session, subject: AuthSubject, checkpoints: Sequence[Checkpoint]) -> None:
+    """Conflict (409) where removing `checkpoints` of the caller's would pull them from under a job: the
+    unfinished job that writes them, or one that trains from or grades with one of them and may still
+    use it (the caller's own, or a project's they are still shared with)."""
+    names = {c.fine_tuned_model_checkpoint for c in checkpoints}
+    writers = {c.job_id for c in checkpoints}
+    for job in repository.unfinished_jobs(session):
+        if job.id in writers:
+            raise Conflict(
+                f"Job {job.id}, which wrote these checkpoints, is {job.status}; cancel it or let it finish first.",
+                param="model",
+            )
+        used = [n for n in sorted(names) if n == job.model or n in json.dumps(job.method)]
+        if not used:
+            continue
+        if job.project_id == subject.project_id:
+            raise Conflict(
+                f"{used[0]!r} is in use by job {job.id} ({job.status}); cancel it or let it finish first.",
+                param="model",
+            )
+        if repository.usable_checkpoint(session, job.project_id, used[0]) is not None:
+            raise Conflict(
+                f"{used[0]!r} is in use by a {job.status} job of project {job.project_id}, which it is shared "
+                "with; revoke that permission first (the job then fails when it next loads the model) or wait.",
+                param="model",
+            )
 
 
 class Prepared:

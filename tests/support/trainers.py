@@ -46,3 +46,9 @@ def ticking(ctx: JobContext) -> TrainingResult:
 
 def crashing(ctx: JobContext) -> TrainingResult:
     raise RuntimeError("boom in step 1")
+
+
+def crashing_after_two_steps(ctx: JobContext) -> TrainingResult:
+    for step in (1, 2):
+        ctx.metrics(step, {"total_steps": 6, "train_reward_mean": step / 6})
+    raise RuntimeError("boom in step 3")

@@ -10,6 +10,8 @@ Rules (n = training examples):
   16 sequences, at least one group), so a group's shared prompt is computed once.
 - rollout_engine: the engine `service.models.engines.choose_engine` picks (`with_engine`);
   importance_sampling_correction = token where that engine is not the trainer, none where it is.
+- n_devices = the devices the worker offers a job (`RFT_WORKER_DEVICES`, else its CUDA devices, else 1);
+  full fine-tuning shards the layers over them (FSDP2), LoRA replicates the model (data parallel).
 - micro_batch_size and gradient_checkpointing under auto are then the worker's memory plan's
   (`workers/rl/plan.py`): the rule above and no checkpointing (it costs about a third more compute)
   where that fits the worker's memory, else smaller micro-batches, then checkpointing.
@@ -65,10 +67,12 @@ class RLConfig:
     lora_dropout: float
     lora_target_modules: Any
     gradient_checkpointing: bool = False
+    n_devices: int = 1  # processes, one a device (`ranks.py`)
+    sharded: bool = False  # FSDP2 over the ranks (full fine-tuning on several devices); else data parallel
 
     def echo(self) -> dict[str, Any]:
         """What the job object shows as its resolved hyperparameters."""
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "sharded"}
 
 
 def _pick(value: Any, default: Any) -> Any:
@@ -127,6 +131,11 @@ def resolve(hp: dict[str, Any], n_train: int) -> RLConfig:
         lora_target_modules=hp.get("lora_target_modules", "all-linear"),
         gradient_checkpointing=bool(_pick(hp.get("gradient_checkpointing", "auto"), False)),
     )
+
+
+def with_devices(cfg: RLConfig, n_devices: int, sharded: bool) -> RLConfig:
+    """`cfg` once the worker has resolved `n_devices` (`launch.devices_for`) and started its ranks."""
+    return replace(cfg, n_devices=n_devices, sharded=sharded)
 
 
 def with_engine(cfg: RLConfig, engine: str, same_as_trainer: bool) -> RLConfig:

@@ -34,15 +34,17 @@ class RolloutEngine(Protocol):
         temperature: float,
         top_p: float,
         seed: int,
+        first: int = 0,
         greedy: bool = False,
         keep_prefix: bool = False,
         tools: Sequence[Sequence[Mapping[str, Any]] | None] | None = None,
         constraint: Constraint | None = None,
     ) -> Rollout:
-        """`n` completions of each conversation, laid out prompt by prompt; `keep_prefix` is a wish
-        only the torch engine grants (the loop works with `Rollout.prefix` None). Each conversation
-        is rendered with its function `tools` (where given), and every completion follows
-        `constraint` (where given)."""
+        """`n` completions of each conversation, laid out prompt by prompt; conversation i samples
+        with `derive_seed(seed, first + i)`, whatever else is in the call (a part of a batch samples
+        what the whole would). `keep_prefix` is a wish only the torch engine grants (the loop works
+        with `Rollout.prefix` None). Each conversation is rendered with its function `tools` (where
+        given), and every completion follows `constraint` (where given)."""
         ...
 
     def update_weights(self, model: Any) -> None:
@@ -78,6 +80,7 @@ class TorchEngine:
         temperature: float,
         top_p: float,
         seed: int,
+        first: int = 0,
         greedy: bool = False,
         keep_prefix: bool = False,
         tools: Sequence[Sequence[Mapping[str, Any]] | None] | None = None,
@@ -92,6 +95,7 @@ class TorchEngine:
             temperature=temperature,
             top_p=top_p,
             seed=seed,
+            first=first,
             greedy=greedy,
             keep_prefix=keep_prefix,
             tools=tools,

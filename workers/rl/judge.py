@@ -31,7 +31,7 @@ class EngineJudge:
 
     def __init__(self, engine: EngineName, settings: Settings, opener: Opener = open_engine) -> None:
         self.engine, self.settings, self.opener = engine, settings, opener
-        self.engines: dict[str, RolloutEngine] = {}
+        self.engines: dict[tuple[str, bool | None], RolloutEngine] = {}
         self.lock = threading.Lock()  # one generation at a time per job: the engines are not thread-safe
 
     def __call__(
@@ -46,7 +46,7 @@ class EngineJudge:
         params = params or SamplingParams()
         temperature = params.temperature or 0.0
         with self.lock:
-            engine = self.engine_for(model_name, project_id)
+            engine = self.engine_for(model_name, project_id, params.reasoning_effort)
             rollout = engine.sample(
                 conversations,
                 1,
@@ -64,14 +64,19 @@ class EngineJudge:
             for text, p, c in zip(rollout.texts, prompt_tokens, completion_tokens, strict=True)
         ]
 
-    def engine_for(self, model_name: str, project_id: str | None) -> RolloutEngine:
-        if model_name not in self.engines:
+    def engine_for(self, model_name: str, project_id: str | None, effort: str | None = None) -> RolloutEngine:
+        """The engine judging with `model_name`, one per thinking switch its graders ask for."""
+        from service.models import thinking
+
+        key = (model_name, thinking.switch_for(effort))
+        if key not in self.engines:
             from service.models.registry import load
 
             model, tokenizer = load(model_name, self.settings, project_id=project_id)
+            tokenizer = thinking.pin(tokenizer, model_name, effort, "sampling_params.reasoning_effort")
             kind: EngineName = self.engine if model_problem(self.engine, model.config) is None else "torch"
-            self.engines[model_name] = self.opener(kind, model, tokenizer, self.settings)
-        return self.engines[model_name]
+            self.engines[key] = self.opener(kind, model, tokenizer, self.settings)
+        return self.engines[key]
 
     def close(self) -> None:
         engines, self.engines = list(self.engines.values()), {}

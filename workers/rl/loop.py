@@ -12,7 +12,8 @@ samples what the uninterrupted one would. Completions come from the job's rollou
 `timing.step.weight_sync`).
 
 `set_up` builds a job's parts (the worker's and the benchmarks' one way to do it); `Loop` runs
-them, its methods in the order a step calls them.
+them, its methods in the order a step calls them. A job on several devices runs this same loop in
+one process a device (`ranks.py`: sampling split by prompt, rank 0 grading, gradients summed).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import contextlib
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Any
 
 import torch
@@ -33,12 +34,13 @@ from service.graders.templates import Sample
 from service.models.engines import EngineUnavailable, choose_engine
 from workers.context import JobContext, TrainingResult
 from workers.rl import checkpoint, guards, plan, selection
-from workers.rl.config import RLConfig, with_engine
+from workers.rl.config import RLConfig, with_devices, with_engine
 from workers.rl.config import resolve as resolve_config
 from workers.rl.data import Example, batch_for_step, load_examples
 from workers.rl.engine import RolloutEngine, engine_class, engine_message, model_problem, open_engine
 from workers.rl.formats import check_tools, formatted
 from workers.rl.judge import EngineJudge
+from workers.rl.launch import RankContext, devices_for, ranks_of
 from workers.rl.loss import Mismatch, advantages, policy_loss, token_logprobs
 from workers.rl.memory import keep_freed_memory
 from workers.rl.policy import (
@@ -49,11 +51,26 @@ from workers.rl.policy import (
     reuses_prefix,
     trainable,
 )
+from workers.rl.ranks import SINGLE, Ranks
 from workers.rl.rollout import PrefixGrads, Rollout, concat, select_rows
 from workers.rl.state import TrainerState, derive_seed
 
+# Why a job on several devices samples with the torch engine (one vLLM a rank is not built yet).
+SEVERAL_DEVICES = "a job on several devices samples with the torch engine for now"
+
 
 def run_training(ctx: JobContext) -> TrainingResult:
+    hyperparameters = ctx.job["method"]["reinforcement"]["hyperparameters"]
+    world = devices_for(hyperparameters, ctx.settings)
+    if world == 1:
+        return train(RankContext.of(ctx, SINGLE))
+    full = int(hyperparameters.get("lora_rank", 0)) == 0  # FSDP2 for full fine-tuning, data parallel for LoRA
+    with ranks_of(ctx, world, sharded=full) as ranks:
+        return train(RankContext.of(ctx, ranks))
+
+
+def train(ctx: RankContext) -> TrainingResult:
+    """The job on this rank (the only one, in one process)."""
     parts = set_up(ctx)
     try:
         with parts.compile_grader() as grader:
@@ -80,9 +97,13 @@ class Parts:
     grader_spec: Any  # the job's grader, parsed
     settings: Settings
     project_id: str | None
+    ranks: Ranks
 
     def compile_grader(self) -> Any:
-        """The job's grader, compiled (a context manager); model graders answer through `judge`."""
+        """The job's grader, compiled (a context manager; None on ranks other than 0, which do not
+        grade); model graders answer through `judge`."""
+        if not self.ranks.leader:
+            return contextlib.nullcontext(None)
         return compile_grader(self.grader_spec, self.settings, self.project_id, self.judge)
 
     def close(self) -> None:
@@ -90,33 +111,41 @@ class Parts:
         self.engine.close()
 
 
-def set_up(ctx: JobContext) -> Parts:
+def set_up(ctx: RankContext) -> Parts:
     """A job's parts from its row: resolved hyperparameters, the policy and its reference, the
     rollout engine, the memory plan, optimizer and scheduler, the state to resume from. Echoes the
     resolved values into the job and explains the engine and memory choices in events."""
-    job = ctx.job
+    job, ranks = ctx.job, ctx.ranks
     reinforcement = job["method"]["reinforcement"]
     train = load_examples(job["training_path"])
     valid = load_examples(job["validation_path"]) if job.get("validation_path") else train
-    cfg = resolve_config(reinforcement["hyperparameters"], len(train))
+    cfg = with_devices(resolve_config(reinforcement["hyperparameters"], len(train)), ranks.world, ranks.sharded)
     keep_freed_memory()  # this process runs one job and exits: reuse freed pages instead of faulting them in
     torch.manual_seed(job["seed"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = build_policy(job["model"], cfg, ctx.settings, device, seed=job["seed"])
+    with ranks.leader_first():  # a GGUF model's first load converts it into a cache the ranks share
+        model, tokenizer = build_policy(
+            job["model"], cfg, ctx.settings, device, seed=job["seed"], project_id=job["project_id"]
+        )
     requested = cfg.rollout_engine  # the job's own wish; `with_engine` below records the engine chosen
     engine_name = choose_engine(cfg.rollout_engine, ctx.settings, job["model"])
-    problem = model_problem(engine_name, model.config)
+    problem = model_problem(engine_name, model.config) or (
+        SEVERAL_DEVICES if ranks.distributed and engine_name == "vllm" else None
+    )
     if problem is not None:
         if requested == "vllm" or ctx.settings.rollout_engine == "vllm":
             raise EngineUnavailable(engine_name, problem)
         engine_name = "torch"  # auto: the engine that runs every model
     cfg = with_engine(cfg, engine_name, engine_class(engine_name).same_as_trainer)
-    budget = plan.device_memory(ctx.settings, device)
+    budget = plan.device_memory(ctx.settings, device, ranks.world)
     work = plan.workload(cfg, model, tokenizer, train, ctx.settings, device)
     cfg, memory = plan.plan(cfg, reinforcement["hyperparameters"], model.config.to_dict(), work, budget)
     if cfg.gradient_checkpointing:
         checkpoint_activations(model)
+    ranks.copy_from_leader(trainable(model))  # the same start on every rank, whatever each one's loading drew
     reference = Reference(model, cfg)  # after the plan: a full fine-tuning reference is a second model
+    ranks.shard(model)
+    ranks.shard(reference.copy)
     ctx.update_job(
         method={
             **job["method"],
@@ -137,8 +166,13 @@ def set_up(ctx: JobContext) -> Parts:
         data={k: getattr(cfg, k) for k in ("rollout_engine", "importance_sampling_correction")},
         dedupe_key=f"rollout_engine:{engine_name}",
     )
-    # fused: one kernel over all parameters (on CPU too); a quarter of a second a step at 135M.
-    optimizer = torch.optim.AdamW(trainable(model), lr=cfg.learning_rate, weight_decay=0.0, fused=True)
+    if ranks.distributed:
+        ctx.event(ranks.describe(device), data={"n_devices": ranks.world, "fsdp2": ranks.sharded}, dedupe_key="devices")
+    # fused: one kernel over all parameters (on CPU too); a quarter of a second a step at 135M. Not over
+    # FSDP2's mix of sharded and whole parameters, which no one kernel takes.
+    optimizer = torch.optim.AdamW(
+        trainable(model), lr=cfg.learning_rate, weight_decay=0.0, fused=not ranks.sharded or None, foreach=False
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     state = checkpoint.restore(ctx, model, optimizer, scheduler)
     check_tools(tokenizer, job["model"], train, valid)
@@ -165,12 +199,13 @@ def set_up(ctx: JobContext) -> Parts:
         grader_spec=grader,
         settings=ctx.settings,
         project_id=job.get("project_id"),
+        ranks=ranks,
     )
 
 
 class Loop:
-    def __init__(self, ctx: JobContext, parts: Parts, grader: Compiled) -> None:
-        self.ctx, self.cfg, self.grader = ctx, parts.cfg, grader
+    def __init__(self, ctx: RankContext, parts: Parts, grader: Compiled | None) -> None:
+        self.ctx, self.cfg, self.grader, self.ranks = ctx, parts.cfg, grader, parts.ranks
         self.model, self.reference, self.tokenizer = parts.model, parts.reference, parts.tokenizer
         self.engine, self.optimizer, self.scheduler = parts.engine, parts.optimizer, parts.scheduler
         self.train, self.valid, self.state = parts.train, parts.valid, parts.state
@@ -179,7 +214,9 @@ class Loop:
         self.timing = {"sampling": 0.0, "scoring": 0.0, "weight_sync": 0.0}
         # What a rollback before the first checkpoint returns to (adapters only, under LoRA).
         self.initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        self.reuse_prefix = reuses_prefix(model, cfg)
+        # The kept prompt pass does not travel between ranks, which may train on each other's samples.
+        self.reuse_prefix = reuses_prefix(model, cfg) and not self.ranks.distributed
+        self.share_prompts = not self.ranks.sharded  # FSDP2: the same passes on every rank
 
     def run(self) -> TrainingResult:
         if self.state.baseline is None:
@@ -197,7 +234,9 @@ class Loop:
             stop = self.after_step(step, metrics, started)
             if stop is not None:
                 return stop
-        return selection.finish(self.ctx, self.state, self.cfg)
+        if self.ctx.inner is None:
+            return TrainingResult("succeeded")  # rank 0 chooses and records the final model
+        return selection.finish(self.ctx.inner, self.state, self.cfg)
 
     def train_step(self, step: int) -> dict[str, Any]:
         cfg, t0 = self.cfg, time.perf_counter()
@@ -250,26 +289,35 @@ class Loop:
     ) -> tuple[Rollout, BatchGrades]:
         """`n` completions of each example's prompt, graded: training's samples (`temperature`,
         keeping the prompt pass for the update where it can) or evaluation's (`eval_temperature`,
-        greedy at 0). Time goes to the step's sampling and scoring."""
-        cfg = self.cfg
+        greedy at 0). Each rank samples its share of the prompts and gets the whole rollout back;
+        rank 0 grades it for all. Time goes to the step's sampling and scoring."""
+        cfg, ranks = self.cfg, self.ranks
         temperature = cfg.eval_temperature if evaluation else cfg.temperature
         t0 = time.perf_counter()
-        with self.precision():
-            rollout = self.engine.sample(
-                [e.messages for e in examples],
-                n,
-                max_new_tokens=cfg.max_completion_tokens,
-                temperature=temperature,
-                top_p=cfg.top_p,
-                seed=seed,
-                greedy=evaluation and temperature == 0,
-                keep_prefix=self.reuse_prefix and not evaluation,
-                tools=[e.item.get("tools") for e in examples],
-            )
+        mine = ranks.share(len(examples))
+        with self.precision(), ranks.gathered(self.model):
+            local = None
+            if len(mine):
+                local = self.engine.sample(
+                    [examples[i].messages for i in mine],
+                    n,
+                    max_new_tokens=cfg.max_completion_tokens,
+                    temperature=temperature,
+                    top_p=cfg.top_p,
+                    seed=seed,
+                    first=mine.start,
+                    greedy=evaluation and temperature == 0,
+                    keep_prefix=self.reuse_prefix and not evaluation,
+                    tools=[examples[i].item.get("tools") for i in mine],
+                )
+        rollout = ranks.gather_rollout(local, self.tokenizer.pad_token_id, self.model.device)
         t1 = time.perf_counter()
-        items = [e.item for e in examples for _ in range(n)]
-        samples = [Sample.from_completion(t, i.get("tools")) for t, i in zip(rollout.texts, items, strict=True)]
-        grades = grade_batch(self.grader, samples, items)
+        grades = None
+        if self.grader is not None:  # rank 0's
+            items = [e.item for e in examples for _ in range(n)]
+            samples = [Sample.from_completion(t, i.get("tools")) for t, i in zip(rollout.texts, items, strict=True)]
+            grades = grade_batch(self.grader, samples, items)
+        grades = ranks.broadcast(grades)
         self.timing["sampling"] += t1 - t0
         self.timing["scoring"] += time.perf_counter() - t1
         return rollout, grades
@@ -314,27 +362,33 @@ class Loop:
         mask = rollout.completion_mask
         if cfg.mask_truncated_completions:  # a cut-off answer's reward says little about its tokens
             mask = mask * (~rollout.truncated).long().unsqueeze(1)
-        n = mask.shape[0]
         normaliser = float(mask.sum()) if cfg.loss_aggregation == "token_mean" else float((mask.sum(1) > 0).sum())
         self.optimizer.zero_grad(set_to_none=True)
         loss_total, kl_sum, clipped, entropy_sum = 0.0, 0.0, 0.0, 0.0
         mismatch = Mismatch(0.0, 0.0, 0.0) if rollout.sampler_logprobs is not None else None
         prefix = PrefixGrads(rollout.prefix) if rollout.prefix is not None else None
+        mine, rounds = self.my_rows(mask.shape[0], cfg.group_size, cfg.micro_batch_size)
         if normaliser > 0:
-            for i in range(0, n, cfg.micro_batch_size):
-                rows, width = live_part(mask, i, cfg.micro_batch_size)
+            for k in range(rounds):  # the same number of micro-batches on every rank
+                start = mine.start + k * cfg.micro_batch_size
+                rows, width = live_part(mask, start, min(cfg.micro_batch_size, mine.stop - start))
+                weight = 1.0
                 if rows.numel() == 0:
-                    continue
+                    if not self.ranks.sharded:
+                        continue
+                    rows, width, weight = torch.zeros(1, dtype=torch.long), 1, 0.0  # a pass that weighs nothing
                 end = rollout.prompt_len + width
                 ids, attn = rollout.input_ids[rows, :end], rollout.attention_mask[rows, :end]
-                m = mask[rows, :width].float()
+                m = mask[rows, :width].float() * weight
                 with self.precision():
                     shared = prefix.rows(rows) if prefix is not None else None
-                    logp, entropy = token_logprobs(self.model, ids, attn, rollout.prompt_len, shared)  # (n, C) each
+                    logp, entropy = token_logprobs(
+                        self.model, ids, attn, rollout.prompt_len, shared, share_prompts=self.share_prompts
+                    )  # (n, C) each
                 ref_logp = None
                 if self.reference.enabled:
                     with self.precision():
-                        ref_logp = self.reference.logprobs(ids, attn, rollout.prompt_len)
+                        ref_logp = self.reference.logprobs(ids, attn, rollout.prompt_len, self.share_prompts)
                 sampler = rollout.sampler_logprobs[rows, :width] if rollout.sampler_logprobs is not None else None
                 parts = policy_loss(logp, ref_logp, adv[rows], m, cfg, normaliser, sampler)
                 if mismatch is not None and parts.mismatch is not None:
@@ -345,7 +399,11 @@ class Loop:
                 entropy_sum += float((entropy.detach() * m).sum())
             if prefix is not None:
                 prefix.backward()  # the prompts' share of the gradient, once for all micro-batches
-        grad_norm = clip_gradients(self.model, cfg.max_grad_norm)
+            self.ranks.reduce_gradients(trainable(self.model))
+        sums = [loss_total, kl_sum, clipped, entropy_sum, *(astuple(mismatch) if mismatch is not None else ())]
+        loss_total, kl_sum, clipped, entropy_sum, *rest = self.ranks.sum(sums)
+        mismatch = Mismatch(*rest) if mismatch is not None else None
+        grad_norm = clip_gradients(self.model, cfg.max_grad_norm, self.ranks)
         reason = guards.refusal(self.state.guard, loss_total, grad_norm, cfg.max_grad_norm)
         if reason:
             self.optimizer.zero_grad(set_to_none=True)
@@ -367,6 +425,12 @@ class Loop:
             "mismatch/kl": None if mismatch is None else mismatch.kl / tokens,
             "mismatch/capped_fraction": None if mismatch is None else mismatch.capped_tokens / tokens,
         }
+
+    def my_rows(self, n: int, group: int, micro_batch: int) -> tuple[range, int]:
+        """This rank's rows of an `n`-row rollout (whole groups of `group` rows: rank r trains the
+        groups of its share) and the micro-batches every rank runs (those of the largest share)."""
+        groups = self.ranks.share(n // group)
+        return range(groups.start * group, groups.stop * group), -(-self.ranks.most(n // group) * group // micro_batch)
 
     def sync_weights(self) -> None:
         """Hand the engine the weights the optimizer (or a rollback) just set."""
@@ -419,13 +483,7 @@ class Loop:
         rollout, grades = self.sample_and_grade(
             self.valid, cfg.eval_samples, derive_seed(self.seed, "eval"), evaluation=True
         )
-        kl = None
-        if self.reference.enabled:
-            mask = rollout.completion_mask.float()
-            logp, _ = token_logprobs(self.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
-            ref = self.reference.logprobs(rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
-            delta = ref - logp
-            kl = float(((delta.exp() - delta - 1) * mask).sum() / mask.sum().clamp(min=1))
+        kl = self.kl_to_reference(rollout) if self.reference.enabled else None
         samples = [
             {
                 "prompt": self.valid[i // cfg.eval_samples].messages[-1].get("content"),
@@ -445,6 +503,22 @@ class Loop:
             "graders": per_grader,
             "samples": samples,
         }
+
+    def kl_to_reference(self, rollout: Rollout) -> float:
+        """KL from the reference over the completions' tokens (k3), each rank scoring its share."""
+        mine, _ = self.my_rows(len(rollout.texts), self.cfg.eval_samples, 1)
+        rows, weight = torch.arange(mine.start, mine.stop), 1.0
+        if not len(mine) and self.ranks.sharded:
+            rows, weight = torch.zeros(1, dtype=torch.long), 0.0  # FSDP2: every rank runs the same passes
+        total, count = 0.0, 0.0
+        if len(rows):
+            ids, attn, p = rollout.input_ids[rows], rollout.attention_mask[rows], rollout.prompt_len
+            mask = rollout.completion_mask[rows].float() * weight
+            logp, _ = token_logprobs(self.model, ids, attn, p, share_prompts=self.share_prompts)
+            delta = self.reference.logprobs(ids, attn, p, self.share_prompts) - logp
+            total, count = float(((delta.exp() - delta - 1) * mask).sum()), float(mask.sum())
+        total, count = self.ranks.sum([total, count])
+        return total / max(count, 1.0)
 
     def rollback(self, step: int, reason: str) -> None:
         """Refuse this update: back to the last checkpoint (or the base weights), learning rate halved."""
@@ -491,9 +565,9 @@ def live_part(mask: torch.Tensor, start: int, size: int) -> tuple[torch.Tensor, 
     return rows + start, int(used.max()) + 1
 
 
-def clip_gradients(model: Any, max_norm: float) -> float:
-    """The gradient norm before clipping (a seam the stability tests inject faults through)."""
-    return float(torch.nn.utils.clip_grad_norm_(trainable(model), max_norm))
+def clip_gradients(model: Any, max_norm: float, ranks: Ranks = SINGLE) -> float:
+    """The gradient norm before clipping, over every rank (a seam the stability tests inject faults through)."""
+    return ranks.clip_gradients(trainable(model), max_norm)
 
 
 def metrics_of(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -36,6 +36,7 @@ def token_logprobs(
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     *,
     chunk_tokens: int | None = None,
+    share_prompts: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities and entropies (the latter without gradient) of the completion tokens, (N, C).
 
@@ -49,6 +50,9 @@ def token_logprobs(
     The (N, C, V) logits never exist at once: the head runs over `chunk_tokens` positions at a time
     (`chunked.chunked_logprobs`). `chunk_tokens=0` computes the full logits, as models whose head
     `chunked.head_of` cannot reproduce do.
+
+    `share_prompts=False` takes the plain pass always: one forward per call, whatever the rows, as
+    FSDP2 needs of every rank (`ranks.py`).
     """
     head = head_of(model) if chunk_tokens != 0 else None
     targets = input_ids[:, prompt_len:]  # (N, C)
@@ -66,7 +70,7 @@ def token_logprobs(
             cache=DynamicCache(ddp_cache_data=prefix, config=model.config),
             use_cache=True,
         )
-    shared = None if replayed else shared_prefix(model, input_ids, attention_mask, prompt_len)
+    shared = None if replayed or not share_prompts else shared_prefix(model, input_ids, attention_mask, prompt_len)
     if shared is None:
         return _scores(
             model,

@@ -18,13 +18,14 @@ from workers.rl.policy import autocast_dtype, reuses_prefix
 from workers.rl.vllm_engine import sampling_dtype
 
 
-def device_memory(settings: Settings, device: str) -> int:
-    """Bytes a job may use: `RFT_WORKER_MEMORY_GIB`, else the GPU's memory, else the host's."""
+def device_memory(settings: Settings, device: str, ranks: int = 1) -> int:
+    """Bytes one rank of a job may use: `RFT_WORKER_MEMORY_GIB`, else its GPU's memory, else its
+    share of the host's (the ranks of a job on a CPU share one memory)."""
     if settings.worker_memory_gib:
         return int(settings.worker_memory_gib * memory_plan.GIB)
     if device == "cuda":
-        return int(torch.cuda.get_device_properties(0).total_memory)
-    return memory_plan.host_memory()
+        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    return memory_plan.host_memory() // ranks
 
 
 def workload(
@@ -50,7 +51,9 @@ def workload(
         engine="vllm" if cfg.rollout_engine == "vllm" else "torch",
         vllm_kv_cache_gib=settings.vllm_kv_cache_gib,
         vllm_bf16=sampling_dtype(model, settings) == torch.bfloat16,
-        keeps_prefix=reuses_prefix(model, cfg),
+        keeps_prefix=reuses_prefix(model, cfg) and cfg.n_devices == 1,  # as `Loop.reuse_prefix`
+        devices=cfg.n_devices,
+        sharded=cfg.sharded,
     )
 
 

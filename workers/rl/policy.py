@@ -18,9 +18,12 @@ from typing import Any
 import torch
 
 from service.core.settings import Settings
-from service.models.registry import load_fresh, resolve
+from service.models import thinking
+from service.models.registry import load_fresh, resolve_for_project
 from workers.rl.config import RLConfig
 from workers.rl.loss import token_logprobs
+
+EFFORT_PARAM = "method.reinforcement.hyperparameters.reasoning_effort"
 
 
 def autocast_dtype(precision: str, device_type: str) -> torch.dtype | None:
@@ -30,15 +33,21 @@ def autocast_dtype(precision: str, device_type: str) -> torch.dtype | None:
     return None
 
 
-def build_policy(model_name: str, cfg: RLConfig, settings: Settings, device: str, *, seed: int) -> tuple[Any, Any]:
+def build_policy(
+    model_name: str, cfg: RLConfig, settings: Settings, device: str, *, seed: int, project_id: str | None = None
+) -> tuple[Any, Any]:
     """The model to train: the base model, wrapped in fresh LoRA adapters when `cfg.lora_rank` > 0.
 
     The adapters' random A matrices are drawn right after seeding with `seed`, not from whatever state
     loading left the global RNG in: the first load of a GGUF model converts it and consumes random
     numbers, later loads read the cached copy and do not, and the same seed must give the same job.
-    `cfg.gradient_checkpointing` keeps only each layer's input and replays the layer in the backward pass."""
+    `cfg.gradient_checkpointing` keeps only each layer's input and replays the layer in the backward pass.
+    A `ft:` model is one `project_id` owns or was granted, checked again here: a grant revoked since the
+    job was created fails it."""
     frozen_base = autocast_dtype(settings.training_precision, torch.device(device).type) if cfg.lora_rank else None
-    model, tokenizer = load_fresh(resolve(model_name), settings, dtype=frozen_base)
+    model, tokenizer = load_fresh(resolve_for_project(model_name, settings, project_id), settings, dtype=frozen_base)
+    # Every rollout, evaluation and saved checkpoint renders with the switch the job asked for.
+    tokenizer = thinking.pin(tokenizer, model_name, cfg.reasoning_effort, EFFORT_PARAM)
     if cfg.gradient_checkpointing:
         checkpoint_activations(model)
     if cfg.lora_rank > 0:
@@ -90,8 +99,10 @@ class Reference:
         self.copy = copy.deepcopy(model).eval().requires_grad_(False) if self.enabled and not self.lora else None
 
     @torch.no_grad()
-    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    def logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, share_prompts: bool = True
+    ) -> torch.Tensor:
         if self.lora:
             with self.model.disable_adapter():
-                return token_logprobs(self.model, input_ids, attention_mask, prompt_len)[0]
-        return token_logprobs(self.copy, input_ids, attention_mask, prompt_len)[0]
+                return token_logprobs(self.model, input_ids, attention_mask, prompt_len, share_prompts=share_prompts)[0]
+        return token_logprobs(self.copy, input_ids, attention_mask, prompt_len, share_prompts=share_prompts)[0]

@@ -19,6 +19,7 @@ from service.models.constraints import Constraint
 from service.models.guided import Guide
 from service.models.sampling import draw
 from service.models.templates import eos_ids, render_prompt
+from workers.rl.state import derive_seed
 
 
 @dataclass
@@ -66,14 +67,17 @@ def sample(
     temperature: float,
     top_p: float,
     seed: int,
+    first: int = 0,
     greedy: bool = False,
     keep_prefix: bool = False,
     tools: Sequence[Sequence[Mapping[str, Any]] | None] | None = None,
     constraint: Constraint | None = None,
 ) -> Rollout:
     """`n_per_prompt` completions of each conversation (rendered with its function `tools`, where
-    given), laid out prompt by prompt, held to `constraint` where given. With `keep_prefix` the
-    prompt pass runs with autograd on and comes back as `Rollout.prefix`, for the update."""
+    given), laid out prompt by prompt, held to `constraint` where given. Conversation i draws its
+    tokens from `derive_seed(seed, first + i)` alone (`RowUniforms`), so a batch split into parts
+    (across ranks) samples what it would whole. With `keep_prefix` the prompt pass runs with
+    autograd on and comes back as `Rollout.prefix`, for the update."""
     listed = tools if tools is not None else [None] * len(conversations)
     prompts = [render_prompt(tokenizer, c, t) for c, t in zip(conversations, listed, strict=True)]
     prompts = [p for p in prompts for _ in range(n_per_prompt)]
@@ -93,7 +97,7 @@ def sample(
         max_new_tokens=max_new_tokens,
         temperature=0.0 if greedy else temperature,
         top_p=top_p,
-        seed=seed,
+        uniforms=RowUniforms([derive_seed(seed, first + i) for i in range(len(conversations))], n_per_prompt),
         eos_ids=stops,
         pad_id=tokenizer.pad_token_id,
         keep_prefix=keep_prefix,
@@ -135,7 +139,7 @@ def decode(
     max_new_tokens: int,
     temperature: float,
     top_p: float,
-    seed: int,
+    uniforms: RowUniforms,
     eos_ids: torch.Tensor,
     pad_id: int,
     keep_prefix: bool = False,
@@ -147,11 +151,10 @@ def decode(
     asks for it.
 
     The prompts go through `prefix_pass` (each distinct prompt once, all but its last token), then
-    one token per row per step over the KV cache. Tokens are drawn by `service.models.sampling.pick`
-    from a generator seeded with `seed`, so the same seed gives the same tokens; a `guide` masks
-    the logits to what its grammar allows first.
+    one token per row per step over the KV cache. Tokens are drawn by `service.models.sampling.draw`
+    with each row's next number from `uniforms`, so the same seeds give the same tokens; a `guide`
+    masks the logits to what its grammar allows first.
     """
-    generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (N, P)
     prompt_len = input_ids.shape[1]
     cache, step_ids, step_positions, prefix = None, input_ids, positions, None
@@ -177,7 +180,7 @@ def decode(
         )
         cache = out.cache
         logits = out.logits[:, -1] if guide is None else guide.mask_(out.logits[:, -1].float())  # (N, V)
-        chosen, logp = draw(logits, temperature, top_p, generator)  # (N,) each
+        chosen, logp = draw(logits, temperature, top_p, None, uniforms.next())  # (N,) each
         chosen = torch.where(ended, torch.full_like(chosen, pad_id), chosen)
         if guide is not None:
             guide.advance(chosen.tolist())
@@ -191,6 +194,27 @@ def decode(
     if not tokens:
         return input_ids[:, :0], input_ids[:, :0].float(), prefix
     return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1), prefix
+
+
+class RowUniforms:
+    """The uniform numbers each row's draws invert, step after step: prompt i's `n` rows take theirs
+    from a generator of its own seeded with `seeds[i]`, so a row's numbers do not depend on which
+    other prompts share its batch. Drawn on the CPU (the same numbers on any device), a block of
+    steps at a time."""
+
+    BLOCK = 32
+
+    def __init__(self, seeds: list[int], n: int) -> None:
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.n, self.step, self.block = n, 0, torch.empty(0, 0)
+
+    def next(self) -> torch.Tensor:
+        """(prompts * n,) the numbers of the next step."""
+        if self.step % self.BLOCK == 0:  # (BLOCK, prompts * n)
+            self.block = torch.cat([torch.rand(self.BLOCK, self.n, generator=g) for g in self.generators], dim=1)
+        row = self.block[self.step % self.BLOCK]
+        self.step += 1
+        return row
 
 
 def prefix_pass(

@@ -36,6 +36,7 @@ from service.core.settings import Settings
 from service.models.constraints import Constraint
 from service.models.templates import eos_ids, render_prompt
 from workers.rl.rollout import Rollout
+from workers.rl.state import derive_seed
 
 SIDECAR = Path(__file__).with_name("vllm_sidecar.py")
 SHARED_MEMORY = Path("/dev/shm")
@@ -122,6 +123,7 @@ class VllmEngine:
         temperature: float,
         top_p: float,
         seed: int,
+        first: int = 0,
         greedy: bool = False,
         keep_prefix: bool = False,
         tools: Sequence[Sequence[Mapping[str, Any]] | None] | None = None,
@@ -142,7 +144,7 @@ class VllmEngine:
                 "max_tokens": max_new_tokens,
                 "temperature": 0.0 if greedy else temperature,
                 "top_p": top_p,
-                "seed": seed,
+                "seeds": [derive_seed(seed, first + i) for i in range(len(prompts))],
                 "stop_token_ids": self.stop_ids,
             }
         )

@@ -11,7 +11,7 @@ Protocol: one JSON object per line. The answers go to the stdout this process st
 printing is moved to stderr first. After start-up it writes `{"ready": true, "seconds": ...}`, then
 answers each request with one line: `{"ok": ...}` or `{"error": "..."}`.
 
-- `{"op": "sample", "prompts": [[ids]], "n", "max_tokens", "temperature", "top_p", "seed",
+- `{"op": "sample", "prompts": [[ids]], "n", "max_tokens", "temperature", "top_p", "seeds": [one a prompt],
   "stop_token_ids": [ids], "grammar": lark or null}` -> per prompt, `n` completions of
   `{"token_ids", "logprobs", "finish_reason"}`, each held to the Lark grammar (llguidance's dialect) if any;
   `logprobs` are the sampler's log-probabilities of the chosen tokens after temperature and top-p
@@ -45,21 +45,26 @@ def sample(llm: Any, request: dict[str, Any], adapter: Any = None) -> list[list[
     grammar = request.get("grammar")
 
     greedy, n = float(request["temperature"]) == 0.0, int(request["n"])
-    params = SamplingParams(
-        n=1 if greedy else n,  # vLLM refuses n > 1 when greedy: the prompt goes n times instead
-        max_tokens=int(request["max_tokens"]),
-        temperature=float(request["temperature"]),
-        top_p=1.0 if greedy else float(request["top_p"]),
-        seed=int(request["seed"]),
-        stop_token_ids=[int(i) for i in request["stop_token_ids"]],
-        logprobs=0,  # the chosen token's own logprob only
-        skip_special_tokens=False,
-        detokenize=False,
-        structured_outputs=None if grammar is None else StructuredOutputsParams(grammar=grammar),
-    )
+
+    def params(seed: int) -> Any:  # each prompt its own seed: a part of a batch samples what the whole would
+        return SamplingParams(
+            n=1 if greedy else n,  # vLLM refuses n > 1 when greedy: the prompt goes n times instead
+            max_tokens=int(request["max_tokens"]),
+            temperature=float(request["temperature"]),
+            top_p=1.0 if greedy else float(request["top_p"]),
+            seed=seed,
+            stop_token_ids=[int(i) for i in request["stop_token_ids"]],
+            logprobs=0,  # the chosen token's own logprob only
+            skip_special_tokens=False,
+            detokenize=False,
+            structured_outputs=None if grammar is None else StructuredOutputsParams(grammar=grammar),
+        )
+
     copies = n if greedy else 1
-    prompts = [{"prompt_token_ids": [int(i) for i in ids]} for ids in request["prompts"] for _ in range(copies)]
-    results = llm.generate(prompts, params, use_tqdm=False, lora_request=adapter)
+    pairs = [(ids, int(seed)) for ids, seed in zip(request["prompts"], request["seeds"], strict=True)]
+    prompts = [{"prompt_token_ids": [int(i) for i in ids]} for ids, _ in pairs for _ in range(copies)]
+    per_prompt = [params(seed) for _, seed in pairs for _ in range(copies)]
+    results = llm.generate(prompts, per_prompt, use_tqdm=False, lora_request=adapter)
     groups = []
     for first in range(0, len(results), copies):
         completions = []

@@ -20,22 +20,8 @@ export class ApiError extends Error {
   }
 }
 
-export async function api(path, { method = "GET", body } = {}) {
-  const key = getKey();
-  if (!key) throw new ApiError(401, "No API key: paste one first.");
-  const headers = { Authorization: `Bearer ${key}` };
-  if (body !== undefined) headers["Content-Type"] = "application/json";
-  let response;
-  try {
-    response = await fetch(`/v1${path}`, {
-      method,
-      headers,
-      body: body === undefined ? undefined : JSON.stringify(body),
-      cache: "no-store",
-    });
-  } catch (err) {
-    throw new ApiError(0, `The server did not answer (${err.message}). Is rft still running?`);
-  }
+// The API's answer as JSON, or an ApiError carrying its `{message, param, code}`.
+async function answer(response) {
   const text = await response.text();
   let json = null;
   try {
@@ -48,6 +34,58 @@ export async function api(path, { method = "GET", body } = {}) {
     throw new ApiError(response.status, (error && error.message) || text || response.statusText, error);
   }
   return json;
+}
+
+async function send(path, init) {
+  const key = getKey();
+  if (!key) throw new ApiError(401, "No API key: paste one first.");
+  try {
+    return await fetch(`/v1${path}`, { ...init, headers: { Authorization: `Bearer ${key}`, ...init.headers }, cache: "no-store" });
+  } catch (err) {
+    if (err.name === "AbortError") throw err;
+    throw new ApiError(0, `The server did not answer (${err.message}). Is rft still running?`);
+  }
+}
+
+export async function api(path, { method = "GET", body } = {}) {
+  const json = body !== undefined;
+  const init = { method, headers: json ? { "Content-Type": "application/json" } : {}, body: json ? JSON.stringify(body) : undefined };
+  return answer(await send(path, init));
+}
+
+// A file uploaded as the openai SDK does: multipart `file` and `purpose` to POST /v1/files.
+export async function uploadFile(file, purpose = "fine-tune") {
+  const form = new FormData();
+  form.append("purpose", purpose);
+  form.append("file", file, file.name);
+  return answer(await send("/files", { method: "POST", body: form }));
+}
+
+// POST /v1/chat/completions with `stream: true`: calls `onChunk` with each server-sent chunk
+// until `[DONE]`; an error before the stream is an ApiError, one inside it (an `error` event) too.
+export async function streamChat(body, onChunk, signal) {
+  const init = { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ ...body, stream: true }), signal };
+  const response = await send("/chat/completions", init);
+  if (!response.ok) return answer(response);
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const data = event.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("\n");
+      if (!data) continue;
+      if (data === "[DONE]") return;
+      const chunk = JSON.parse(data);
+      if (chunk.error) throw new ApiError(500, chunk.error.message, chunk.error);
+      onChunk(chunk);
+    }
+  }
 }
 
 function withQuery(path, params) {

@@ -1,17 +1,24 @@
 // The dashboard's shell: the API key, hash routing, and the polling each view asks for.
-// Routes: #/jobs, #/jobs/{id}, #/jobs/{id}/rollouts, #/playground.
+// Routes: #/jobs, #/jobs/new, #/jobs/{id}, #/jobs/{id}/rollouts, #/compare?jobs=a,b&metric=m,
+// #/chat?model=m, #/playground.
 
 import { ApiError, api, getKey, setKey } from "./api.js";
+import { renderChat } from "./chat.js";
+import { renderCompare } from "./compare.js";
 import { errorBox, h, replace } from "./dom.js";
 import { renderJob } from "./job.js";
 import { renderJobs } from "./jobs.js";
+import { renderNewJob } from "./newjob.js";
 import { renderPlayground } from "./playground.js";
 import { renderRollouts } from "./rollouts.js";
 
 const ROUTES = [
+  [/^#\/jobs\/new$/, renderNewJob, "new"],
   [/^#\/jobs\/([^/]+)\/rollouts$/, renderRollouts, "jobs"],
   [/^#\/jobs\/([^/]+)$/, renderJob, "jobs"],
   [/^#\/jobs$/, renderJobs, "jobs"],
+  [/^#\/compare(?:\?|$)(.*)$/, renderCompare, "compare"],
+  [/^#\/chat(?:\?|$)(.*)$/, renderChat, "chat"],
   [/^#\/playground$/, renderPlayground, "playground"],
 ];
 
@@ -24,6 +31,7 @@ class ViewContext {
     this.live = true;
     this.timers = new Set();
     this.resizers = [];
+    this.stoppers = [];
   }
 
   alive() {
@@ -49,9 +57,15 @@ class ViewContext {
     this.resizers.push(fn);
   }
 
+  // Work to end when the user leaves the view (a chat answer still streaming, say).
+  onStop(fn) {
+    this.stoppers.push(fn);
+  }
+
   stop() {
     this.live = false;
     for (const t of this.timers) clearTimeout(t);
+    for (const fn of this.stoppers) fn();
   }
 }
 

@@ -64,7 +64,7 @@ function clean(points) {
 /**
  * A `<figure>` with the chart, sized to `width` CSS pixels.
  * spec: {title, unit, series: [{name, points: [[step, y]], color?, dashed?}], hlines?: [{y, label, color?}],
- *        yFixed?: [lo, hi] (always shown), emptyText}
+ *        yFixed?: [lo, hi] (always shown), emptyText, height?}
  */
 export function lineChart(spec, width) {
   const series = spec.series.map((sr, i) => ({ ...sr, color: sr.color || PALETTE[i % PALETTE.length], points: clean(sr.points) }));
@@ -91,7 +91,7 @@ export function lineChart(spec, width) {
   figure.append(legend);
 
   const W = Math.max(260, Math.floor(width));
-  const H = W < 480 ? 190 : 230;
+  const H = spec.height || (W < 480 ? 190 : 230);
   const plotW = W - MARGIN.left - MARGIN.right;
   const plotH = H - MARGIN.top - MARGIN.bottom;
   const xs = drawn.flatMap((sr) => sr.points.map((p) => p[0]));

@@ -109,3 +109,15 @@ export function keyValueTable(entries) {
 export function pretty(value) {
   return JSON.stringify(value, null, 2);
 }
+
+// GET /v1/models as a <select>'s options: base models, then the project's fine-tuned models and
+// checkpoints (`ft:...`).
+export function modelOptions(select, models) {
+  const base = models.filter((m) => !m.id.startsWith("ft:"));
+  const tuned = models.filter((m) => m.id.startsWith("ft:"));
+  replace(
+    select,
+    h("optgroup", { label: "Base models" }, base.map((m) => h("option", { value: m.id }, m.id))),
+    tuned.length ? h("optgroup", { label: "Fine-tuned models and checkpoints" }, tuned.map((m) => h("option", { value: m.id }, m.id))) : null,
+  );
+}

@@ -205,7 +205,14 @@ export function renderJob(root, [jobId], view) {
     replace(
       el.head,
       h("div", null, h("a", { href: "#/jobs", class: "back" }, "← Jobs"), h("h1", null, h("span", { class: "mono" }, job.id), " ", statusBadge(job.status)), requested ? h("p", { class: "muted", id: "requested" }, requested) : null),
-      h("div", { class: "head-actions" }, h("a", { class: "button secondary", href: `#/jobs/${encodeURIComponent(job.id)}/rollouts` }, "Rollout browser"), actions(job, state, act)),
+      h(
+        "div",
+        { class: "head-actions" },
+        h("a", { class: "button secondary", href: `#/jobs/${encodeURIComponent(job.id)}/rollouts` }, "Rollout browser"),
+        h("a", { class: "button secondary", href: `#/compare?jobs=${encodeURIComponent(job.id)}`, id: "compare-link" }, "Compare"),
+        job.fine_tuned_model ? h("a", { class: "button secondary", href: `#/chat?model=${encodeURIComponent(job.fine_tuned_model)}`, id: "chat-link" }, "Chat") : null,
+        actions(job, state, act),
+      ),
     );
   };
 

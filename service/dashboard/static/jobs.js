@@ -70,7 +70,7 @@ export function renderJobs(root, _params, view) {
     if (!jobs) return;
     const shown = filter ? jobs.filter((j) => j.status === filter) : jobs;
     if (!shown.length) {
-      replace(table, empty(jobs.length ? `No ${filter.replace("_", " ")} jobs.` : "No jobs yet. Create one with the openai SDK (see the README); it appears here on its own."));
+      replace(table, empty(jobs.length ? `No ${filter.replace("_", " ")} jobs.` : "No jobs yet. Create one with New job, or with the openai SDK (see the README); it appears here on its own."));
       return;
     }
     const head = ["Job", "Status", "Base model", "Created", "Progress", "Best valid reward", "ETA"];
@@ -85,10 +85,15 @@ export function renderJobs(root, _params, view) {
     );
   };
   root.append(
-    h("div", { class: "page-head" }, h("h1", null, "Fine-tuning jobs"), filterBar((value) => {
-      filter = value;
-      draw();
-    })),
+    h(
+      "div",
+      { class: "page-head" },
+      h("h1", null, "Fine-tuning jobs"),
+      h("div", { class: "head-actions" }, filterBar((value) => {
+        filter = value;
+        draw();
+      }), h("a", { class: "button", href: "#/jobs/new", id: "new-job-link" }, "New job")),
+    ),
     status,
     h("section", { class: "card" }, table),
   );

@@ -3,19 +3,8 @@
 
 import { api, getKey, listAll } from "./api.js";
 import { errorBox, h, keyValueTable, num, pretty, replace, rewardClass } from "./dom.js";
+import { EXACT, PRESETS } from "./graders.js";
 
-const EXACT = { type: "string_check", name: "exact", input: "{{sample.output_text}}", reference: "{{item.answer}}", operation: "eq" };
-const FUZZY = { type: "text_similarity", name: "close", input: "{{sample.output_text}}", reference: "{{item.answer}}", evaluation_metric: "fuzzy_match" };
-const PRESETS = {
-  "string_check (exact answer)": EXACT,
-  "text_similarity (fuzzy_match)": FUZZY,
-  "python (number close to the answer)": {
-    type: "python",
-    name: "close_number",
-    source: "def grade(sample, item):\n    try:\n        got = float(sample['output_text'].strip())\n    except ValueError:\n        return 0.0\n    return max(0.0, 1.0 - abs(got - float(item['answer'])) / 10)\n",
-  },
-  "multi (exact + fuzzy)": { type: "multi", name: "blend", graders: { exact: EXACT, close: FUZZY }, calculate_output: "0.7 * exact + 0.3 * close" },
-};
 const ITEM = { messages: [{ role: "user", content: "What is 7 + 5? Answer with just the number." }], answer: "12" };
 
 // The first line of a file, read from the start of its content without downloading all of it.
