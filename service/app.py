@@ -104,7 +104,8 @@ def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     first: dict[str, Any] = exc.errors()[0]
     loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "header", "path")]
     # Union members ("auto" | int) add their type name to the location: drop those.
-    loc = [p for p in loc if not p.startswith(("literal[", "int", "float", "str", "constrained"))]
+    # (Exact names: a field such as `integrations` is no type name.)
+    loc = [p for p in loc if p not in ("int", "float", "str", "bool") and not p.startswith(("literal[", "constrained"))]
     param = ".".join(loc) or None
     if first.get("type") == "extra_forbidden":
         message = f"Unrecognized request argument supplied: {param}"

@@ -293,7 +293,7 @@ def test_new_job_form_uploads_the_files_and_creates_a_job_that_runs(
     train, valid = tmp_path / "form-train.jsonl", tmp_path / "form-valid.jsonl"
     train.write_bytes(jsonl(LINES[:6]))
     valid.write_bytes(jsonl(LINES[6:]))
-    files_before = len(server.client.files.list().data)
+    files_before = len(server.client.files.list(purpose="fine-tune").data)  # not the results files of jobs
     page = watched.open("#/jobs/new")
     page.wait_for_selector('#model option[value="tiny-random-llama"]', state="attached")
     page.set_input_files("#training_file-upload", str(train))
@@ -319,7 +319,7 @@ def test_new_job_form_uploads_the_files_and_creates_a_job_that_runs(
     assert (hp["n_epochs"], hp["beta"], hp["lora_rank"]) == (2, 0.02, 4)
     assert server.client.files.retrieve(job["training_file"]).filename == "form-train.jsonl"
     assert server.client.files.retrieve(job["validation_file"]).filename == "form-valid.jsonl"
-    assert len(server.client.files.list().data) == files_before + 2
+    assert len(server.client.files.list(purpose="fine-tune").data) == files_before + 2
     assert watched.errors == []
 
 

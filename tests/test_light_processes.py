@@ -1,5 +1,6 @@
-"""Submitting and polling jobs must stay light: the API never imports torch for them, and the
-Celery worker's parent process imports none of it before it forks its job processes."""
+"""Submitting and polling jobs must stay light: the API never imports torch (nor the trackers' wandb
+and mlflow) for them, pre-flight included, and the Celery worker's parent process imports none of
+it before it forks its job processes."""
 
 from __future__ import annotations
 
@@ -30,11 +31,14 @@ with TestClient(create_app(settings)) as client:
     grader = {"type": "string_check", "name": "g", "input": "a", "reference": "a", "operation": "eq"}
     body = {"model": "tiny-random-llama", "training_file": file_id,
             "method": {"type": "reinforcement", "reinforcement": {"grader": grader}}}
+    assert client.post("/v1/fine_tuning/jobs/preflight", headers=auth, json=body).status_code == 200
+    body["integrations"] = [{"type": "wandb", "wandb": {"project": "p"}},
+                            {"type": "mlflow", "mlflow": {"experiment": "e"}}]
     job = client.post("/v1/fine_tuning/jobs", headers=auth, json=body).json()
     assert client.get("/v1/fine_tuning/jobs/" + job["id"], headers=auth).status_code == 200
     assert client.get("/v1/fine_tuning/jobs/" + job["id"] + "/events", headers=auth).status_code == 200
 import workers.tasks  # what the Celery parent imports
-heavy = sorted(m for m in ("torch", "transformers", "peft") if m in sys.modules)
+heavy = sorted(m for m in ("torch", "transformers", "peft", "wandb", "mlflow") if m in sys.modules)
 print("HEAVY", heavy)
 """
 

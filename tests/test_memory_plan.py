@@ -269,6 +269,7 @@ def test_cuda_budget_is_the_gpus_memory(monkeypatch: pytest.MonkeyPatch) -> None
     class Props:
         total_memory = 80 * GIB
 
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: Props())
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Props() if index == 1 else None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # rank 1's GPU, on a worker with several
     assert plan.device_memory(Settings(), "cuda") == 80 * GIB
     assert plan.device_memory(Settings(worker_memory_gib=24), "cuda") == 24 * GIB

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +21,14 @@ from service.core.settings import Settings
 from service.core.storage import Storage, job_folder
 from service.core.tables import Job
 from service.files.repository import files_of_job
-from service.jobs import repository
+from service.jobs import budget, repository
 from service.jobs.outcomes import checkpoint_created
 from service.jobs.service import fine_tuned_model_name
 from workers import shutdown
 from workers.lease import Heartbeat
 from workers.retry import in_transaction
+from workers.throughput import record_throughput
+from workers.tracking import Tracking
 
 Control = Literal["cancel", "pause", "stop"]
 
@@ -86,6 +89,15 @@ class JobContext:
     heartbeat: Heartbeat
     job: dict[str, Any] = field(default_factory=dict)  # the job row's columns, read at start
     local_keys: list[str] = field(default_factory=list)  # the job's files, copied to this host at start
+    tracking: Tracking = field(init=False)  # the job's integrations (W&B, MLflow)
+    _tick: float = field(init=False, default_factory=time.monotonic)  # running time counted up to here
+    _last_step: tuple[int, Any] = field(init=False, default=(0, None))  # (step, total_steps) last recorded
+
+    def __post_init__(self) -> None:
+        def notify(level: str, message: str, data: dict[str, Any], key: str) -> None:
+            self.event(message, level=level, data=data, dedupe_key=key)
+
+        self.tracking = Tracking(self.job, self.settings, notify)
 
     @classmethod
     def load(cls, job_id: str, settings: Settings, storage: Storage, heartbeat: Heartbeat) -> JobContext:
@@ -130,40 +142,76 @@ class JobContext:
         self._write(lambda s, job: repository.add_event(s, job, message, level=level, data=data, dedupe_key=dedupe_key))
 
     def metrics(self, step: int, data: dict[str, Any]) -> None:
-        """Record one step's metrics and its `metrics` event, once per step."""
+        """Record one step's metrics and its `metrics` event once per step, count its trained tokens,
+        then hand the step to the job's trackers and its timing to the throughput figures."""
 
-        def write(session: Any, job: Job) -> None:
-            if repository.record_metrics(session, job, step, data):
-                repository.add_event(
-                    session,
-                    job,
-                    f"Step {step}/{data.get('total_steps', '?')}",
-                    type="metrics",
-                    data={"step": step, **data},
-                    dedupe_key=f"metrics:{step}",
-                )
+        def write(session: Any, job: Job) -> bool:
+            if not repository.record_metrics(session, job, step, data):
+                return False
+            repository.add_event(
+                session,
+                job,
+                f"Step {step}/{data.get('total_steps', '?')}",
+                type="metrics",
+                data={"step": step, **data},
+                dedupe_key=f"metrics:{step}",
+            )
+            if isinstance(data.get("trained_tokens"), int):
+                job.trained_tokens = (job.trained_tokens or 0) + data["trained_tokens"]
+            return True
 
-        self._write(write)
+        self._last_step = (step, data.get("total_steps"))
+        if self._write(write):
+            self.tracking.log(step, data)
+            record_throughput(self.settings, self.job, data)
 
     def control(self) -> Control | None:
         """The pending request a trainer must honour after its current step, if any: the user's
-        cancel or pause, else "stop" when this worker is shutting down (checkpoint, then return
-        `TrainingResult("requeued")`)."""
+        cancel or pause, a "pause" for a budget cap the job reached before its last step (with an
+        event naming it: service/jobs/budget.py), else "stop" when this worker is shutting down
+        (checkpoint, then return `TrainingResult("requeued")`). Counts the job's running time."""
+        ran = self.untallied_seconds()
 
-        def read(_: Any, job: Job) -> Control | None:
-            return "cancel" if job.cancel_requested else "pause" if job.pause_requested else None
+        def read(session: Any, job: Job) -> Control | None:
+            job.running_seconds = (job.running_seconds or 0.0) + ran
+            if job.cancel_requested or job.pause_requested:
+                return "cancel" if job.cancel_requested else "pause"
+            step, total = self._last_step
+            over = budget.reached(job.method, job.running_seconds, job.trained_tokens)
+            if over is None or step == total:
+                return None
+            repository.add_event(
+                session,
+                job,
+                f"Budget cap {over.describe()} after step {step} of {total}. The job pauses with a checkpoint; "
+                f'resume it with a higher {over.cap} or none (a resume body such as {{"{over.cap}": null}}).',
+                level="warn",
+                data={**over.data(), "step": step},
+                dedupe_key=f"budget:{over.cap}:{job.attempts}",
+            )
+            return "pause"
 
         result: Control | None = self._write(read)
         return result or ("stop" if shutdown.requested() else None)
 
+    def untallied_seconds(self) -> float:
+        """Seconds run since the last count of the job's running time (and restart the count)."""
+        now = time.monotonic()
+        ran, self._tick = now - self._tick, now
+        return ran
+
     def update_job(self, **values: Any) -> None:
-        """Progress fields such as `estimated_finish` or `trained_tokens`."""
+        """Progress fields such as `estimated_finish`, or the `method` with its resolved hyperparameters
+        (which the job's trackers log as their configuration)."""
 
         def write(_: Any, job: Job) -> None:
             for name, value in values.items():
                 setattr(job, name, value)
 
         self._write(write)
+        if "method" in values:
+            self.job["method"] = values["method"]
+            self.tracking.config(values["method"].get("reinforcement", {}).get("hyperparameters", {}))
 
     def save_checkpoint(self, step: int, write: Callable[[Path], None], metrics: dict[str, Any]) -> str:
         """Write a checkpoint folder via `write(staging_dir)`, fsync and rename it, then record it.

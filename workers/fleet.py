@@ -26,6 +26,8 @@ from sqlalchemy.pool import NullPool
 from service.core.db import make_engine, transaction
 from service.core.settings import Settings
 from service.fleet import repository
+from service.fleet.throughput import device_name
+from service.jobs.integrations import installed_trackers
 from service.models.engines import vllm_unavailable
 from service.models.memory_plan import GIB, host_memory
 
@@ -33,7 +35,8 @@ log = logging.getLogger(__name__)
 PROBE = (
     "import json, torch; c = torch.cuda.is_available(); "
     "print(json.dumps({'count': torch.cuda.device_count() if c else 0, "
-    "'memory': torch.cuda.get_device_properties(0).total_memory if c else 0}))"
+    "'memory': torch.cuda.get_device_properties(0).total_memory if c else 0, "
+    "'name': torch.cuda.get_device_name(0) if c else None}))"
 )
 
 
@@ -46,7 +49,7 @@ def capabilities(settings: Settings, queues: list[str]) -> dict[str, Any]:
     """What this worker can run: its devices (RFT_WORKER_DEVICES overrides their count), one device's
     memory (RFT_WORKER_MEMORY_GIB overrides it; a CPU's share of the host's), its rollout engines and
     queues."""
-    devices = {"count": 0, "memory": 0}
+    devices: dict[str, Any] = {"count": 0, "memory": 0, "name": None}
     if any(q.startswith("training") for q in queues):
         probe = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300)
         if probe.returncode == 0:
@@ -65,6 +68,8 @@ def capabilities(settings: Settings, queues: list[str]) -> dict[str, Any]:
         "device_count": count,
         "device_memory_bytes": memory,
         "engines": ["torch"] + (["vllm"] if vllm_unavailable(settings, "") is None else []),
+        "device_name": device_name(devices.get("name") if cuda else None),
+        "trackers": installed_trackers(),
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -53,15 +54,19 @@ def _run_job(job_id: str, settings: Settings) -> None:
         log.info("job %s is not queued or is leased by another worker; nothing to do", job_id)
         return
     ctx: JobContext | None = None
+    ended = "failed"  # how the job ends here, for its trackers
     with Heartbeat(job_id, worker_id, settings) as heartbeat:
         try:
             ctx = JobContext.load(job_id, settings, storage_for(settings), heartbeat)
             result = load_trainer(settings.trainer)(ctx)
+            ended = result.status
         except LeaseLost:
             log.warning("job %s: lease lost; another worker owns it now", job_id)
+            ended = "requeued"
             return
         except StorageFull as exc:
-            _finish(job_id, worker_id, settings, "paused", message=str(exc), level="error")
+            ended = "paused"
+            _finish(job_id, worker_id, settings, "paused", message=str(exc), level="error", ran=_ran(ctx))
             return
         except RankLost as exc:
             log.warning("job %s: %s", job_id, exc)
@@ -69,7 +74,7 @@ def _run_job(job_id: str, settings: Settings) -> None:
             in_transaction(settings, lambda session: _retry_or_fail(session, job_id, worker_id, reason, settings))
             return
         except ApiError as exc:
-            _finish(job_id, worker_id, settings, "failed", error=exc.as_job_error())
+            _finish(job_id, worker_id, settings, "failed", error=exc.as_job_error(), ran=_ran(ctx))
             return
         except Exception as exc:
             log.exception("job %s crashed", job_id)
@@ -78,15 +83,23 @@ def _run_job(job_id: str, settings: Settings) -> None:
                 "message": f"Training crashed: {type(exc).__name__}: {exc}",
                 "param": None,
             }
-            _finish(job_id, worker_id, settings, "failed", error=error)
+            _finish(job_id, worker_id, settings, "failed", error=error, ran=_ran(ctx))
             return
         finally:
             if ctx is not None:
+                with contextlib.suppress(LeaseLost):  # a tracker's warn event needs the lease; the run ends anyway
+                    ctx.tracking.close(ended)
                 ctx.drop_local_copies()
+    ran = _ran(ctx)
     if result.status == "requeued":
-        in_transaction(settings, lambda session: _requeue(session, job_id, worker_id))
+        in_transaction(settings, lambda session: _requeue(session, job_id, worker_id, ran))
     else:
-        _finish(job_id, worker_id, settings, result.status, result=result)
+        _finish(job_id, worker_id, settings, result.status, result=result, ran=ran)
+
+
+def _ran(ctx: JobContext | None) -> float:
+    """The job's running seconds on this worker not yet counted (`JobContext.control` counts the rest)."""
+    return ctx.untallied_seconds() if ctx is not None else 0.0
 
 
 def _start(session: Session, job_id: str, worker_id: str, settings: Settings) -> bool:
@@ -107,7 +120,7 @@ def _mine(session: Session, job_id: str, worker_id: str) -> Job | None:
     return job
 
 
-def _requeue(session: Session, job_id: str, worker_id: str) -> None:
+def _requeue(session: Session, job_id: str, worker_id: str, ran: float) -> None:
     """This worker is stopping: back to the queue from the checkpoint the trainer just wrote, the
     attempt not counted (nothing failed), and a wake-up for the next worker once this commits."""
     job = _mine(session, job_id, worker_id)
@@ -116,6 +129,7 @@ def _requeue(session: Session, job_id: str, worker_id: str) -> None:
     checkpoints = repository.checkpoints_of(session, job_id)
     step = checkpoints[-1].step_number if checkpoints else 0
     job.status, job.enqueued_at = "queued", time.time()
+    job.running_seconds = (job.running_seconds or 0.0) + ran
     job.worker_id, job.lease_expires_at = None, None
     job.attempts = max(job.attempts - 1, 0)
     where = f"its checkpoint at step {step}" if checkpoints else "the start (no step had finished)"
@@ -161,12 +175,14 @@ def _finish(
     result: TrainingResult | None = None,
     message: str | None = None,
     level: str = "info",
+    ran: float = 0.0,
 ) -> None:
     def write(session: Session) -> None:
         job = _mine(session, job_id, worker_id)
         if job is None:
             return
         job.status = status
+        job.running_seconds = (job.running_seconds or 0.0) + ran
         job.worker_id, job.lease_expires_at = None, None
         job.cancel_requested, job.pause_requested = False, False
         if status != "paused":
@@ -175,7 +191,8 @@ def _finish(
             job.error = error
         if result and result.status == "succeeded":
             job.fine_tuned_model = result.fine_tuned_model or fine_tuned_model_name(job)
-            job.trained_tokens = result.trained_tokens
+            if result.trained_tokens is not None:  # else the sum the steps recorded (JobContext.metrics)
+                job.trained_tokens = result.trained_tokens
         text = message or (error["message"] if error else (result.message if result and result.message else None))
         repository.add_event(session, job, text or DONE_MESSAGES[status], level="error" if error else level)
         status_changed(session, storage_for(settings), job, status)

@@ -54,8 +54,14 @@ def register(sub: Any) -> None:
     p.add_argument("job")
     p.add_argument("--limit", type=int, default=20, help="how many of the latest events to print first")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new events until the job ends")
-    for action in ("cancel", "pause", "resume"):
+    for action in ("cancel", "pause"):
         leaf(jobs, action, _control(action), f"{action} a job").add_argument("job")
+    p = leaf(jobs, "resume", commands.resume_job, "resume a paused job, raising or removing its budget caps")
+    p.add_argument("job")
+    for cap in ("max-tokens", "max-wall-seconds"):
+        p.add_argument(
+            f"--{cap}", type=commands.cap_value, default=argparse.SUPPRESS, metavar="N|none", help=f"set its {cap} cap"
+        )
 
     ckpts = sub.add_parser("checkpoints", help="a job's checkpoints").add_subparsers(dest="ckpt_command", required=True)
     p = leaf(ckpts, "list", lambda a, n: commands.list_checkpoints(a, n.job, n.limit), "list checkpoints")
@@ -88,6 +94,12 @@ def _add_create(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--watch", action="store_true", help="then follow the job as `rft jobs watch` does")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the files and grader and print the resolved hyperparameters, steps, tokens and a time "
+        "estimate, without creating the job (local files are still uploaded; their ids are printed for the real run)",
+    )
 
 
 def _control(action: str) -> Handler:
@@ -95,6 +107,8 @@ def _control(action: str) -> Handler:
 
 
 def _create(api: Api, args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return commands.preflight(api, args)
     job_id = commands.create_job(api, args)
     return watch.watch(api, job_id) if args.watch else 0
 

@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
-from service.cli_client.api import Api, CliError
+from service.cli_client.api import Api, CliError, raise_for_error
 from service.cli_client.download import archive_path, download, extract
 from service.cli_client.progress import number
 
@@ -116,7 +116,8 @@ def file_id(api: Api, value: str) -> str:
     raise CliError(f"{value!r} is neither a local file nor a file id ({FILE_PREFIX}...)")
 
 
-def create_job(api: Api, args: argparse.Namespace) -> str:
+def job_request(api: Api, args: argparse.Namespace) -> dict[str, Any]:
+    """The create request's body from `rft jobs create`'s arguments, local files uploaded."""
     # Local mistakes are found before anything is uploaded.
     grader = load_grader(Path(args.grader))
     reinforcement: dict[str, Any] = {"grader": grader}
@@ -130,12 +131,16 @@ def create_job(api: Api, args: argparse.Namespace) -> str:
     training = file_id(api, args.training_file)
     if args.validation_file:
         optional["validation_file"] = file_id(api, args.validation_file)
-    job = api.openai.fine_tuning.jobs.create(
-        model=args.model,
-        training_file=training,
-        method=cast(Any, {"type": "reinforcement", "reinforcement": reinforcement}),
+    return {
+        "model": args.model,
+        "training_file": training,
+        "method": {"type": "reinforcement", "reinforcement": reinforcement},
         **{k: v for k, v in optional.items() if v is not None},
-    )
+    }
+
+
+def create_job(api: Api, args: argparse.Namespace) -> str:
+    job = api.openai.fine_tuning.jobs.create(**job_request(api, args))
     print(job.id, flush=True)
     print(f"created {job.id} ({job.status}); follow it with `rft jobs watch {job.id}`", file=sys.stderr)
     return job.id
@@ -151,6 +156,61 @@ def list_jobs(api: Api, limit: int, metadata: list[str]) -> int:
 
 def show_job(api: Api, job_id: str) -> int:
     print(api.openai.fine_tuning.jobs.retrieve(job_id).to_json(indent=2))
+    return 0
+
+
+def preflight(api: Api, args: argparse.Namespace) -> int:
+    """`rft jobs create --dry-run`: the server's pre-flight of the request, printed for a person."""
+    body = job_request(api, args)
+    response = api.http.post(api.url("fine_tuning/jobs/preflight"), headers=api.headers(), json=body)
+    raise_for_error(response)
+    print(preflight_text(response.json()))
+    return 0
+
+
+def preflight_text(p: dict[str, Any]) -> str:
+    hp, tokens, estimate = p["hyperparameters"], p["tokens"], p["estimate"]
+    files = f"training {p['training_file']['id']} ({p['training_file']['examples']} examples)"
+    if p.get("validation_file"):
+        files += f", validation {p['validation_file']['id']} ({p['validation_file']['examples']} examples)"
+    seconds = estimate["seconds"]
+    time = f"about {_duration(seconds)} on {estimate['device']}" if seconds is not None else "unknown"
+    lines = [
+        f"dry run: {p['model']} would train; nothing was created",
+        f"files:        {files}: valid",
+        f"grader:       {p['grader']['type']} {p['grader']['name']!r}: valid",
+        f"steps:        {p['total_steps']} ({hp['n_epochs']} epochs x {p['steps_per_epoch']}), "
+        f"{p['evaluations']} evaluations (baseline included)",
+        f"per step:     {hp['batch_size']} prompts x {hp['group_size']} samples, learning rate {hp['learning_rate']:g}",
+        f"tokens:       {tokens['prompt']:,} prompt + at most {tokens['completion_at_most']:,} completion = at most "
+        f"{tokens['trained_at_most']:,} trained ({tokens['counted_with']}); evaluations at most "
+        f"{tokens['evaluation_at_most']:,}",
+        f"memory:       {p['memory_plan'] or 'planned by the worker (the model config is not on the server)'}",
+        f"time:         {time} ({estimate['basis']})",
+        "hyperparameters: " + json.dumps(hp, sort_keys=True),
+    ]
+    return "\n".join(lines + [f"warning: {w}" for w in p["warnings"]])
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def cap_value(text: str) -> int | None:
+    """A budget cap from the command line: a positive integer, or `none` to remove the cap."""
+    if text.lower() in ("none", "null"):
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer or 'none'")
+    return int(text)
+
+
+def resume_job(api: Api, args: argparse.Namespace) -> int:
+    caps = {k: getattr(args, k) for k in ("max_tokens", "max_wall_seconds") if hasattr(args, k)}  # given: N or none
+    job = api.openai.fine_tuning.jobs.resume(args.job, extra_body=caps or None)
+    print(f"{job.id} {job.status}")
     return 0
 
 

@@ -113,6 +113,11 @@ class Settings(BaseSettings):
     # for the others in one collective before the job counts the silent one as lost and requeues.
     worker_devices: int = Field(default=0, ge=0)
     distributed_timeout_seconds: float = Field(default=1800.0, gt=0)
+    # MLflow tracking servers a job's `integrations` may name as `tracking_uri` (JSON list). A job names
+    # no address outside it: the workers would POST its metrics there. Without a `tracking_uri` a job
+    # logs to the workers' MLFLOW_TRACKING_URI. W&B needs none: runs go to the account of the workers'
+    # WANDB_API_KEY, or offline to $WANDB_DIR (default <data dir>/wandb) without one.
+    mlflow_tracking_uris: list[str] = Field(default_factory=list)
     # Python graders: the interpreter of their own environment (None: `.venv-grader` beside the service's
     # venv, which `make install` creates) and the bubblewrap binary that builds their sandboxes.
     grader_python: Path | None = None

@@ -109,6 +109,8 @@ class Job(Base):
     # job's smallest plan on one device (None where the API could not plan it), and the engine asked for.
     needs_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
     needs_engine: Mapped[str | None] = mapped_column(String(16))
+    # Seconds the job has run on workers, over all its attempts (what `max_wall_seconds` caps).
+    running_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
 
 
 class JobEvent(Base):
@@ -181,6 +183,26 @@ class Worker(Base):
     current_job_id: Mapped[str | None] = mapped_column(String(64))
     started_at: Mapped[float] = mapped_column(Float)
     heartbeat_at: Mapped[float] = mapped_column(Float, index=True)
+    # What throughput figures are kept by (`Throughput.device`), and the experiment trackers whose
+    # client packages it has ("wandb", "mlflow"); None: a worker of a version that did not report them.
+    device_name: Mapped[str | None] = mapped_column(String(128))
+    trackers: Mapped[list[str] | None] = mapped_column(JSON)
+
+
+class Throughput(Base):
+    """How fast a model trains on one kind of device, a rolling figure the workers update after every
+    training step (`service/fleet/throughput.py`); what the pre-flight estimate divides by."""
+
+    __tablename__ = "throughput"
+    model: Mapped[str] = mapped_column(String(256), primary_key=True)
+    device: Mapped[str] = mapped_column(String(128), primary_key=True)  # `Worker.device_name`
+    mode: Mapped[str] = mapped_column(String(8), primary_key=True)  # "full" or "lora"
+    steps: Mapped[int] = mapped_column(Integer)  # how many steps the figure has seen
+    seconds_per_sequence: Mapped[float] = mapped_column(Float)  # a training step's, per sampled sequence
+    eval_seconds_per_sequence: Mapped[float | None] = mapped_column(Float)
+    max_completion_tokens: Mapped[int] = mapped_column(Integer)  # of the jobs measured (the latest's)
+    tokens_per_second: Mapped[float] = mapped_column(Float)  # completion tokens a second, as the loop reports
+    updated_at: Mapped[float] = mapped_column(Float)
 
 
 class WebhookEndpoint(Base):

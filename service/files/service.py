@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -11,10 +12,12 @@ from service.core.db import on_commit
 from service.core.errors import InvalidRequest, NotFound
 from service.core.ids import new_id
 from service.core.limits import Limits, check_files
-from service.core.storage import Storage, Writer
+from service.core.settings import Settings
+from service.core.storage import Storage, Writer, storage_for
 from service.core.tables import File, now
 from service.files import repository
 from service.files.upload import Upload
+from service.files.validation import FileReport, validate_jsonl
 
 PURPOSES = ("fine-tune",)
 MAX_FILENAME = 512  # the files.filename column
@@ -167,3 +170,55 @@ def expire(session: Session, storage: Storage) -> int:
     if keys:
         on_commit(session, remove_bytes)
     return len(rows)
+
+
+def check_job_files(
+    settings: Settings, files: dict[str, tuple[str, str, str]], training_file: str, validation_file: str | None
+) -> tuple[dict[str, Any] | None, list[tuple[str, str]]]:
+    """Validate a job's files line by line (its validating stage, and the pre-flight): the error the job
+    fails with or None, and the events to add. `files` maps each file id to (filename, sha256, storage key)."""
+    storage = storage_for(settings)
+    notes: list[tuple[str, str]] = []
+    reports: dict[str, FileReport] = {}
+    checks = [("training_file", training_file, settings.max_training_lines)]
+    if validation_file:
+        checks.append(("validation_file", validation_file, settings.max_validation_lines))
+    for param, file_id, max_lines in checks:
+        if file_id not in files or not storage.exists(files[file_id][2]):
+            return _error(
+                param, f"{param} {file_id} expired or was deleted after the job was created; upload it again."
+            ), notes
+        filename, _, key = files[file_id]
+        report = validate_jsonl(storage.iter_bytes(key), max_line_bytes=settings.max_line_bytes, max_lines=max_lines)
+        if report.error_count:
+            return _error(
+                param,
+                f"{param} {file_id} ({filename}) is not valid RFT JSONL: {report.error_count} "
+                f"invalid line(s) of {report.lines}. {report.summary()}.",
+            ), notes
+        reports[param] = report
+        notes.append(("info", f"{param} {file_id} ({filename}): {report.examples} examples."))
+    if validation_file:
+        if training_file == validation_file or files[training_file][1] == files[validation_file][1]:
+            return _error(
+                "validation_file",
+                f"validation_file {validation_file} has exactly the same content as "
+                f"training_file {training_file}; hold out different examples so validation reward "
+                "measures generalisation, not memorisation.",
+            ), notes
+        train, valid = reports["training_file"].line_hashes, reports["validation_file"].line_hashes
+        shared = sorted(line for digest, line in valid.items() if digest in train)
+        if shared:
+            notes.append(
+                (
+                    "warn",
+                    f"{len(shared)} of {len(valid)} validation examples also appear in the training "
+                    f"file (validation lines {', '.join(map(str, shared[:10]))}); validation reward will "
+                    "overstate generalisation.",
+                )
+            )
+    return None, notes
+
+
+def _error(param: str, message: str) -> dict[str, Any]:
+    return {"code": f"invalid_{param}", "message": message, "param": param}

@@ -270,7 +270,14 @@ class ValidateRequest(Strict):
     grader: Annotated[dict[str, Any], GraderShape]
 
 
+def _without_reference_answer(schema: dict[str, Any]) -> None:
+    # Accepted only to be refused with where it goes now: not offered.
+    schema["properties"].pop("reference_answer", None)
+
+
 class RunRequest(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_without_reference_answer)
+
     grader: Annotated[dict[str, Any], GraderShape]
     model_sample: str
     item: dict[str, Any] | None = None

@@ -16,7 +16,7 @@ from service.core.pagination import list_body
 from service.core.settings import Settings
 from service.core.storage import Storage
 from service.core.tables import Checkpoint
-from service.jobs import repository, service
+from service.jobs import preflight, repository, service
 from service.jobs.schemas import (
     CheckpointList,
     CheckpointObject,
@@ -26,6 +26,8 @@ from service.jobs.schemas import (
     JobDeleted,
     JobList,
     JobObject,
+    Preflight,
+    ResumeBody,
 )
 from service.models.archive import archive_of
 
@@ -43,6 +45,15 @@ def create_job(
 ) -> JobObject:
     """Create a reinforcement fine-tuning job; its files are validated before it is queued."""
     return service.job_object(service.create_job(session, subject, body, idempotency_key, settings))
+
+
+@router.post("/preflight", response_model=Preflight)
+def preflight_job(
+    body: JobCreate, session: SessionDep, subject: SubjectDep, settings: SettingsDep, storage: StorageDep
+) -> Preflight:
+    """Ours: check a job request as creation would, validate its files, and answer its resolved
+    hyperparameters, steps, tokens and a time estimate, without creating the job."""
+    return preflight.preflight(session, subject, body, settings, storage)
 
 
 @router.get("", response_model=JobList)
@@ -104,9 +115,12 @@ def pause_job(job_id: str, session: SessionDep, subject: SubjectDep, storage: St
 
 
 @router.post("/{job_id}/resume", response_model=JobObject)
-def resume_job(job_id: str, session: SessionDep, subject: SubjectDep, settings: SettingsDep) -> JobObject:
-    """Resume a paused job from its pause checkpoint."""
-    return service.job_object(service.resume_job(session, subject, job_id, settings))
+def resume_job(
+    job_id: str, session: SessionDep, subject: SubjectDep, settings: SettingsDep, body: ResumeBody | None = None
+) -> JobObject:
+    """Resume a paused job from its pause checkpoint; the optional body raises or removes its budget caps."""
+    caps = body.model_dump(exclude_unset=True) if body is not None else None
+    return service.job_object(service.resume_job(session, subject, job_id, settings, caps))
 
 
 @router.get("/{job_id}/events", response_model=EventList)

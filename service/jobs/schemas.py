@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_validator, model_validator
 
 from service.graders.schemas import GraderShape
 
@@ -99,6 +99,11 @@ class RftHyperparameters(Strict):
     # replicates the model (data parallel); either way the update is the one-process update.
     n_devices: auto_or(int, low=1, high=64) = "auto"  # type: ignore[valid-type]
 
+    # Budget caps (service/jobs/budget.py): the job checkpoints and pauses when its running time on workers
+    # or its trained tokens (prompt + completion tokens of the sequences trained on) reach them.
+    max_wall_seconds: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+
 
 class DeprecatedHyperparameters(BaseModel):
     """OpenAI's deprecated top-level `hyperparameters`: moved into method.reinforcement.hyperparameters
@@ -141,16 +146,44 @@ class Method(Strict):
     dpo: dict[str, Any] | None = None
 
 
+Name = Annotated[str, Field(min_length=1, max_length=128)]
+Tags = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=20)]
+
+
 class WandbIntegration(Strict):
-    project: str
-    name: str | None = None
-    entity: str | None = None
-    tags: list[str] | None = None
+    project: Name
+    name: Name | None = None
+    entity: Name | None = None
+    tags: Tags | None = None
+
+
+class MlflowIntegration(Strict):
+    """Ours: an MLflow tracking server. `tracking_uri` must be one the operator allows
+    (RFT_MLFLOW_TRACKING_URIS); without it the workers' MLFLOW_TRACKING_URI is used."""
+
+    tracking_uri: Annotated[str, Field(min_length=1, max_length=512)] | None = None
+    experiment: Name
+    run_name: Name | None = None
+    tags: Tags | None = None
 
 
 class Integration(Strict):
-    type: Literal["wandb"]
-    wandb: WandbIntegration
+    """One tracker a job logs to (workers/tracking.py): `type` names it and the key of that name holds
+    its settings, as OpenAI's `{"type": "wandb", "wandb": {...}}`."""
+
+    type: Literal["wandb", "mlflow"]
+    wandb: WandbIntegration | None = None
+    mlflow: MlflowIntegration | None = None
+
+    @model_validator(mode="after")
+    def _settings_of_its_type(self) -> Integration:
+        for kind in ("wandb", "mlflow"):
+            given = getattr(self, kind) is not None
+            if kind == self.type and not given:
+                raise ValueError(f"type is {kind!r}, so the {kind!r} object with its settings is required")
+            if kind != self.type and given:
+                raise ValueError(f"type is {self.type!r}; the {kind!r} object belongs to type {kind!r}")
+        return self
 
 
 METADATA_SCHEMA: dict[str, Any] = {
@@ -175,7 +208,7 @@ class JobCreate(Strict):
     suffix: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-.]+$")] | None = None
     seed: Annotated[int, Field(ge=0, le=2147483647)] | None = None
     metadata: Annotated[dict[str, str] | None, Field(json_schema_extra=METADATA_SCHEMA)] = None
-    integrations: list[Integration] | None = None
+    integrations: Annotated[list[Integration], Field(max_length=4)] | None = None
     method: Method | None = None  # required (see _method_required); optional here for our clearer 400
     hyperparameters: DeprecatedHyperparameters | None = None  # OpenAI's deprecated place for three of them
 
@@ -192,6 +225,13 @@ class JobCreate(Strict):
             if len(value) > 512:
                 raise ValueError(f"metadata[{key!r}] is longer than 512 characters")
         return metadata
+
+
+class ResumeBody(Strict):
+    """Ours, optional: budget caps to change as the job resumes (service/jobs/budget.py); null removes one."""
+
+    max_wall_seconds: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
 
 
 class JobError(BaseModel):
@@ -267,3 +307,41 @@ class CheckpointList(BaseModel):
     first_id: str | None
     last_id: str | None
     has_more: bool
+
+
+class PreflightFile(BaseModel):
+    id: str
+    examples: int
+
+
+class PreflightTokens(BaseModel):
+    counted_with: Literal["tokenizer", "estimate"]  # the model's tokenizer, or ~4 characters a token
+    prompt: int  # of every sequence trained on: each example's prompt x group_size x n_epochs
+    completion_at_most: int  # every trained sequence at max_completion_tokens
+    trained_at_most: int  # prompt + completion_at_most: what `max_tokens` caps
+    evaluation_at_most: int  # every evaluation's prompts and completions, the baseline's included
+
+
+class PreflightEstimate(BaseModel):
+    seconds: float | None  # None: no measurement yet
+    device: str | None  # the worker class the figure is of
+    basis: str
+
+
+class Preflight(BaseModel):
+    """Ours: what a job would be, without creating it (`POST /v1/fine_tuning/jobs/preflight`)."""
+
+    object: Literal["fine_tuning.job.preflight"] = "fine_tuning.job.preflight"
+    model: str
+    training_file: PreflightFile
+    validation_file: PreflightFile | None
+    grader: dict[str, Any]
+    hyperparameters: dict[str, Any]  # resolved as the worker resolves them
+    total_steps: int
+    steps_per_epoch: int
+    evaluations: int  # the baseline's included
+    memory_peak_bytes: int | None  # at least (the API's lower bound; None: the model's config is not here)
+    memory_plan: str | None
+    tokens: PreflightTokens
+    estimate: PreflightEstimate
+    warnings: list[str]

@@ -12,6 +12,7 @@ import json
 import secrets
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -25,20 +26,21 @@ from service.core.limits import check_queued_jobs, limits_for
 from service.core.queue import wake_validation
 from service.core.settings import Settings
 from service.core.storage import Storage, job_folder
-from service.core.tables import Checkpoint, Job, now
+from service.core.tables import Checkpoint, Job, Worker, now
 from service.files import repository as files
 from service.files.service import delete_file
 from service.fleet import service as fleet
 from service.fleet.service import describe, devices_asked, live_training_workers, refuse_if_no_worker_can_run
 from service.graders.schemas import parse_grader
 from service.graders.service import require_runnable
-from service.jobs import repository
+from service.jobs import budget, repository
+from service.jobs.integrations import TRACKER_NAMES, check_integrations, stored
 from service.jobs.outcomes import TERMINAL, status_changed
 from service.jobs.schemas import JobCreate, JobError, JobObject, RftHyperparameters, samples_per_prompt
 from service.models import thinking
 from service.models.constraints import from_response_format
 from service.models.engines import choose_engine
-from service.models.memory_plan import refuse_if_too_large
+from service.models.memory_plan import Estimate, refuse_if_too_large
 from service.models.registry import forget_loaded
 from service.models.repository import checkpoint_named
 from service.models.service import refuse_if_in_use, training_base
@@ -145,6 +147,36 @@ def _check_file(session: Session, subject: AuthSubject, file_id: str, param: str
         raise InvalidRequest(f"{param} {file_id!r} has purpose {row.purpose!r}; expected 'fine-tune'.", param=param)
 
 
+@dataclass(frozen=True)
+class Checked:
+    """What `check_request` found of a job request that passed: the pre-flight answers from it."""
+
+    grader: Any
+    engine: str
+    group_size: int
+    fleet: list[Worker]
+    plan: Estimate | None
+
+
+def check_request(session: Session, subject: AuthSubject, body: JobCreate, settings: Settings) -> Checked:
+    """Every check job creation makes of the request before anything is stored: method, grader,
+    model and its memory plan against the fleet, the files, the integrations."""
+    _check_method(body)
+    move_deprecated_hyperparameters(body)
+    assert body.method is not None and body.method.reinforcement is not None
+    grader = parse_grader(body.method.reinforcement.grader, "method.reinforcement.grader")
+    # a schema llguidance cannot compile is a 400 now, not a failed job later
+    from_response_format(body.method.reinforcement.response_format, "method.reinforcement.response_format")
+    hyperparameters = body.method.reinforcement.hyperparameters
+    engine, group_size, fleet, plan = _check_model(session, subject, body.model, hyperparameters, settings)
+    require_runnable(grader, settings, "method.reinforcement.grader")
+    _check_file(session, subject, body.training_file, "training_file")
+    if body.validation_file:
+        _check_file(session, subject, body.validation_file, "validation_file")
+    check_integrations(body.integrations or [], settings, fleet)
+    return Checked(grader, engine, group_size, fleet, plan)
+
+
 def create_job(
     session: Session, subject: AuthSubject, body: JobCreate, idempotency_key: str | None, settings: Settings
 ) -> Job:
@@ -153,18 +185,12 @@ def create_job(
         existing = repository.by_idempotency_key(session, subject, idempotency_key)
         if existing is not None:
             return _replay(existing, request_hash, idempotency_key)
-    _check_method(body)
-    move_deprecated_hyperparameters(body)
+    checked = check_request(session, subject, body, settings)
     assert body.method is not None and body.method.reinforcement is not None
-    grader = parse_grader(body.method.reinforcement.grader, "method.reinforcement.grader")
-    # a schema llguidance cannot compile is a 400 now, not a failed job later
-    from_response_format(body.method.reinforcement.response_format, "method.reinforcement.response_format")
     hyperparameters = body.method.reinforcement.hyperparameters
-    needs_memory, needs_engine = _check_model(session, subject, body.model, hyperparameters, settings)
-    require_runnable(grader, settings, "method.reinforcement.grader")
-    _check_file(session, subject, body.training_file, "training_file")
-    if body.validation_file:
-        _check_file(session, subject, body.validation_file, "validation_file")
+    plan = checked.plan
+    needs_engine = hyperparameters.rollout_engine if hyperparameters.rollout_engine == "vllm" else None
+    needs_memory = plan.peak if plan is not None else None
     _check_room(session, subject, settings)
     job = Job(
         id=new_id("ftjob-"),
@@ -175,7 +201,7 @@ def create_job(
         suffix=body.suffix,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
         metadata_=body.metadata,
-        integrations=[i.model_dump() for i in body.integrations] if body.integrations else None,
+        integrations=stored(body.integrations),
         method={"type": "reinforcement", "reinforcement": body.method.reinforcement.model_dump(mode="json")},
         status="validating_files",
         result_files=[],
@@ -196,19 +222,17 @@ def create_job(
         return _replay(winner, request_hash, idempotency_key or "")
     repository.add_event(session, job, f"Created fine-tuning job: {job.id}")
     repository.add_event(session, job, f"Validating training file: {job.training_file}")
-    if job.integrations:
-        repository.add_event(
-            session, job, "Integrations are stored but not run by this server (no outbound network).", level="warn"
-        )
+    for integration in job.integrations or []:
+        repository.add_event(session, job, f"Logging to {TRACKER_NAMES[integration['type']]} once training starts.")
     wake_validation(session, job.id)
     return job
 
 
 def _check_model(
     session: Session, subject: AuthSubject, model: str, hyperparameters: RftHyperparameters, settings: Settings
-) -> tuple[int | None, str | None]:
-    """Refuse a model the project cannot train, or that needs more than a worker has; (the memory of the
-    smallest plan, the engine the job needs) for routing it."""
+) -> tuple[str, int, list[Worker], Estimate | None]:
+    """Refuse a model the project cannot train, or that needs more than a worker has; (the engine and
+    group size it was planned with, the live fleet, its smallest plan)."""
     spec = training_base(session, subject, model)
     has_switch = thinking.has_switch(spec.name, spec.kind, spec.location)
     thinking.check(model, has_switch, hyperparameters.reasoning_effort, EFFORT_PARAM)
@@ -230,9 +254,8 @@ def _check_model(
         raise
     needs_engine = hyperparameters.rollout_engine if hyperparameters.rollout_engine == "vllm" else None
     plan_text = plan.describe() if plan is not None else ""
-    needs_memory = plan.peak if plan is not None else None
-    refuse_if_no_worker_can_run(fleet, needs_memory, needs_engine, plan_text, devices)
-    return needs_memory, needs_engine
+    refuse_if_no_worker_can_run(fleet, plan.peak if plan else None, needs_engine, plan_text, devices)
+    return engine, group_size, fleet, plan
 
 
 def _check_room(session: Session, subject: AuthSubject, settings: Settings) -> None:
@@ -307,10 +330,23 @@ def pause_job(session: Session, storage: Storage, subject: AuthSubject, job_id: 
     return get_job(session, subject, job_id)
 
 
-def resume_job(session: Session, subject: AuthSubject, job_id: str, settings: Settings) -> Job:
+def resume_job(
+    session: Session, subject: AuthSubject, job_id: str, settings: Settings, caps: dict[str, int | None] | None = None
+) -> Job:
+    """Queue a paused job again, with its budget caps changed as `caps` says (None removes one)."""
     job = get_job(session, subject, job_id)
     if job.status == "paused":
         _check_room(session, subject, settings)
+        if caps:
+            job.method = budget.with_caps(job.method, caps)
+        over = budget.reached(job.method, job.running_seconds, job.trained_tokens)
+        if over is not None:
+            raise InvalidRequest(
+                f"Job {job_id} is paused at its budget: {over.describe()}. Resume it with a higher "
+                f'{over.cap}, or null to remove the cap: a body such as {{"{over.cap}": null}} '
+                f"(rft jobs resume {job_id} --{over.cap.replace('_', '-')} N|none).",
+                param=over.cap,
+            )
     values = {"status": "queued", "pause_requested": False, "enqueued_at": time.time()}
     if not repository.transition(session, job_id, ["paused"], **values):
         raise InvalidTransition(

@@ -114,17 +114,18 @@ def ranks_of(ctx: JobContext, world: int, sharded: bool) -> Iterator[Ranks]:
 
     timeout = ctx.settings.distributed_timeout_seconds
     listener = socket.create_server(("127.0.0.1", 0))  # TCPStore's own server would listen on every interface
+    port = listener.getsockname()[1]
     store = dist.TCPStore(
         "127.0.0.1",
-        listener.getsockname()[1],
+        port,
         world,
         is_master=True,
         timeout=timedelta(seconds=timeout),
         wait_for_workers=False,
-        master_listen_fd=listener.fileno(),
+        master_listen_fd=listener.detach(),  # the store's from now on: it closes it
     )
     logs = Path(tempfile.mkdtemp(prefix=f"rft-ranks-{ctx.job_id}-"))
-    followers = [_start(rank, world, store.port, timeout, logs) for rank in range(1, world)]
+    followers = [_start(rank, world, port, timeout, logs) for rank in range(1, world)]
     ranks = Ranks(0, world, sharded, describe_failure=lambda: describe(followers, logs))
     threads, finished = torch.get_num_threads(), False
     try:
@@ -139,8 +140,6 @@ def ranks_of(ctx: JobContext, world: int, sharded: bool) -> Iterator[Ranks]:
         for log in logs.glob("*"):
             log.unlink()
         logs.rmdir()
-        del store
-        listener.close()
 
 
 def join(store: Any, rank: int, world: int, timeout: float) -> None:

@@ -264,6 +264,7 @@ class Loop:
             "train_reward_mean": float(torch.tensor(sampled.rewards).mean()),
             "trained_reward_mean": float(rewards.mean()),  # after refill
             "completion_tokens_mean": rollout.completion_tokens / len(rollout.texts),
+            "trained_tokens": int(rollout.attention_mask.sum()),  # prompt + completion tokens trained on
             "frac_zero_std_groups": len(zero_before) / cfg.batch_size,
             "frac_zero_std_groups_after_refill": float(zero_std.float().mean()),
             "refilled_groups": refilled,

@@ -43,17 +43,14 @@ def finish(ctx: JobContext, state: TrainerState, cfg: RLConfig) -> TrainingResul
     job = in_transaction(ctx.settings, lambda session: repository.get_unscoped(session, ctx.job_id))
     assert job is not None
     name = f"{fine_tuned_model_name(job)}:ckpt-step-{chosen['step']}"
-    ctx.event(
-        message,
-        level="info" if beat else "warn",
-        data={
-            "chosen_step": chosen["step"],
-            "baseline_valid_reward": baseline,
-            "beat_baseline": beat,
-            "chosen": chosen,
-            "last": last,
-            "excluded_for_kl": [e["step"] for e in excluded],
-        },
-        dedupe_key="final-selection",
-    )
+    selection = {
+        "chosen_step": chosen["step"],
+        "baseline_valid_reward": baseline,
+        "beat_baseline": beat,
+        "chosen": chosen,
+        "last": last,
+        "excluded_for_kl": [e["step"] for e in excluded],
+    }
+    ctx.event(message, level="info" if beat else "warn", data=selection, dedupe_key="final-selection")
+    ctx.tracking.summary({**selection, "fine_tuned_model": name})
     return TrainingResult("succeeded", fine_tuned_model=name, message="The job has successfully completed.")
