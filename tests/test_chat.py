@@ -19,14 +19,10 @@ from service.core.settings import Settings
 from service.models import registry
 from tests.conftest import make_key
 from tests.support.procs import Proc, free_port, printed_api_key, wait_healthy
+from tests.support.sdk import sdk
 from tests.test_rl import job, run_job
 
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello"}]
-
-
-def sdk(client: TestClient, auth: dict[str, str]) -> openai.OpenAI:
-    key = auth["Authorization"].removeprefix("Bearer ")
-    return openai.OpenAI(api_key=key, base_url="http://testserver/v1", http_client=client, max_retries=0)
 
 
 def test_chat_completion_has_openai_shape(client: TestClient, auth: dict[str, str]) -> None:
@@ -147,7 +143,8 @@ def test_stop_string_ends_the_answer_and_is_not_returned(client: TestClient, aut
         ({"model": "no-such-model"}, "model", "Unknown model"),
         ({"model": "ft:tiny-random-llama:other:x:abc"}, "model", "No fine-tuned model"),
         ({"max_tokens": 100_000}, "max_tokens", "only"),
-        ({"frequency_penalty": 0.5}, None, "frequency_penalty is not supported"),
+        ({"frequency_penalty": 3}, "frequency_penalty", "less than or equal to 2"),
+        ({"reasoning_effort": "low"}, "reasoning_effort", "no reasoning mode"),
         ({"temperature": 3}, "temperature", "less than or equal to 2"),
         ({"messages": []}, "messages", "at least 1"),
         ({"bogus": 1}, "bogus", "Unrecognized request argument"),

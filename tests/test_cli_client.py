@@ -139,6 +139,27 @@ def test_jobs_create_with_a_bad_grader_file_uploads_nothing(
     assert client.get("/v1/files", headers=auth).json()["data"] == []
 
 
+def test_jobs_create_sends_a_response_format_from_a_file_or_inline(
+    rft: Run, client: TestClient, auth: dict[str, str], files: tuple[str, str], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    grader = tmp_path / "grader.json"
+    grader.write_text(json.dumps(GRADER))
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+    (tmp_path / "format.json").write_text(json.dumps(fmt))
+    for given in (str(tmp_path / "format.json"), json.dumps(fmt)):
+        code = rft("jobs", "create", "--model", "tiny-random-llama", "--training-file", files[0],
+                   "--grader", str(grader), "--response-format", given)  # fmt: skip
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        job = client.get(f"/v1/fine_tuning/jobs/{out.strip()}", headers=auth).json()
+        assert job["method"]["reinforcement"]["response_format"] == fmt
+    code = rft("jobs", "create", "--model", "tiny-random-llama", "--training-file", files[0],
+               "--grader", str(grader), "--response-format", "{not json")  # fmt: skip
+    assert code == 1 and "--response-format is not valid JSON" in capsys.readouterr().err
+
+
 def test_server_validation_error_prints_message_code_and_param(
     rft: Run, files: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

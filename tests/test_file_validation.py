@@ -197,7 +197,9 @@ def test_last_message_not_from_user_is_rejected() -> None:
 
 def test_tools_that_is_not_a_list_is_rejected() -> None:
     obj = {**GOOD, "tools": {"name": "add"}}
-    assert rule_for_second_line(obj) == [(2, "'tools' must be a list of tool definitions")]
+    assert rule_for_second_line(obj) == [
+        (2, 'tools must be a list of tool definitions, {"type": "function", "function": {...}} each')
+    ]
 
 
 # Line endings, blank lines and the BOM

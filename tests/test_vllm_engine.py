@@ -83,6 +83,29 @@ def test_a_vllm_jobs_model_grader_judges_on_vllm_as_torch_would(
     assert on_vllm == on_torch and all(a.completion_tokens > 0 for a in on_vllm)
 
 
+def test_vllm_holds_samples_to_the_same_grammar_as_the_torch_engine(pair: tuple[Any, Any, VllmEngine]) -> None:
+    import json
+
+    import jsonschema
+
+    from service.models.constraints import from_response_format
+
+    schema = {
+        "type": "object",
+        "properties": {"unit": {"enum": ["C", "F"]}, "value": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["unit", "value"],
+        "additionalProperties": False,
+    }
+    constraint = from_response_format({"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}, "rf")
+    _, _, engine = pair
+    rollout = engine.sample(
+        CONVERSATIONS, 3, max_new_tokens=40, temperature=1.0, top_p=1.0, seed=2, constraint=constraint
+    )
+    assert rollout.finish_reasons == ["stop"] * 6
+    for text in rollout.texts:
+        jsonschema.validate(json.loads(text), schema)
+
+
 def test_vllm_log_probs_are_the_trainers_at_temperature_one(pair: tuple[Any, Any, VllmEngine]) -> None:
     model, _, engine = pair
     rollout = engine.sample(CONVERSATIONS, 4, max_new_tokens=12, temperature=1.0, top_p=1.0, seed=5)

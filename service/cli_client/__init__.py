@@ -89,6 +89,7 @@ def _add_create(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grader", required=True, help="a grader as .json or .yaml, or a .py defining grade()")
     p.add_argument("--hyperparameters", help="a JSON object, e.g. '{\"n_epochs\": 2}'")
     p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter")
+    p.add_argument("--response-format", help="method.reinforcement.response_format: a .json file or the JSON itself")
     p.add_argument("--suffix")
     p.add_argument("--seed", type=int)
     p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")

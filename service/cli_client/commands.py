@@ -95,6 +95,16 @@ def hyperparameters(raw: str | None, pairs: list[str]) -> dict[str, Any]:
     return merged | key_values(pairs, "-p", parse=True)
 
 
+def response_format(value: str) -> Any:
+    """`--response-format`: a .json file, or the JSON itself."""
+    path = Path(value)
+    text = path.read_text() if path.suffix == ".json" and path.is_file() else value
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"--response-format is not valid JSON: {exc.msg} at column {exc.colno}") from None
+
+
 def file_id(api: Api, value: str) -> str:
     """A local path is uploaded first; anything else must be a file id."""
     if Path(value).is_file():
@@ -114,6 +124,8 @@ def job_request(api: Api, args: argparse.Namespace) -> dict[str, Any]:
     hyper = hyperparameters(args.hyperparameters, args.param)
     if hyper:
         reinforcement["hyperparameters"] = hyper
+    if args.response_format:
+        reinforcement["response_format"] = response_format(args.response_format)
     metadata = key_values(args.metadata, "--metadata", parse=False)
     optional = {"suffix": args.suffix, "seed": args.seed, "metadata": metadata or None}
     training = file_id(api, args.training_file)

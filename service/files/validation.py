@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.models.tools import tools_problem
+
 ROLES = ("system", "developer", "user", "assistant", "tool")
 SHOWN_ERRORS = 10
 
@@ -55,8 +57,8 @@ def check_example(obj: Any) -> str | None:
             return f"messages[{i}].content must be a string or a list of content parts"
     if messages[-1].get("role") != "user":
         return f"the last message must have role 'user' (the model answers it), got {messages[-1].get('role')!r}"
-    if "tools" in obj and not isinstance(obj["tools"], list):
-        return "'tools' must be a list of tool definitions"
+    if obj.get("tools", []) != [] and (problem := tools_problem(obj["tools"])):  # a line's [] is no tools
+        return problem
     return None
 
 

@@ -29,6 +29,7 @@ from service.graders.schemas import (
     sub_graders,
 )
 from service.graders.templates import Sample, TemplateError, render
+from service.models.constraints import for_labels
 
 ERROR_FLAGS = (
     "formula_parse_error",
@@ -207,10 +208,16 @@ class ModelGrader(Compiled):
             for r in rendered
             if not isinstance(r, Grade)
         ]
+        labels = for_labels(self.config.labels) if isinstance(self.config, LabelModelGrader) else None
         try:
             answers = iter(
                 self.judge(
-                    self.config.model, conversations, self.config.sampling_params, self.settings, self.project_id
+                    self.config.model,
+                    conversations,
+                    self.config.sampling_params,
+                    self.settings,
+                    self.project_id,
+                    labels,
                 )
                 if conversations
                 else []

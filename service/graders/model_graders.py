@@ -4,20 +4,21 @@ Generation is batched (left padding) over all samples of a call: `generate` here
 (`/graders/run`), or a training job's rollout engine (`workers.rl.judge`), which the job passes as the
 `judge` of `compile_grader`. The answer is parsed on our side:
 `score_model` takes the first number and clips it to `range`; `label_model` takes the label the
-answer names. An answer that refuses, or that has no number / no label, is a counted error with
-reward 0.
+answer names, and its answers are held to its labels by constrained decoding (`constraints.for_labels`:
+exactly one label, nothing around it), so even a small judge answers with one. An answer that
+refuses, or that has no number / no label, is a counted error with reward 0.
 """
 
 from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from service.core.settings import Settings
 from service.graders.schemas import LabelModelGrader, SamplingParams, ScoreModelGrader
+from service.models.constraints import Constraint
 
 NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
 REFUSAL = re.compile(r"^\s*(i'?m sorry|i am sorry|sorry,|i can(?:no|')t|i am unable|i'm unable|as an ai)", re.I)
@@ -32,9 +33,20 @@ class Answer:
     completion_tokens: int
 
 
-# (model name, conversations, sampling params, settings, project id) -> one Answer per conversation:
-# `generate` below, or a training job's rollout engine (`workers.rl.judge.EngineJudge`).
-Judge = Callable[[str, list[list[dict[str, str]]], SamplingParams | None, Settings, str | None], list[Answer]]
+class Judge(Protocol):
+    """What answers a model grader's prompts, one `Answer` per conversation: `generate` below, or a
+    training job's rollout engine (`workers.rl.judge.EngineJudge`). A `constraint` holds every
+    answer to its grammar (a `label_model`'s labels)."""
+
+    def __call__(
+        self,
+        model_name: str,
+        conversations: list[list[dict[str, str]]],
+        params: SamplingParams | None,
+        settings: Settings,
+        project_id: str | None,
+        constraint: Constraint | None = None,
+    ) -> list[Answer]: ...
 
 
 def generate(
@@ -43,8 +55,10 @@ def generate(
     params: SamplingParams | None,
     settings: Settings,
     project_id: str | None = None,
+    constraint: Constraint | None = None,
 ) -> list[Answer]:
-    """One answer per conversation from a local model (loaded once per process)."""
+    """One answer per conversation from a local model (loaded once per process), each held to
+    `constraint` where given."""
     import torch
 
     from service.models import thinking
@@ -65,6 +79,12 @@ def generate(
     }
     if sampling:
         kwargs.update(temperature=params.temperature, top_p=params.top_p or 1.0)
+    if constraint is not None:
+        from service.models.guided import Guide, GuideProcessor
+
+        vocab = int(model.get_output_embeddings().weight.shape[0])
+        guide = Guide(constraint, tokenizer, len(prompts), vocab, eos_ids(model, tokenizer))
+        kwargs["logits_processor"] = [GuideProcessor(guide, batch["input_ids"].shape[1])]
     with _locks.setdefault(model_name, threading.Lock()), torch.inference_mode():
         if params.seed is not None:
             torch.manual_seed(params.seed)

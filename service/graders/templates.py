@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,16 @@ class Sample:
         except (ValueError, RecursionError):
             parsed = _MISSING_JSON
         return cls(output_text=text, output_tools=output_tools or [], output_json=parsed)
+
+    @classmethod
+    def from_completion(cls, text: str, tools: Sequence[Mapping[str, Any]] | None = None) -> Sample:
+        """A sampled completion as graders see it: where the prompt offered function `tools`, the
+        calls read out of it (`service.models.tools`, the parser chat uses) are `output_tools`, in
+        chat's `tool_calls` shape, and the text around them is `output_text`."""
+        from service.models.tools import parse_tool_calls
+
+        content, calls = parse_tool_calls(text, tools)
+        return cls.from_text(content if calls else text, calls)
 
     def as_dict(self) -> dict[str, Any]:
         """The `sample` argument of a python grader's `grade(sample, item)`."""

@@ -38,6 +38,7 @@ from service.jobs.integrations import TRACKER_NAMES, check_integrations, stored
 from service.jobs.outcomes import TERMINAL, status_changed
 from service.jobs.schemas import JobCreate, JobError, JobObject, RftHyperparameters, samples_per_prompt
 from service.models import thinking
+from service.models.constraints import from_response_format
 from service.models.engines import choose_engine
 from service.models.memory_plan import Estimate, refuse_if_too_large
 from service.models.registry import forget_loaded
@@ -164,6 +165,8 @@ def check_request(session: Session, subject: AuthSubject, body: JobCreate, setti
     move_deprecated_hyperparameters(body)
     assert body.method is not None and body.method.reinforcement is not None
     grader = parse_grader(body.method.reinforcement.grader, "method.reinforcement.grader")
+    # a schema llguidance cannot compile is a 400 now, not a failed job later
+    from_response_format(body.method.reinforcement.response_format, "method.reinforcement.response_format")
     hyperparameters = body.method.reinforcement.hyperparameters
     engine, group_size, fleet, plan = _check_model(session, subject, body.model, hyperparameters, settings)
     require_runnable(grader, settings, "method.reinforcement.grader")

@@ -15,15 +15,19 @@ from service.core.errors import Conflict, InvalidRequest, NotFound
 from service.core.ids import new_id
 from service.core.settings import Settings
 from service.core.tables import Checkpoint
-from service.models import inference, registry, repository
+from service.models import constraints, inference, registry, repository
 from service.models.schemas import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionCreate,
     Choice,
+    ChoiceLogprobs,
     ModelObject,
+    ToolCall,
     Usage,
 )
+from service.models.templates import render_prompt
+from service.models.toolplan import ToolPlan, plan_tools
 
 STARTED = int(time.time())
 DEFAULT_MAX_TOKENS = 512
@@ -98,8 +102,10 @@ def refuse_if_in_use(session: Session, subject: AuthSubject, checkpoints: Sequen
 class Prepared:
     """A request whose model is loaded and whose prompt fits: ready to generate."""
 
-    def __init__(self, body: ChatCompletionCreate, model: Any, tokenizer: Any, prompt: list[int]) -> None:
-        self.body, self.model, self.tokenizer, self.prompt = body, model, tokenizer, prompt
+    def __init__(
+        self, body: ChatCompletionCreate, model: Any, tokenizer: Any, prompt: list[int], plan: ToolPlan
+    ) -> None:
+        self.body, self.model, self.tokenizer, self.prompt, self.tools = body, model, tokenizer, prompt, plan
         context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or len(prompt) + DEFAULT_MAX_TOKENS
         room = context - len(prompt)
         if room <= 0:
@@ -120,6 +126,11 @@ class Prepared:
             n=body.n or 1,
             seed=body.seed,
             stop=tuple(body.stop or ()),
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+            logit_bias=_token_biases(body, model),
+            frequency_penalty=body.frequency_penalty or 0.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            constraint=plan.constraint or constraints.from_response_format(body.response_format, "response_format"),
         )
         self.completion = ChatCompletion(
             id=new_id("chatcmpl-"),
@@ -133,48 +144,99 @@ class Prepared:
         return inference.stream(self.model, self.tokenizer, self.prompt, self.params)
 
 
+def _token_biases(body: ChatCompletionCreate, model: Any) -> dict[int, float]:
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    biases = {int(token): float(bias) for token, bias in (body.logit_bias or {}).items()}
+    outside = sorted(t for t in biases if t >= vocab)
+    if outside:
+        raise InvalidRequest(
+            f"logit_bias names token {outside[0]}, but this model's tokens are 0 to {vocab - 1}.", param="logit_bias"
+        )
+    return biases
+
+
 def prepare(
     transaction: AbstractContextManager[Session], subject: AuthSubject, settings: Settings, body: ChatCompletionCreate
 ) -> Prepared:
     """Resolve (in a short transaction) and load the model, and tokenize the prompt."""
+    constraints.from_response_format(body.response_format, "response_format")  # a bad format fails before loading
     with transaction as session:
         spec = registry.resolve_for_project(body.model, settings, subject.project_id, session)
     model, tokenizer = registry.load(body.model, settings, device=_device(), spec=spec)
-    messages = [m.model_dump(include={"role", "content"}) for m in body.messages]
-    return Prepared(body, model, tokenizer, inference.prompt_ids(tokenizer, messages))
+    messages = [m.model_dump(exclude_none=True, exclude={"name", "refusal"}) for m in body.messages]
+    plan = plan_tools(body, tokenizer)
+    text = render_prompt(tokenizer, messages, plan.rendered)
+    plan = plan.for_prompt(text)
+    return Prepared(body, model, tokenizer, list(tokenizer(text, add_special_tokens=False)["input_ids"]), plan)
 
 
 def complete(prepared: Prepared) -> ChatCompletion:
-    texts, reasons, tokens = [""] * prepared.params.n, ["length"] * prepared.params.n, [0] * prepared.params.n
+    n = prepared.params.n
+    texts, reasons, tokens = [""] * n, ["length"] * n, [0] * n
+    logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
     for deltas in prepared.deltas():
         for delta in deltas:
             texts[delta.index] += delta.text
+            logprobs[delta.index] += delta.logprobs or []
             if delta.finish_reason:
                 reasons[delta.index], tokens[delta.index] = delta.finish_reason, delta.completion_tokens
     result = prepared.completion
-    result.choices = [
-        Choice(index=i, message=AssistantMessage(content=text), finish_reason=reason)
-        for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))
-    ]
+    result.choices = []
+    for i, (text, reason) in enumerate(zip(texts, reasons, strict=True)):
+        content, calls = prepared.tools.parse(text)
+        reported = prepared.params.logprobs is not None
+        result.choices.append(
+            Choice(
+                index=i,
+                message=AssistantMessage(
+                    content=content if content or not calls else None,
+                    tool_calls=[ToolCall.model_validate(c) for c in calls] or None,
+                ),
+                finish_reason="tool_calls" if calls and reason == "stop" else reason,
+                logprobs=ChoiceLogprobs.model_validate({"content": logprobs[i]}) if reported else None,
+            )
+        )
     result.usage = _usage(len(prepared.prompt), sum(tokens))
     return result
 
 
 def stream_chunks(prepared: Prepared) -> Iterator[dict[str, Any]]:
-    """OpenAI's chunk sequence: a role delta per choice, content deltas, finish reasons, usage."""
+    """OpenAI's chunk sequence: a role delta per choice, content deltas, finish reasons, usage.
+    Where the answer may be tool calls, a choice's text is held until it ends (a call is only
+    known once it is whole), then sent as content and `tool_calls` deltas."""
     result, n = prepared.completion, prepared.params.n
     yield result.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}} for i in range(n)])
-    generated = 0
+    generated, held = 0, [""] * n
     for deltas in prepared.deltas():
         choices = []
         for delta in deltas:
             generated += delta.completion_tokens
-            content = {"content": delta.text} if delta.text else {}
-            choices.append({"index": delta.index, "delta": content, "finish_reason": delta.finish_reason})
-        yield result.chunk(choices)
+            choice: dict[str, Any] = {"index": delta.index, "delta": {}, "finish_reason": None}
+            if prepared.tools.parsing:
+                held[delta.index] += delta.text
+                if delta.finish_reason:
+                    choice["delta"], choice["finish_reason"] = _called(prepared, held[delta.index], delta.finish_reason)
+            else:
+                choice["delta"] = {"content": delta.text} if delta.text else {}
+                choice["finish_reason"] = delta.finish_reason
+            if delta.logprobs is not None:
+                choice["logprobs"] = {"content": delta.logprobs, "refusal": None}
+            if choice["delta"] or choice["finish_reason"] or delta.logprobs:
+                choices.append(choice)
+        if choices:
+            yield result.chunk(choices)
     options = prepared.body.stream_options
     if options is not None and options.include_usage:
         yield result.chunk([], usage=_usage(len(prepared.prompt), generated))
+
+
+def _called(prepared: Prepared, text: str, reason: str) -> tuple[dict[str, Any], str]:
+    content, calls = prepared.tools.parse(text)
+    delta: dict[str, Any] = {"content": content} if content else {}
+    if calls:
+        delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]
+        reason = "tool_calls" if reason == "stop" else reason
+    return delta, reason
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:

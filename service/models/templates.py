@@ -12,6 +12,8 @@ Importing this module is cheap (the API renders prompts without loading torch).
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,8 +27,21 @@ def template_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, A
     out = []
     for message in messages:
         role = message.get("role")
-        out.append({**message, "role": "system" if role == "developer" else role, "content": text_of(message)})
+        turn = {**message, "role": "system" if role == "developer" else role, "content": text_of(message)}
+        if message.get("tool_calls"):
+            turn["tool_calls"] = [_with_parsed_arguments(call) for call in message["tool_calls"]]
+        out.append(turn)
     return out
+
+
+def _with_parsed_arguments(call: Mapping[str, Any]) -> dict[str, Any]:
+    """OpenAI sends a call's arguments as a JSON string; templates write them with `tojson`, which
+    would quote the string again. They get the object (as vLLM hands them)."""
+    function = dict(call.get("function") or {})
+    if isinstance(function.get("arguments"), str):
+        with contextlib.suppress(ValueError):  # not JSON: the template gets the text as it was sent
+            function["arguments"] = json.loads(function["arguments"])
+    return {**call, "function": function}
 
 
 def text_of(message: Mapping[str, Any]) -> str:
@@ -38,8 +53,11 @@ def text_of(message: Mapping[str, Any]) -> str:
     return "".join(str(part.get("text", "")) for part in content if part.get("type") == "text")
 
 
-def render_prompt(tokenizer: Any, messages: Sequence[Mapping[str, Any]]) -> str:
-    """The prompt text of `messages`, ending with the assistant's turn header.
+def render_prompt(
+    tokenizer: Any, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+) -> str:
+    """The prompt text of `messages` (and the function `tools` the model may call, for templates
+    that render them), ending with the assistant's turn header.
 
     A template that refuses a system turn (Gemma 1 and 2 raise on one) gets the system text in
     front of the first user turn instead, as Gemma 3's own template does. A template that refuses
@@ -47,13 +65,15 @@ def render_prompt(tokenizer: Any, messages: Sequence[Mapping[str, Any]]) -> str:
     from jinja2.exceptions import TemplateError
 
     turns = template_messages(messages)
+    extra = {"tools": [dict(t) for t in tools]} if tools else {}
     try:
-        return str(tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False))
+        return str(tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False, **extra))
     except TemplateError as first:
         if not any(t["role"] == "system" for t in turns):
             raise _refused(first) from first
         try:
-            return str(tokenizer.apply_chat_template(_system_folded(turns), add_generation_prompt=True, tokenize=False))
+            folded = _system_folded(turns)
+            return str(tokenizer.apply_chat_template(folded, add_generation_prompt=True, tokenize=False, **extra))
         except TemplateError:
             raise _refused(first) from first
 

@@ -11,9 +11,11 @@ loss corrects for that (`loss.policy_loss`, truncated importance sampling).
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from service.core.settings import Settings
+from service.models.constraints import Constraint
 from service.models.engines import VLLM_ENGINE_MODULE, EngineName, vllm_unavailable
 from workers.rl.config import RLConfig
 from workers.rl.rollout import Rollout, sample
@@ -35,11 +37,14 @@ class RolloutEngine(Protocol):
         first: int = 0,
         greedy: bool = False,
         keep_prefix: bool = False,
+        tools: Sequence[Sequence[Mapping[str, Any]] | None] | None = None,
+        constraint: Constraint | None = None,
     ) -> Rollout:
         """`n` completions of each conversation, laid out prompt by prompt; conversation i samples
         with `derive_seed(seed, first + i)`, whatever else is in the call (a part of a batch samples
         what the whole would). `keep_prefix` is a wish only the torch engine grants (the loop works
-        with `Rollout.prefix` None)."""
+        with `Rollout.prefix` None). Each conversation is rendered with its function `tools` (where
+        given), and every completion follows `constraint` (where given)."""
         ...
 
     def update_weights(self, model: Any) -> None:
@@ -78,6 +83,8 @@ class TorchEngine:
         first: int = 0,
         greedy: bool = False,
         keep_prefix: bool = False,
+        tools: Sequence[Sequence[Mapping[str, Any]] | None] | None = None,
+        constraint: Constraint | None = None,
     ) -> Rollout:
         return sample(
             self.model,
@@ -91,6 +98,8 @@ class TorchEngine:
             first=first,
             greedy=greedy,
             keep_prefix=keep_prefix,
+            tools=tools,
+            constraint=constraint,
         )
 
     def update_weights(self, model: Any) -> None:

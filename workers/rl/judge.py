@@ -19,6 +19,7 @@ from typing import Any
 from service.core.settings import Settings
 from service.graders.model_graders import DEFAULT_MAX_TOKENS, Answer
 from service.graders.schemas import SamplingParams
+from service.models.constraints import Constraint
 from service.models.engines import EngineName
 from workers.rl.engine import RolloutEngine, model_problem, open_engine
 
@@ -40,6 +41,7 @@ class EngineJudge:
         params: SamplingParams | None,
         settings: Settings,
         project_id: str | None,
+        constraint: Constraint | None = None,
     ) -> list[Answer]:
         params = params or SamplingParams()
         temperature = params.temperature or 0.0
@@ -53,6 +55,7 @@ class EngineJudge:
                 top_p=params.top_p or 1.0,
                 seed=params.seed if params.seed is not None else 0,
                 greedy=temperature <= 0,
+                constraint=constraint,
             )
         prompt_tokens = rollout.attention_mask[:, : rollout.prompt_len].sum(dim=1).tolist()
         completion_tokens = rollout.completion_mask.sum(dim=1).tolist()

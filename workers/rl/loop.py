@@ -38,6 +38,7 @@ from workers.rl.config import RLConfig, with_devices, with_engine
 from workers.rl.config import resolve as resolve_config
 from workers.rl.data import Example, batch_for_step, load_examples
 from workers.rl.engine import RolloutEngine, engine_class, engine_message, model_problem, open_engine
+from workers.rl.formats import check_tools, formatted
 from workers.rl.judge import EngineJudge
 from workers.rl.launch import RankContext, devices_for, ranks_of
 from workers.rl.loss import Mismatch, advantages, policy_loss, token_logprobs
@@ -174,7 +175,9 @@ def set_up(ctx: RankContext) -> Parts:
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     state = checkpoint.restore(ctx, model, optimizer, scheduler)
+    check_tools(tokenizer, job["model"], train, valid)
     engine = open_engine(engine_name, model, tokenizer, ctx.settings)  # after restore: the weights it resumes
+    engine = formatted(engine, reinforcement.get("response_format"))  # sampling held to it, if any
     try:
         judge = EngineJudge(engine_name, ctx.settings)  # model graders answer through the same kind of engine
         grader = parse_grader(reinforcement["grader"])
@@ -306,13 +309,15 @@ class Loop:
                     first=mine.start,
                     greedy=evaluation and temperature == 0,
                     keep_prefix=self.reuse_prefix and not evaluation,
+                    tools=[examples[i].item.get("tools") for i in mine],
                 )
         rollout = ranks.gather_rollout(local, self.tokenizer.pad_token_id, self.model.device)
         t1 = time.perf_counter()
         grades = None
         if self.grader is not None:  # rank 0's
             items = [e.item for e in examples for _ in range(n)]
-            grades = grade_batch(self.grader, [Sample.from_text(t) for t in rollout.texts], items)
+            samples = [Sample.from_completion(t, i.get("tools")) for t, i in zip(rollout.texts, items, strict=True)]
+            grades = grade_batch(self.grader, samples, items)
         grades = ranks.broadcast(grades)
         self.timing["sampling"] += t1 - t0
         self.timing["scoring"] += time.perf_counter() - t1

@@ -9,11 +9,14 @@ from comes back too, so that the update can compare the sampler with the trainer
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from service.models.constraints import Constraint
+from service.models.guided import Guide
 from service.models.sampling import draw
 from service.models.templates import eos_ids, render_prompt
 from workers.rl.state import derive_seed
@@ -67,18 +70,26 @@ def sample(
     first: int = 0,
     greedy: bool = False,
     keep_prefix: bool = False,
+    tools: Sequence[Sequence[Mapping[str, Any]] | None] | None = None,
+    constraint: Constraint | None = None,
 ) -> Rollout:
-    """`n_per_prompt` completions of each conversation, laid out prompt by prompt. Conversation i
-    draws its tokens from `derive_seed(seed, first + i)` alone (`RowUniforms`), so a batch split
-    into parts (across ranks) samples what it would whole. With `keep_prefix` the prompt pass runs
-    with autograd on and comes back as `Rollout.prefix`, for the update."""
-    prompts = [render_prompt(tokenizer, c) for c in conversations]
+    """`n_per_prompt` completions of each conversation (rendered with its function `tools`, where
+    given), laid out prompt by prompt, held to `constraint` where given. Conversation i draws its
+    tokens from `derive_seed(seed, first + i)` alone (`RowUniforms`), so a batch split into parts
+    (across ranks) samples what it would whole. With `keep_prefix` the prompt pass runs with
+    autograd on and comes back as `Rollout.prefix`, for the update."""
+    listed = tools if tools is not None else [None] * len(conversations)
+    prompts = [render_prompt(tokenizer, c, t) for c, t in zip(conversations, listed, strict=True)]
     prompts = [p for p in prompts for _ in range(n_per_prompt)]
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     was_training = model.training
     model.eval()
     stops = torch.tensor(eos_ids(model, tokenizer), device=model.device)
+    guide = None
+    if constraint is not None:
+        vocab = int(model.get_output_embeddings().weight.shape[0])
+        guide = Guide(constraint, tokenizer, len(prompts), vocab, stops.tolist())
     completions, logprobs, prefix = decode(
         model,
         enc["input_ids"],
@@ -90,6 +101,7 @@ def sample(
         eos_ids=stops,
         pad_id=tokenizer.pad_token_id,
         keep_prefix=keep_prefix,
+        guide=guide,
     )  # (N, C')
     model.train(was_training)
     prompt_len = enc["input_ids"].shape[1]
@@ -131,6 +143,7 @@ def decode(
     eos_ids: torch.Tensor,
     pad_id: int,
     keep_prefix: bool = False,
+    guide: Guide | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Prefix | None]:
     """Up to `max_new_tokens` tokens for each left-padded row, (N, C'): pad after a row's first
     end id (any of `eos_ids`), and C' < max_new_tokens when every row has ended; their
@@ -139,7 +152,8 @@ def decode(
 
     The prompts go through `prefix_pass` (each distinct prompt once, all but its last token), then
     one token per row per step over the KV cache. Tokens are drawn by `service.models.sampling.draw`
-    with each row's next number from `uniforms`, so the same seeds give the same tokens.
+    with each row's next number from `uniforms`, so the same seeds give the same tokens; a `guide`
+    masks the logits to what its grammar allows first.
     """
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (N, P)
     prompt_len = input_ids.shape[1]
@@ -165,8 +179,11 @@ def decode(
             logits_to_keep=1,
         )
         cache = out.cache
-        chosen, logp = draw(out.logits[:, -1], temperature, top_p, None, uniforms.next())  # (N,) each
+        logits = out.logits[:, -1] if guide is None else guide.mask_(out.logits[:, -1].float())  # (N, V)
+        chosen, logp = draw(logits, temperature, top_p, None, uniforms.next())  # (N,) each
         chosen = torch.where(ended, torch.full_like(chosen, pad_id), chosen)
+        if guide is not None:
+            guide.advance(chosen.tolist())
         tokens.append(chosen)
         logprobs.append(torch.where(ended, torch.zeros_like(logp), logp))
         ended |= torch.isin(chosen, eos_ids)

@@ -26,13 +26,14 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from service.core.settings import Settings
+from service.models.constraints import Constraint
 from service.models.templates import eos_ids, render_prompt
 from workers.rl.rollout import Rollout
 from workers.rl.state import derive_seed
@@ -125,14 +126,18 @@ class VllmEngine:
         first: int = 0,
         greedy: bool = False,
         keep_prefix: bool = False,
+        tools: Sequence[Sequence[Mapping[str, Any]] | None] | None = None,
+        constraint: Constraint | None = None,
     ) -> Rollout:
         del keep_prefix  # the prompt pass is the torch engine's to keep; the loop runs it again
+        listed = tools if tools is not None else [None] * len(conversations)
         prompts = [
-            self.tokenizer(render_prompt(self.tokenizer, c), add_special_tokens=False)["input_ids"]
-            for c in conversations
+            self.tokenizer(render_prompt(self.tokenizer, c, t), add_special_tokens=False)["input_ids"]
+            for c, t in zip(conversations, listed, strict=True)
         ]
         groups = self._ask(
             {
+                "grammar": None if constraint is None else constraint.lark,  # vLLM's guidance backend: llguidance
                 "op": "sample",
                 "prompts": prompts,
                 "n": n,

@@ -12,7 +12,8 @@ printing is moved to stderr first. After start-up it writes `{"ready": true, "se
 answers each request with one line: `{"ok": ...}` or `{"error": "..."}`.
 
 - `{"op": "sample", "prompts": [[ids]], "n", "max_tokens", "temperature", "top_p", "seeds": [one a prompt],
-  "stop_token_ids": [ids]}` -> per prompt, `n` completions of `{"token_ids", "logprobs", "finish_reason"}`;
+  "stop_token_ids": [ids], "grammar": lark or null}` -> per prompt, `n` completions of
+  `{"token_ids", "logprobs", "finish_reason"}`, each held to the Lark grammar (llguidance's dialect) if any;
   `logprobs` are the sampler's log-probabilities of the chosen tokens after temperature and top-p
   (`logprobs_mode="processed_logprobs"`), what importance-sampling correction divides by.
 - `{"op": "reload", "path": folder}`: the weights again from the safetensors in `folder`, in place,
@@ -39,6 +40,9 @@ def answer(out: Any, body: dict[str, Any]) -> None:
 
 def sample(llm: Any, request: dict[str, Any], adapter: Any = None) -> list[list[dict[str, Any]]]:
     from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    grammar = request.get("grammar")
 
     greedy, n = float(request["temperature"]) == 0.0, int(request["n"])
 
@@ -53,6 +57,7 @@ def sample(llm: Any, request: dict[str, Any], adapter: Any = None) -> list[list[
             logprobs=0,  # the chosen token's own logprob only
             skip_special_tokens=False,
             detokenize=False,
+            structured_outputs=None if grammar is None else StructuredOutputsParams(grammar=grammar),
         )
 
     copies = n if greedy else 1
@@ -94,6 +99,7 @@ def main() -> None:
         enable_prefix_caching=True,
         logprobs_mode="processed_logprobs",
         max_logprobs=1,
+        structured_outputs_config={"backend": "guidance"},  # llguidance, as our own decode loop uses
     )
     answer(out, {"ready": True, "seconds": time.perf_counter() - started})
     adapter = None
