@@ -194,6 +194,11 @@ class Workload:
         """The sequences this rank samples: its share of the prompts, the largest."""
         return -(-self.prompts // self.devices) * self.group_size
 
+    @property
+    def rows(self) -> int:
+        """The sequences of one micro-batch: no more than this rank trains (its share of the groups)."""
+        return min(self.micro_batch_size, self.sequences)
+
 
 @dataclass(frozen=True)
 class Estimate:
@@ -272,20 +277,20 @@ def _layer_activations(shape: Shape) -> int:
 def _activations(shape: Shape, work: Workload) -> int:
     size = _act_bytes(work)
     micro_len = work.completion_tokens if work.keeps_prefix else work.prompt_tokens + work.completion_tokens
-    tokens = work.micro_batch_size * micro_len
+    tokens = work.rows * micro_len
     prefix = work.prompts * work.prompt_tokens if work.keeps_prefix else 0  # kept from sampling until the update ends
     per_layer = _layer_activations(shape) * size
     if work.gradient_checkpointing:  # each layer's input, and one layer replayed at a time
         kept = tokens * shape.layers * shape.hidden * size + tokens * per_layer
     else:
         kept = tokens * shape.layers * per_layer
-    mask = 4 * work.micro_batch_size * (work.prompt_tokens + work.completion_tokens) ** 2
+    mask = 4 * work.rows * (work.prompt_tokens + work.completion_tokens) ** 2
     return kept + prefix * shape.layers * per_layer + mask + 2 * tokens * shape.hidden * size
 
 
 def _logits(shape: Shape, work: Workload) -> int:
     micro_len = work.completion_tokens if work.keeps_prefix else work.prompt_tokens + work.completion_tokens
-    tokens = work.micro_batch_size * micro_len
+    tokens = work.rows * micro_len
     if shape.model_type in CHUNKED_TYPES:
         tokens = min(tokens, max(1, CHUNK_BYTES // (4 * shape.vocab)))
     return 3 * 4 * tokens * shape.vocab
