@@ -137,6 +137,18 @@ def upload(client: TestClient, auth: dict[str, str], content: bytes, filename: s
     return response
 
 
+def submit(client: TestClient, auth: dict[str, str], settings: Settings, body: dict[str, Any]) -> str:
+    """Create the job `body` describes (asserting the API took it) and validate it as the light
+    worker would; its id. The job is then queued for a worker, or for `runner.run_job`."""
+    from workers import validate
+
+    response = client.post("/v1/fine_tuning/jobs", headers=auth, json=body)
+    assert response.status_code == 200, response.text
+    job_id = str(response.json()["id"])
+    validate.validate_job(job_id, settings)
+    return job_id
+
+
 def train_local_model(
     client: TestClient,
     auth: dict[str, str],
@@ -150,16 +162,13 @@ def train_local_model(
 ) -> str:
     """Upload `lines`, train the model saved in `folder` (or any model name) on them to the end (in this
     process, as a worker would), assert the job succeeded (unless not `succeed`); its id."""
-    from workers import runner, validate
+    from workers import runner
 
     file_id = upload(client, auth, jsonl(lines)).json()["id"]
     reinforcement = {"grader": grader, "hyperparameters": hyperparameters, "response_format": response_format}
     body = {"model": str(folder), "training_file": file_id, "seed": 3}
     body["method"] = {"type": "reinforcement", "reinforcement": reinforcement}
-    response = client.post("/v1/fine_tuning/jobs", headers=auth, json=body)
-    assert response.status_code == 200, response.text
-    job_id = str(response.json()["id"])
-    validate.validate_job(job_id, settings)
+    job_id = submit(client, auth, settings, body)
     runner.run_job(job_id, settings)
     with db.unit_of_work(settings) as session:
         row = session.scalars(select(Job).where(Job.id == job_id)).one()

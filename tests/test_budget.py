@@ -14,17 +14,9 @@ from service.cli_client import main as cli
 from service.core.db import unit_of_work
 from service.core.settings import Settings
 from service.core.tables import Checkpoint, Job, JobEvent, JobMetric
-from tests.conftest import job_body, upload
+from tests.conftest import job_body, submit, upload
 from tests.support import chaos
-from workers import runner, validate
-
-
-def create(client: TestClient, auth: dict[str, str], settings: Settings, body: dict[str, Any]) -> str:
-    response = client.post("/v1/fine_tuning/jobs", headers=auth, json=body)
-    assert response.status_code == 200, response.text
-    job_id = str(response.json()["id"])
-    validate.validate_job(job_id, settings)
-    return job_id
+from workers import runner
 
 
 def rows(settings: Settings, job_id: str) -> tuple[Job, list[JobMetric], list[JobEvent], list[int]]:
@@ -42,7 +34,7 @@ def test_a_tiny_job_pauses_at_its_max_tokens_cap_and_resumes_once_the_cap_is_rem
     file_id = upload(live_client, live_auth, chaos.PROMPTS).json()["id"]
     body = chaos.job_body(file_id)
     body["method"]["reinforcement"]["hyperparameters"] = {**chaos.HYPER, "n_epochs": 3, "max_tokens": 1}
-    job_id = create(live_client, live_auth, live_settings, body)
+    job_id = submit(live_client, live_auth, live_settings, body)
     runner.run_job(job_id, live_settings)
 
     job, metrics, events, ckpts = rows(live_settings, job_id)
@@ -85,7 +77,7 @@ def test_max_wall_seconds_pauses_the_job_and_the_cli_resumes_it_with_a_higher_ca
     live_client: TestClient, live_auth: dict[str, str], ticking: Settings, capsys: pytest.CaptureFixture[str]
 ) -> None:
     file_id = upload(live_client, live_auth, chaos.PROMPTS).json()["id"]
-    job_id = create(live_client, live_auth, ticking, wall_capped(file_id, 1))
+    job_id = submit(live_client, live_auth, ticking, wall_capped(file_id, 1))
     runner.run_job(job_id, ticking)
     job, metrics, events, _ = rows(ticking, job_id)
     assert job.status == "paused" and 3 <= len(metrics) < 8
@@ -111,7 +103,7 @@ def test_a_cap_reached_at_the_last_step_lets_the_job_finish(
     monkeypatch.setenv("RFT_TEST_STEPS", "1")
     monkeypatch.setenv("RFT_TEST_STEP_SECONDS", "1.1")
     file_id = upload(live_client, live_auth, chaos.PROMPTS).json()["id"]
-    job_id = create(live_client, live_auth, ticking, wall_capped(file_id, 1))
+    job_id = submit(live_client, live_auth, ticking, wall_capped(file_id, 1))
     runner.run_job(job_id, ticking)
     assert rows(ticking, job_id)[0].status == "succeeded"
 

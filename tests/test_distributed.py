@@ -20,10 +20,10 @@ from sqlalchemy import select
 from service.core.db import unit_of_work
 from service.core.settings import Settings
 from service.core.tables import Checkpoint, Job, JobMetric
-from tests.conftest import upload
+from tests.conftest import submit, upload
 from tests.support import chaos
 from tests.support.procs import Proc
-from workers import runner, validate
+from workers import runner
 from workers.context import JobContext, TrainingResult
 from workers.rl import launch
 from workers.training import run_training
@@ -72,10 +72,7 @@ def create(client: TestClient, auth: dict[str, str], settings: Settings, **hyper
             },
         },
     }
-    response = client.post("/v1/fine_tuning/jobs", headers=auth, json=body)
-    assert response.status_code == 200, response.text
-    job_id = str(response.json()["id"])
-    validate.validate_job(job_id, settings)
+    job_id = submit(client, auth, settings, body)
     return job_id
 
 

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from service.core.db import unit_of_work
 from service.core.settings import Settings
 from service.core.tables import Checkpoint, Job, JobMetric
-from tests.conftest import set_job_flags, upload
+from tests.conftest import set_job_flags, submit, upload
 from workers import runner, validate
 from workers.rl import engine as engine_module
 from workers.rl import loop as loop_module
@@ -61,10 +61,7 @@ def run_job(client: TestClient, auth: dict[str, str], settings: Settings, **hype
             },
         },
     }
-    response = client.post("/v1/fine_tuning/jobs", headers=auth, json=body)
-    assert response.status_code == 200, response.text
-    job_id = str(response.json()["id"])
-    validate.validate_job(job_id, settings)
+    job_id = submit(client, auth, settings, body)
     runner.run_job(job_id, settings)
     return job_id
 

@@ -29,7 +29,7 @@ from service.core.db import unit_of_work
 from service.core.settings import Settings
 from service.core.tables import Job, JobEvent, JobMetric
 from service.fleet import repository as fleet
-from tests.conftest import job_body, upload
+from tests.conftest import job_body, submit, upload
 from tests.support import chaos, wandb_file
 from tests.support.procs import free_port
 from workers import runner, validate
@@ -63,10 +63,7 @@ def run_rl_job(client: TestClient, auth: dict[str, str], settings: Settings, int
     file_id = upload(client, auth, chaos.PROMPTS).json()["id"]
     body = chaos.job_body(file_id) | {"integrations": integrations}
     body["method"]["reinforcement"]["hyperparameters"] = HYPER
-    response = client.post("/v1/fine_tuning/jobs", headers=auth, json=body)
-    assert response.status_code == 200, response.text
-    job_id = str(response.json()["id"])
-    validate.validate_job(job_id, settings)
+    job_id = submit(client, auth, settings, body)
     runner.run_job(job_id, settings)
     return job_id
 

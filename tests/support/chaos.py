@@ -26,10 +26,10 @@ from sqlalchemy import func, select
 from service.core.db import unit_of_work
 from service.core.settings import Settings
 from service.core.tables import Checkpoint, Job, JobEvent, JobMetric
-from tests.conftest import upload
+from tests.conftest import submit, upload
 from tests.support.procs import Proc, free_port
 from tests.support.services import _as_postgres
-from workers import runner, validate
+from workers import runner
 
 PROMPTS = b"".join(
     json.dumps({"messages": [{"role": "user", "content": f"write {i}"}], "answer": "abcdefgh"}).encode() + b"\n"
@@ -146,10 +146,7 @@ def job_body(file_id: str) -> dict[str, Any]:
 
 def queued_job(client: TestClient, auth: dict[str, str], settings: Settings) -> str:
     file_id = upload(client, auth, PROMPTS).json()["id"]
-    response = client.post("/v1/fine_tuning/jobs", headers=auth, json=job_body(file_id))
-    assert response.status_code == 200, response.text
-    job_id = str(response.json()["id"])
-    validate.validate_job(job_id, settings)
+    job_id = submit(client, auth, settings, job_body(file_id))
     assert job(settings, job_id).status == "queued"
     return job_id
 
