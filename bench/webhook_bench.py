@@ -29,7 +29,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
 import redis
 from sqlalchemy import delete
 
@@ -48,6 +47,9 @@ class Result:
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the receiver is the tests' own (tests/support/receiver.py)
+sys.path.insert(0, str(ROOT / "bench"))
+
+from status_poll_bench import bench_database  # noqa: E402  (a throwaway PostgreSQL database)
 
 from service.auth.service import create_api_key  # noqa: E402
 from service.core import queue  # noqa: E402
@@ -60,19 +62,6 @@ from service.webhooks.signing import new_secret  # noqa: E402
 from tests.support.receiver import Receiver  # noqa: E402
 
 EVENT = "fine_tuning.job.succeeded"
-
-
-@contextlib.contextmanager
-def postgres_database(server_url: str) -> Iterator[str]:
-    name = f"rft_bench_{uuid.uuid4().hex[:10]}"
-    admin = server_url.replace("+psycopg", "")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield server_url.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextlib.contextmanager
@@ -166,7 +155,7 @@ def main() -> None:
     args = parser.parse_args()
     shared = {"RFT_WEBHOOK_ALLOWED_NETWORKS": '["127.0.0.1/32"]', "RFT_WEBHOOK_BACKOFF_SECONDS": str(args.backoff)}
     results: dict[str, Result] = {}
-    with tempfile.TemporaryDirectory() as tmp, postgres_database(args.pg) as database:
+    with tempfile.TemporaryDirectory() as tmp, bench_database(args.pg) as database:
         redis.Redis.from_url(args.redis).flushdb()
         stacks = {
             "PostgreSQL + Redis": {"RFT_DATABASE_URL": database, "RFT_BROKER_URL": args.redis},
