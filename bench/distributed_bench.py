@@ -20,7 +20,6 @@ distributions then sample other tokens from slightly other weights.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -35,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from memory_planner import COMMON as COMMON_PLANNER  # noqa: E402
-from memory_planner import SMOLLM2_135M, Case, create_job, job_outcome, random_model  # noqa: E402
+from memory_planner import SMOLLM2_135M, Case, create_job, job_outcome, random_model, run_worker  # noqa: E402
 
 COMMON = {"batch_size": 4, "compute_multiplier": 1, "max_completion_tokens": 32, "eval_samples": 1}
 CASES = {
@@ -90,17 +89,7 @@ def run(case: Case, work: Path, devices: int, steps: int) -> dict[str, Any]:
     data = Path(tempfile.mkdtemp(prefix=f"{case.name}-{devices}-", dir=work))
     hp = {**case.hyperparameters, "n_devices": devices, "n_epochs": steps * COMMON["batch_size"] // case.examples}
     job_id, env = create_job(Case(case.name, case.config, hp, examples=case.examples), model, data)
-    done = subprocess.run(
-        [sys.executable, "-c", WORKER, job_id],
-        env={**os.environ, **env, "RFT_WORKER_DEVICES": str(devices), "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=ROOT,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"worker failed: {done.stderr[-3000:]}")
-    peaks = json.loads(done.stdout.strip().splitlines()[-1])["peaks"]
+    peaks = run_worker(job_id, {**env, "RFT_WORKER_DEVICES": str(devices)}, WORKER)["peaks"]
     _, plan = job_outcome(job_id, data)
     settings = Settings(data_dir=data)
     with unit_of_work(settings) as session:

@@ -180,13 +180,14 @@ print(json.dumps({"peak": peak, "where": where[-4:]}))
 """
 
 
-def run_worker(job_id: str, env: dict[str, str]) -> dict[str, Any]:
-    """Run the job in a fresh worker process: its peak resident memory (bytes) and where the
-    worker's code was at the highest sample of it."""
+def run_worker(job_id: str, env: dict[str, str], script: str = WORKER) -> dict[str, Any]:
+    """Run the job in a fresh worker process running `script`, and what it printed last as JSON
+    (`WORKER`'s: its peak resident memory, bytes, and where the worker's code was at the highest
+    sample of it)."""
     import os
 
     done = subprocess.run(
-        [sys.executable, "-c", WORKER, job_id],
+        [sys.executable, "-c", script, job_id],
         env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
