@@ -19,13 +19,11 @@ from service.core.db import on_commit
 from service.core.errors import InvalidRequest, NotFound
 from service.core.ids import new_id
 from service.core.storage import Storage
-from service.core.tables import Checkpoint, CheckpointPermission
+from service.core.tables import JOB_TERMINAL, Checkpoint, CheckpointPermission
 from service.jobs import repository as jobs
 from service.models import repository as models
 from service.models.registry import forget_loaded
 from service.models.service import refuse_if_in_use
-
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def owned_checkpoint(session: Session, subject: AuthSubject, name: str) -> Checkpoint:
@@ -39,7 +37,7 @@ def grant(session: Session, subject: AuthSubject, name: str, project_ids: list[s
     """One permission per project (an existing one is returned as it is), in the order asked."""
     ckpt = owned_checkpoint(session, subject, name)
     status = repository.job_status(session, ckpt.job_id)
-    if status not in TERMINAL:
+    if status not in JOB_TERMINAL:
         raise InvalidRequest(
             f"Checkpoint {name!r} belongs to job {ckpt.job_id}, which is {status}: its checkpoints may still be "
             "pruned. Share it once the job has finished.",

@@ -69,6 +69,9 @@ class File(Base):
     expires_at: Mapped[int | None] = mapped_column(BigInteger, index=True)
 
 
+JOB_TERMINAL = ("succeeded", "failed", "cancelled")  # a job in one of these statuses never runs again
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (

@@ -9,11 +9,11 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from service.core.storage import Storage
+from service.core.tables import JOB_TERMINAL as TERMINAL
 from service.core.tables import Job
 from service.jobs import results
 from service.webhooks.service import emit
 
-TERMINAL = ("succeeded", "failed", "cancelled")
 ANNOUNCED = (*TERMINAL, "paused")  # fine_tuning.job.<status>
 
 

@@ -9,9 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.auth.service import AuthSubject, readable
-from service.core.tables import Checkpoint, Job
-
-TERMINAL = ("succeeded", "failed", "cancelled")
+from service.core.tables import JOB_TERMINAL, Checkpoint, Job
 
 
 def fine_tuned_models(session: Session, subject: AuthSubject) -> list[tuple[str, int, str]]:
@@ -58,4 +56,4 @@ def checkpoints_of_job(session: Session, job_id: str) -> Sequence[Checkpoint]:
 
 def unfinished_jobs(session: Session) -> Sequence[Job]:
     """Jobs of any project not yet finished (few: each project's queue is capped)."""
-    return session.scalars(select(Job).where(Job.status.not_in(TERMINAL)).order_by(Job.seq)).all()
+    return session.scalars(select(Job).where(Job.status.not_in(JOB_TERMINAL)).order_by(Job.seq)).all()
