@@ -8,9 +8,11 @@ Both engines sample the same conversations through the `RolloutEngine` interface
 uses (`workers/rl/engine.py`), rounds alternating so that both see the same background load. Shown:
 completion tokens per second (median round), the vLLM sidecar's start-up, and its weight sync (write
 the trainer's weights to /dev/shm and reload them in place) after a perturbation, as the loop does
-after every optimizer step. `--random` builds a model of a known family's config with random
-weights (throughput needs no trained weights, and a GPU machine lent to us reaches no hub). On CUDA
-the peak GPU memory of this process (the torch engine's) is printed too.
+after every optimizer step, alternating with the way it was done before 830cdf7 (a new safetensors
+file each time, reloaded from its folder; the sidecar still takes it). `--random` builds a model of
+a known family's config with random weights (throughput needs no trained weights, and a GPU machine
+lent to us reaches no hub). On CUDA the peak GPU memory of this process (the torch engine's) is
+printed too.
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sync-rounds", type=int, default=3, help="weight syncs timed each way")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--engines", nargs="+", choices=["torch", "vllm"], default=["torch", "vllm"])
@@ -153,14 +156,24 @@ def main() -> None:
     if "vllm" in engines:
         if "torch" in engines:
             print(f"vLLM / torch sampling rate: {rates['vllm'] / rates['torch']:.2f}x")
-        syncs = []
+        syncs: dict[str, list[float]] = {"shared": [], "file": []}
         with torch.no_grad():
-            for _ in range(3):
-                for p in model.parameters():
-                    p.add_(torch.randn_like(p) * 1e-4)
-                vllm.update_weights(model)
-                syncs.append(vllm.weight_sync_seconds)
-        print(f"weight sync (write to /dev/shm + reload in place): {', '.join(f'{s:.2f}' for s in syncs)} s")
+            for round_ in range(args.sync_rounds + 1):  # the ways alternating, so that both see the same load
+                for way in syncs:
+                    for p in model.parameters():
+                        p.add_(torch.randn_like(p) * 1e-4)
+                    began = time.perf_counter()
+                    if way == "shared":
+                        vllm.update_weights(model)  # what the loop does
+                    else:
+                        vllm._write(model)  # a safetensors file of the merged weights, reloaded from its folder
+                        vllm._ask({"op": "reload", "path": str(vllm.folder)})
+                    if round_:  # round 0 warms up: the first sync lays out and maps the shared file
+                        syncs[way].append(time.perf_counter() - began)
+        print("weight sync, median (each round) s:")
+        for way, label in (("shared", "shared-memory mapping"), ("file", "safetensors file")):
+            each = ", ".join(f"{s:.2f}" for s in syncs[way])
+            print(f"  {label:<22} {statistics.median(syncs[way]):.3f}   ({each})")
         vllm.close()
 
 

@@ -248,9 +248,10 @@ def update_flops(model: Any, profile: Profile, lora: bool) -> float:
     return policy + prefix + forward("no_grad")
 
 
-def peak_rss_mib() -> float:
-    """This process's peak RSS. VmHWM, not getrusage: Linux carries ru_maxrss over exec() from the parent."""
-    status = Path("/proc/self/status")
+def peak_rss_mib(pid: int | str = "self") -> float:
+    """A process's peak RSS (this one's by default). VmHWM, not getrusage: Linux carries ru_maxrss over
+    exec() from the parent, and a child's is only known once it has been waited for."""
+    status = Path(f"/proc/{pid}/status")
     if status.exists():
         for line in status.read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -350,7 +351,10 @@ def run_ours(bench: Bench, lora: bool) -> dict[str, Any]:
                 steps.append(step_record(metrics))
                 print(f"  ours step {step}: {json.dumps(steps[-1])}", flush=True)
         after = evaluate(model, tokenizer, valid, grader, cfg.max_completion_tokens)
-    return summary(bench, cfg, steps, profile, update_flops(model, profile, lora), before, after)
+        sidecar = getattr(loop.engine, "pid", None)  # vLLM's process holds its own copy of the weights
+        sidecar_peak = peak_rss_mib(sidecar) if sidecar is not None else None
+    result = summary(bench, cfg, steps, profile, update_flops(model, profile, lora), before, after)
+    return {**result, "sidecar_peak_rss_mib": sidecar_peak}
 
 
 def step_record(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -359,6 +363,7 @@ def step_record(metrics: dict[str, Any]) -> dict[str, Any]:
         "seconds": timing["full_iteration"],
         "sampling": timing["sampling"],
         "scoring": timing["scoring"],
+        "weight_sync": timing["weight_sync"],
         "train_reward": metrics["train_reward_mean"],
         "kl": metrics["kl"],
         "completion_tokens_mean": metrics["completion_tokens_mean"],
@@ -379,7 +384,10 @@ def summary(
     split = {k: sum(s[k] for s in steps) / len(steps) for k in ("sampling", "scoring")}
     split["update"] = profile.seconds["update"] / len(steps)
     split["other"] = seconds / len(steps) - sum(split.values())
+    split["weight_sync"] = sum(s.get("weight_sync", 0.0) for s in steps) / len(steps)  # a part of the update
+    sampled = sum(s["completion_tokens_mean"] for s in steps) * cfg.batch_size * cfg.group_size
     return {
+        "sampling_tokens_per_second": sampled / max(sum(s["sampling"] for s in steps), 1e-9),
         "completions": len(steps) * cfg.batch_size * cfg.group_size,
         "train_seconds": seconds,
         "completions_per_second": len(steps) * cfg.batch_size * cfg.group_size / seconds,
@@ -576,17 +584,23 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--json-out", type=Path, help="also write every result (and the GEMM peak) here")
     p.add_argument("--smoke", action="store_true", help="tiny random Llama, 2 steps, small batches: seconds")
     p.add_argument("--seed", type=int, help=f"seed of data order, sampling and LoRA init (default {Bench.seed})")
-    p.add_argument("--engine", choices=["torch", "vllm"], default="torch", help="our loop's rollout engine")
+    p.add_argument("--engine", default="torch", help="our loop's rollout engine(s), comma-separated: torch, vllm")
     p.add_argument("--trl-bf16", action="store_true", help="run TRL with its default bf16 autocast (unmatched)")
+    p.add_argument("--trl-precision", help="TRL's precision(s), comma-separated: fp32 (matched), bf16 (TRL's default)")
     p.add_argument("--tokens", type=int, help=f"max completion tokens (default {Bench.max_completion_tokens})")
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=["lora", "full"], help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
-    for name, allowed in (("configs", {"lora", "full"}), ("frameworks", {"ours", "trl"})):
+    if args.trl_precision is None:
+        args.trl_precision = "bf16" if args.trl_bf16 else "fp32"
+    lists = {"configs": {"lora", "full"}, "frameworks": {"ours", "trl"}, "engine": {"torch", "vllm"}}
+    lists["trl_precision"] = {"fp32", "bf16"}
+    for name, allowed in lists.items():
         values = getattr(args, name).split(",")
         if not values or set(values) - allowed:
-            p.error(f"--{name} takes a comma-separated subset of {sorted(allowed)}, got {getattr(args, name)!r}")
+            flag = name.replace("_", "-")
+            p.error(f"--{flag} takes a comma-separated subset of {sorted(allowed)}, got {getattr(args, name)!r}")
         setattr(args, name, values)
     for name in ("steps", "tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -602,8 +616,8 @@ def bench_of(args: argparse.Namespace) -> Bench:
         base,
         steps=args.steps or base.steps,
         seed=seed,
-        trl_bf16=args.trl_bf16,
-        engine=args.engine,
+        trl_bf16=args.trl_precision == ["bf16"],
+        engine=args.engine[0],
         max_completion_tokens=tokens,
     )
 
@@ -621,26 +635,27 @@ def run_worker(args: argparse.Namespace) -> None:
     args.result.write_text(json.dumps(result))
 
 
-def spawn(args: argparse.Namespace, framework: str, mode: str) -> dict[str, Any]:
+def spawn(args: argparse.Namespace, framework: str, mode: str, variant: str) -> dict[str, Any]:
+    """One worker: ours with the rollout engine `variant`, or TRL at the precision `variant`."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         command = [sys.executable, __file__, "--worker", framework, "--mode", mode, "--result", str(result)]
         command += ["--smoke"] if args.smoke else []
-        command += ["--trl-bf16"] if args.trl_bf16 else []
-        command += ["--engine", args.engine]
+        command += ["--trl-bf16"] if framework == "trl" and variant == "bf16" else []
+        command += ["--engine", variant if framework == "ours" else "torch"]
         command += ["--steps", str(args.steps)] if args.steps else []
         command += ["--tokens", str(args.tokens)] if args.tokens else []
         command += ["--seed", str(args.seed)] if args.seed is not None else []
-        print(f"== {framework} {mode}", flush=True)
+        print(f"== {framework} {mode} {variant}", flush=True)
         started = time.perf_counter()
         done = subprocess.run(command, cwd=ROOT)
         if done.returncode != 0:
             return {"framework": framework, "mode": mode, "error": f"worker exited with {done.returncode}"}
         data: dict[str, Any] = json.loads(result.read_text())
-    if framework == "trl" and args.trl_bf16:
+    if framework == "trl" and variant == "bf16":
         framework += " (bf16)"
     if framework == "ours":  # how ours ran: its engine, and bf16 autocast where RFT_TRAINING_PRECISION asks
-        framework += f" ({args.engine}{', bf16' if settings().training_precision == 'bf16' else ''})"
+        framework += f" ({variant}{', bf16' if settings().training_precision == 'bf16' else ''})"
     return {"framework": framework, "mode": mode, "process_seconds": time.perf_counter() - started, **data}
 
 
@@ -669,18 +684,22 @@ def versions() -> dict[str, str]:
 
 def table(results: list[dict[str, Any]], peak: float) -> str:
     head = (
-        "| framework | mode | completions/s | s/step | sampling | scoring | update | peak RSS | "
-        "valid before -> after | update GFLOP/s | % of peak | CPU/wall, load |"
+        "| framework | mode | completions/s | s/step | sampling | sampling tok/s | scoring | update | weight sync "
+        "| peak RSS | valid before -> after | update GFLOP/s | % of peak | CPU/wall, load |"
     )
-    lines = [head, "|" + " --- |" * 2 + " ---: |" * 10]
+    lines = [head, "|" + " --- |" * 2 + " ---: |" * 12]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['framework']} | {r['mode']} | {r['error']} |" + " |" * 9)
+            lines.append(f"| {r['framework']} | {r['mode']} | {r['error']} |" + " |" * 11)
             continue
         s = r["split"]
+        rss = f"{r['peak_rss_mib']:,.0f}"
+        if r.get("sidecar_peak_rss_mib"):  # the trainer's and vLLM's peaks, each of its own process
+            rss += f" + {r['sidecar_peak_rss_mib']:,.0f}"
         lines.append(
             f"| {r['framework']} | {r['mode']} | {r['completions_per_second']:.2f} | {r['seconds_per_step']:.2f} s | "
-            f"{s['sampling']:.2f} s | {s['scoring']:.3f} s | {s['update']:.2f} s | {r['peak_rss_mib']:,.0f} MiB | "
+            f"{s['sampling']:.2f} s | {r.get('sampling_tokens_per_second', 0):.0f} | {s['scoring']:.3f} s | "
+            f"{s['update']:.2f} s | {s.get('weight_sync', 0):.2f} s | {rss} MiB | "
             f"{r['valid_before']:.3f} -> {r['valid_after']:.3f} | {r['update_gflops_per_second']:.1f} | "
             f"{100 * r['update_gflops_per_second'] / peak:.0f}% | "
             f"{r['machine']['cpu_per_wall']:.2f}, {r['machine']['load_before']:.1f}-{r['machine']['load_after']:.1f} |"
@@ -689,16 +708,17 @@ def table(results: list[dict[str, Any]], peak: float) -> str:
 
 
 def speedups(results: list[dict[str, Any]]) -> list[str]:
-    by = {(r["framework"].split()[0], r["mode"]): r for r in results if "error" not in r}
+    """Each of our runs against each of TRL's, configuration by configuration."""
+    done = [r for r in results if "error" not in r]
     lines = []
     for mode in ("lora", "full"):
-        if ("ours", mode) in by and ("trl", mode) in by:
-            ours, trl = by[("ours", mode)], by[("trl", mode)]
-            ratio = ours["completions_per_second"] / trl["completions_per_second"]
-            lines.append(
-                f"{mode}: ours / TRL throughput = {ratio:.2f}x; "
-                f"validation reward after: ours {ours['valid_after']:.3f}, TRL {trl['valid_after']:.3f}"
-            )
+        for ours in (r for r in done if r["mode"] == mode and r["framework"].startswith("ours")):
+            for trl in (r for r in done if r["mode"] == mode and r["framework"].startswith("trl")):
+                ratio = ours["completions_per_second"] / trl["completions_per_second"]
+                lines.append(
+                    f"{mode}: {ours['framework']} / {trl['framework']} throughput = {ratio:.2f}x; validation "
+                    f"reward after: {ours['valid_after']:.3f} against {trl['valid_after']:.3f}"
+                )
     return lines
 
 
@@ -715,7 +735,13 @@ def main() -> None:
     tokens = 16 * 60  # a micro-batch of 16 sequences of about 44 prompt + 16 completion tokens
     gemm = gemm_peak(sizes, tokens, 576, 1536, 49152)
     print(f"fp32 GEMM: {json.dumps(gemm)}", flush=True)
-    results = [spawn(args, framework, mode) for mode in args.configs for framework in args.frameworks]
+    variants = {"ours": args.engine, "trl": args.trl_precision}
+    results = [
+        spawn(args, framework, mode, variant)
+        for mode in args.configs
+        for framework in args.frameworks
+        for variant in variants[framework]
+    ]
     print()
     print(table(results, gemm["peak"]))
     print("\n".join(speedups(results)))

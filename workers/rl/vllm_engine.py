@@ -115,6 +115,11 @@ class VllmEngine:
         if self.adapters:
             self._send_adapter(model)
 
+    @property
+    def pid(self) -> int:
+        """The sidecar's process id: its memory is its own (`bench/trl_compare.py` adds its peak)."""
+        return self._proc.pid
+
     # -- the RolloutEngine protocol ------------------------------------------------------------
     def sample(
         self,
