@@ -627,11 +627,23 @@ def test_update_skips_rows_and_columns_that_carry_no_loss() -> None:
     from workers.rl.loop import live_part
 
     mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0], [1, 0, 0, 0]])
-    rows, width = live_part(mask, 0, 4)
+    rows, width = live_part(mask, torch.arange(0, 4))
     assert rows.tolist() == [0, 2] and width == 3
-    rows, width = live_part(mask, 3, 4)
+    rows, width = live_part(mask, torch.arange(3, 5))
     assert rows.tolist() == [4] and width == 1
-    assert live_part(mask, 1, 1)[0].numel() == 0
+    assert live_part(mask, torch.tensor([1]))[0].numel() == 0
+
+
+def test_micro_batches_take_the_groups_with_the_longest_answers_first_each_group_whole() -> None:
+    from workers.rl.loop import live_part, longest_first
+
+    lengths = [2, 1, 9, 3, 1, 1, 7, 0]  # four groups of two rows: longest 2, 9, 1, 7
+    mask = torch.tensor([[1] * n + [0] * (9 - n) for n in lengths])
+    order = longest_first(mask, range(0, 8), 2)
+    assert order.tolist() == [2, 3, 6, 7, 0, 1, 4, 5]
+    widths = [live_part(mask, order[k : k + 4])[1] for k in (0, 4)]
+    assert widths == [9, 2]  # in row order both micro-batches would run 9 wide
+    assert longest_first(mask, range(4, 8), 2).tolist() == [6, 7, 4, 5]  # a rank's share: its own rows
 
 
 def test_greedy_rollouts_give_the_tokens_plain_generate_gives(settings: Settings) -> None:

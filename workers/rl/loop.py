@@ -369,10 +369,11 @@ class Loop:
         mismatch = Mismatch(0.0, 0.0, 0.0) if rollout.sampler_logprobs is not None else None
         prefix = PrefixGrads(rollout.prefix) if rollout.prefix is not None else None
         mine, rounds = self.my_rows(mask.shape[0], cfg.group_size, cfg.micro_batch_size)
+        order = longest_first(mask, mine, cfg.group_size)
         if normaliser > 0:
             for k in range(rounds):  # the same number of micro-batches on every rank
-                start = mine.start + k * cfg.micro_batch_size
-                rows, width = live_part(mask, start, min(cfg.micro_batch_size, mine.stop - start))
+                part = order[k * cfg.micro_batch_size : (k + 1) * cfg.micro_batch_size]
+                rows, width = live_part(mask, part)
                 weight = 1.0
                 if rows.numel() == 0:
                     if not self.ranks.sharded:
@@ -555,15 +556,25 @@ class Loop:
         return torch.autocast(device, dtype=torch.bfloat16)
 
 
-def live_part(mask: torch.Tensor, start: int, size: int) -> tuple[torch.Tensor, int]:
-    """The rows of micro-batch [start, start + size) that carry loss (others, such as masked
-    truncated completions, would add exactly zero), and how many completion columns they use."""
-    part = mask[start : start + size]  # (n, C)
-    rows = (part.sum(dim=1) > 0).nonzero().flatten()
-    if rows.numel() == 0:
-        return rows, 0
-    used = part[rows].sum(dim=0).nonzero().flatten()
-    return rows + start, int(used.max()) + 1
+def longest_first(mask: torch.Tensor, mine: range, group: int) -> torch.Tensor:
+    """`mine`'s rows (whole groups) in the order the micro-batches take them: group by group, the
+    groups with the longest live completion first, each group's rows together and in order (they
+    share one prompt pass). A micro-batch runs as wide as its longest row, so this pads the short
+    answers of most groups to one another rather than to the step's one long answer. Where a row
+    is trained changes no gradient (they add up, and the normaliser is the whole step's)."""
+    lengths = mask[mine.start : mine.stop].sum(dim=1).view(-1, group).max(dim=1).values  # (groups,)
+    groups = torch.argsort(lengths, descending=True, stable=True)
+    return (groups[:, None] * group + torch.arange(group)).flatten() + mine.start
+
+
+def live_part(mask: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Of a micro-batch's `rows`, those that carry loss (others, such as masked truncated
+    completions, would add exactly zero), and how many completion columns they use."""
+    live = rows[mask[rows].sum(dim=1) > 0]
+    if live.numel() == 0:
+        return live, 0
+    used = mask[live].sum(dim=0).nonzero().flatten()
+    return live, int(used.max()) + 1
 
 
 def clip_gradients(model: Any, max_norm: float, ranks: Ranks = SINGLE) -> float:
