@@ -106,9 +106,14 @@ def test_vllm_holds_samples_to_the_same_grammar_as_the_torch_engine(pair: tuple[
         jsonschema.validate(json.loads(text), schema)
 
 
-def test_vllm_log_probs_are_the_trainers_at_temperature_one(pair: tuple[Any, Any, VllmEngine]) -> None:
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 0.9)])
+def test_vllm_log_probs_are_the_trainers_whatever_the_sampling_settings(
+    pair: tuple[Any, Any, VllmEngine], temperature: float, top_p: float
+) -> None:
+    """vLLM reports its model's own log-probs (`raw_logprobs`), where the trainer scores, not the
+    tempered nucleus it drew from: the gap is the engines' alone."""
     model, _, engine = pair
-    rollout = engine.sample(CONVERSATIONS, 4, max_new_tokens=12, temperature=1.0, top_p=1.0, seed=5)
+    rollout = engine.sample(CONVERSATIONS, 4, max_new_tokens=12, temperature=temperature, top_p=top_p, seed=5)
     assert rollout.sampler_logprobs is not None and rollout.finish_reasons
     with torch.no_grad():
         trainer, _ = token_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)

@@ -13,6 +13,12 @@ distribution than the one the trainer scores. Truncated importance sampling (TIS
 `vllm_importance_sampling_correction`, verl's TIS) multiplies the policy term by the detached
 weight min(p_trainer / p_sampler, cap), per token or once per sequence (the product of its tokens'
 ratios). The KL term is not weighted, as in TRL. How far apart the two are is measured either way.
+Both sides are the models' own distributions at temperature 1 (the sampler reports its log-probs
+before temperature, top-p and grammar masks), as the trainer scores at temperature 1: the weight
+divides out the engines' difference only. TRL and verl, whose trainers score at the sampling
+temperature, compare at that temperature for the same reason. Dividing by the tempered sampler's
+log-probs instead would reweight every token by a power of its own probability (at 0.7, likely
+tokens down and unlikely ones up to the cap), a bias the torch engine's path does not have.
 """
 
 from __future__ import annotations

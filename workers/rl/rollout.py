@@ -3,8 +3,9 @@
 Prompts are left-padded so every completion starts at the same column; completions are cut at the
 first EOS, any of the model's end ids (`templates.eos_ids`; kept, so the model learns to stop), and
 right-padded. A completion that hit `max_completion_tokens` without EOS is marked truncated and
-masked out of the loss. Each chosen token's log-probability under the distribution it was drawn
-from comes back too, so that the update can compare the sampler with the trainer (`loss.mismatch`).
+masked out of the loss. Each chosen token's log-probability under the model's own distribution
+(temperature 1, no nucleus or grammar mask) comes back too, so that the update can compare the
+sampler with the trainer (`loss.Mismatch`).
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ class Rollout:
     texts: list[str]
     truncated: torch.Tensor  # (N,) bool
     prefix: Prefix | None = None  # sampling's prompt pass, kept for the update (`sample(keep_prefix=True)`)
-    # (N, C) the sampler's log-prob of each completion token, 0 on padding: under the distribution
-    # it drew from, softmax(logits / temperature) renormalised over the top_p nucleus (0 when greedy).
-    # The trainer scores softmax(logits), so the two agree only at temperature 1 and top_p 1.
+    # (N, C) the sampler's log-prob of each completion token, 0 on padding, under its model's own
+    # distribution: softmax(logits) at temperature 1, before temperature, top_p and grammar masks
+    # shape what is drawn. That is what the trainer scores, so the two differ by the engines alone
+    # (none with the torch engine, rounding and kernels with vLLM), not by the sampling settings.
     sampler_logprobs: torch.Tensor | None = None
     finish_reasons: list[str] = field(default_factory=list)  # per row, "stop" (EOS) or "length"
 
@@ -147,8 +149,8 @@ def decode(
 ) -> tuple[torch.Tensor, torch.Tensor, Prefix | None]:
     """Up to `max_new_tokens` tokens for each left-padded row, (N, C'): pad after a row's first
     end id (any of `eos_ids`), and C' < max_new_tokens when every row has ended; their
-    log-probabilities as drawn (N, C'), 0 on the padding; and the prompt pass when `keep_prefix`
-    asks for it.
+    log-probabilities under softmax(logits) (N, C'), 0 on the padding (see `Rollout.sampler_logprobs`);
+    and the prompt pass when `keep_prefix` asks for it.
 
     The prompts go through `prefix_pass` (each distinct prompt once, all but its last token), then
     one token per row per step over the KV cache. Tokens are drawn by `service.models.sampling.draw`
@@ -179,8 +181,11 @@ def decode(
             logits_to_keep=1,
         )
         cache = out.cache
-        logits = out.logits[:, -1] if guide is None else guide.mask_(out.logits[:, -1].float())  # (N, V)
+        raw = out.logits[:, -1]  # (N, V)
+        logits = raw if guide is None else guide.mask_(raw.float().clone())
         chosen, logp = draw(logits, temperature, top_p, None, uniforms.next())  # (N,) each
+        if temperature != 1.0 or top_p < 1.0 or guide is not None:  # else draw's log-probs are these
+            logp = torch.log_softmax(raw.float(), dim=-1).gather(-1, chosen.unsqueeze(1)).squeeze(1)
         chosen = torch.where(ended, torch.full_like(chosen, pad_id), chosen)
         if guide is not None:
             guide.advance(chosen.tolist())

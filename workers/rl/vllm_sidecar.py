@@ -14,8 +14,9 @@ answers each request with one line: `{"ok": ...}` or `{"error": "..."}`.
 - `{"op": "sample", "prompts": [[ids]], "n", "max_tokens", "temperature", "top_p", "seeds": [one a prompt],
   "stop_token_ids": [ids], "grammar": lark or null}` -> per prompt, `n` completions of
   `{"token_ids", "logprobs", "finish_reason"}`, each held to the Lark grammar (llguidance's dialect) if any;
-  `logprobs` are the sampler's log-probabilities of the chosen tokens after temperature and top-p
-  (`logprobs_mode="processed_logprobs"`), what importance-sampling correction divides by.
+  `logprobs` are the sampler's own log-probabilities of the chosen tokens at temperature 1, before
+  temperature, top-p and grammar masks (`logprobs_mode="raw_logprobs"`): what the trainer computes,
+  so that importance-sampling correction divides out the two engines' difference and nothing else.
 - `{"op": "reload", "path": folder}`: the weights again from the safetensors in `folder`, in place,
   and the prefix cache dropped (its keys and values belong to the old weights).
 - `{"op": "reload", "shared": file, "layout": [{"name", "dtype", "shape", "offset"}]}`: the same from
@@ -117,7 +118,7 @@ def main() -> None:
         seed=int(config.get("seed", 0)),
         kv_cache_memory_bytes=int(config["kv_cache_bytes"]),  # a size, not a share of what is free
         enable_prefix_caching=True,
-        logprobs_mode="processed_logprobs",
+        logprobs_mode="raw_logprobs",  # the model's own distribution, as the trainer scores it
         max_logprobs=1,
         structured_outputs_config={"backend": "guidance"},  # llguidance, as our own decode loop uses
     )
