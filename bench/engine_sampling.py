@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from service.core.settings import Settings  # noqa: E402
+from service.models.memory_plan import BUILTIN_CONFIGS  # noqa: E402
 from service.models.registry import load_fresh, resolve  # noqa: E402
 from workers.rl.engine import RolloutEngine, TorchEngine  # noqa: E402
 
@@ -48,7 +49,11 @@ QUESTIONS = [
 
 
 # Configs of real models (their config.json's shape fields), for throughput on random weights.
+# smollm2-135m is our built-in model's shape, for a machine without its weights (a lent GPU machine:
+# the GGUF is 98 MB, more than the device tool carries).
+SMOLLM2 = {k: v for k, v in BUILTIN_CONFIGS["smollm2-135m-instruct"].items() if k != "vocab_size"}
 RANDOM: dict[str, dict[str, Any]] = {
+    "smollm2-135m": SMOLLM2,
     "qwen2-1.5b": {
         "model_type": "qwen2",
         "hidden_size": 1536,

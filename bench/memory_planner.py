@@ -188,7 +188,7 @@ def run_worker(job_id: str, env: dict[str, str], script: str = WORKER) -> dict[s
 
     done = subprocess.run(
         [sys.executable, "-c", script, job_id],
-        env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
         capture_output=True,
         text=True,
         check=False,

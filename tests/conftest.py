@@ -221,6 +221,23 @@ def live_settings(tmp_path: Path, committed_database: str) -> Iterator[Settings]
 
 
 @pytest.fixture
+def sqlite_live(tmp_path: Path, sent_tasks: list[Any]) -> Iterator[tuple[TestClient, dict[str, str], Settings]]:
+    """(client, auth headers, settings) of the service as `rft serve` runs with nothing else installed:
+    SQLite under its data folder, no broker. For a machine with no PostgreSQL (a lent GPU machine)."""
+    from service.core.private import private_dir
+
+    settings = Settings(
+        env="dev", data_dir=tmp_path / "data", broker_url="memory://", lease_seconds=3, heartbeat_seconds=0.5
+    )
+    private_dir(settings.data_dir)
+    upgrade(settings.sqlalchemy_url)
+    with TestClient(create_app(settings)) as client:
+        with db.unit_of_work(settings) as session:
+            _, key = create_api_key(session, settings, "sqlite")
+        yield client, {"Authorization": f"Bearer {key}"}, settings
+
+
+@pytest.fixture
 def live_client(live_settings: Settings, sent_tasks: list[Any]) -> Iterator[TestClient]:
     with TestClient(create_app(live_settings)) as test_client:
         yield test_client

@@ -28,9 +28,8 @@ pytestmark = [
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_a_job_trains_on_cuda(
-    live_client: TestClient, live_auth: dict[str, str], live_settings: Settings, tmp_path: Path
-) -> None:
+def test_a_job_trains_on_cuda(sqlite_live: tuple[TestClient, dict[str, str], Settings], tmp_path: Path) -> None:
+    client, auth, settings = sqlite_live  # SQLite: a lent GPU machine has no PostgreSQL
     model, tokenizer = tiny_llama()
     model.save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")
@@ -38,7 +37,7 @@ def test_a_job_trains_on_cuda(
     grader = {"type": "string_check", "name": "a", "input": "{{sample.output_text}}", "reference": "a"}
     grader["operation"] = "like"
     hyper = {"batch_size": 4, "compute_multiplier": 2, "max_completion_tokens": 6, "eval_samples": 2, "n_epochs": 1}
-    train_local_model(live_client, live_auth, live_settings, tmp_path / "tiny", lines, grader, hyper)
+    train_local_model(client, auth, settings, tmp_path / "tiny", lines, grader, hyper)
 
 
 def test_a_lora_policy_on_cuda_holds_its_frozen_base_in_bf16_by_default() -> None:
