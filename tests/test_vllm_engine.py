@@ -122,6 +122,18 @@ def test_vllm_log_probs_are_the_trainers_whatever_the_sampling_settings(
     assert float(gap.max()) < 1e-3, f"vLLM's log-probs differ from the trainer's by up to {float(gap.max())}"
 
 
+def test_a_batch_whose_prompts_overflow_one_step_samples_with_its_seeds(pair: tuple[Any, Any, VllmEngine]) -> None:
+    """More prompt tokens than vLLM schedules in one step (8192 on a CPU): split prefills made
+    vLLM wind back each request's seeded CPU generator, which raised. Seeds still decide the draw."""
+    _, _, engine = pair
+    long = [[{"role": "user", "content": f"{i} " + "count on and on " * 37}] for i in range(12)]
+    kw: dict[str, Any] = {"max_new_tokens": 4, "temperature": 1.0, "top_p": 1.0, "seed": 11}
+    first = engine.sample(long, 4, **kw)
+    assert first.input_ids.shape[0] == 48 and first.prompt_len * 48 > 8192
+    again = engine.sample(long, 4, **kw)
+    assert torch.equal(first.input_ids, again.input_ids)
+
+
 def test_the_engine_samples_from_the_weights_it_was_last_given(pair: tuple[Any, Any, VllmEngine]) -> None:
     model, _, engine = pair
     before = greedy(engine)

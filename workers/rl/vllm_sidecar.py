@@ -107,11 +107,23 @@ def main() -> None:
     config = json.loads(sys.argv[1])
     started = time.perf_counter()
     from vllm import LLM
+    from vllm.platforms import current_platform
 
     rank = config.get("max_lora_rank")
     lora = {"enable_lora": True, "max_lora_rank": int(rank), "max_loras": 1} if rank else {}
+    whole_prefills = {}
+    if current_platform.is_cpu():
+        # A prompt whose prefill is split over steps has the token drawn after its first part thrown
+        # away, and vLLM winds that request's seeded generator back (`set_offset`), which a CPU
+        # generator refuses: "CPU Generator does not use offset" as soon as a batch's prompts exceed
+        # one step's token budget (16 prompts x 8 samples of SmolLM2 did). So on a CPU every prompt
+        # is prefilled whole, within a budget that holds the longest one, as vLLM itself runs MLA
+        # models on CPUs.
+        budget = max(int(config["max_model_len"]), 8192)
+        whole_prefills = {"enable_chunked_prefill": False, "max_num_batched_tokens": budget}
     llm = LLM(
         **lora,
+        **whole_prefills,
         model=config["model"],
         dtype=config.get("dtype", "auto"),
         max_model_len=int(config["max_model_len"]),
