@@ -38,6 +38,7 @@ from service.models.constraints import Constraint
 from service.models.templates import eos_ids, render_prompt
 from workers.rl.rollout import Rollout
 from workers.rl.state import derive_seed
+from workers.rl.vllm_sidecar import view_of
 
 SIDECAR = Path(__file__).with_name("vllm_sidecar.py")
 SHARED_MEMORY = Path("/dev/shm")
@@ -342,7 +343,7 @@ class SharedWeights:
         with open(self.path, "wb") as file:
             file.truncate(max(offset, 1))
         self._bytes = torch.from_file(self.path, shared=True, size=max(offset, 1), dtype=torch.uint8)
-        self.views = {entry["name"]: _view(self._bytes, entry) for entry in self.layout}
+        self.views = {entry["name"]: view_of(self._bytes, entry) for entry in self.layout}
 
     def write(self, tensors: Iterator[tuple[str, torch.Tensor]] | Sequence[tuple[str, torch.Tensor]]) -> None:
         seen = 0
@@ -352,15 +353,6 @@ class SharedWeights:
                 seen += 1
         if seen != len(self.views):  # the model's tensors are fixed for a job; anything else is a bug
             raise RuntimeError(f"the shared weights hold {len(self.views)} tensors, the model gave {seen}")
-
-
-def _view(buffer: torch.Tensor, entry: Mapping[str, Any]) -> torch.Tensor:
-    """The tensor `entry` (of `SharedWeights.layout`) describes, as a view of the mapped bytes."""
-    dtype = getattr(torch, entry["dtype"])
-    shape = [int(n) for n in entry["shape"]]
-    size = int(torch.Size(shape).numel()) * dtype.itemsize
-    start = int(entry["offset"])
-    return buffer[start : start + size].view(dtype).view(shape)
 
 
 def sidecar_env(settings: Settings) -> dict[str, str]:

@@ -84,6 +84,17 @@ def sample(llm: Any, request: dict[str, Any], adapter: Any = None) -> list[list[
     return groups
 
 
+def view_of(data: Any, entry: dict[str, Any]) -> Any:
+    """The tensor a `SharedWeights.layout` entry (name, dtype, shape, byte offset) describes, as a
+    view of the mapped bytes `data`: the layout's one reader, for the worker and for this process."""
+    import torch
+
+    dtype = getattr(torch, entry["dtype"])
+    shape = [int(n) for n in entry["shape"]]
+    start = int(entry["offset"])
+    return data[start : start + int(torch.Size(shape).numel()) * dtype.itemsize].view(dtype).view(shape)
+
+
 class Mapped:
     """The worker's `SharedWeights` file as tensors: views of this process's mapping of it, by name."""
 
@@ -91,14 +102,8 @@ class Mapped:
         import torch
 
         self.path = path
-        size = os.path.getsize(path)
-        data = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
-        self.tensors = []
-        for entry in layout:
-            dtype = getattr(torch, entry["dtype"])
-            shape = [int(n) for n in entry["shape"]]
-            start, length = int(entry["offset"]), int(torch.Size(shape).numel()) * dtype.itemsize
-            self.tensors.append((entry["name"], data[start : start + length].view(dtype).view(shape)))
+        data = torch.from_file(path, shared=True, size=os.path.getsize(path), dtype=torch.uint8)
+        self.tensors = [(entry["name"], view_of(data, entry)) for entry in layout]
 
 
 def main() -> None:
