@@ -31,7 +31,8 @@ def pairs(reports: list[dict[str, Any]]) -> list[Pair]:
     """Every (seed, mode) that has both frameworks, in the order given."""
     found = []
     for report in reports:
-        by_key = {(r["framework"], r["mode"]): r for r in report["results"]}
+        # The matched pair: ours on the torch engine in fp32 ("ours" in reports before f28c5a4), TRL in fp32.
+        by_key = {(r["framework"].replace("ours (torch)", "ours"), r["mode"]): r for r in report["results"]}
         for mode in ("lora", "full"):
             if ("ours", mode) in by_key and ("trl", mode) in by_key:
                 found.append(Pair(report["settings"]["seed"], mode, by_key["ours", mode], by_key["trl", mode]))
